@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+OPEN_CLIP_WHEEL := .cache/wheels/open_clip_torch-3.3.0-py3-none-any.whl
+
+.PHONY: setup demo test protos tokenizer train clean
+
+setup: $(STAMP) protos
+
+# torch is pinned to 2.13.0 in pyproject.toml: on our machines pip takes the CPU build from local disk.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+# gRPC stubs are generated at set-up (not committed) from protos/irece/v1/*.proto
+protos: $(STAMP)
+	$(PY) -m protos.build
+
+# CLIP's real BPE vocabulary, fetched from open_clip's wheel (the tokenizer test compares against it)
+$(OPEN_CLIP_WHEEL):
+	mkdir -p .cache/wheels
+	$(VENV)/bin/pip download -q --no-deps open_clip_torch==3.3.0 -d .cache/wheels
+
+tokenizer: $(STAMP) $(OPEN_CLIP_WHEEL)
+	$(PY) scripts/make_clip_tokenizer.py $(OPEN_CLIP_WHEEL) models/shapes10/tokenizer
+
+demo: setup
+	$(VENV)/bin/irece demo
+
+test: setup $(OPEN_CLIP_WHEEL)
+	$(VENV)/bin/pytest -q
+
+# Retrain the mini world from scratch (about 35 minutes on 2 cores); resumes from .cache/world_train
+train: setup
+	$(VENV)/bin/irece world train
+
+clean:
+	rm -rf $(VENV) .cache out

@@ -1,0 +1,255 @@
+"""Concept erasure methods, for the benchmark and for users without checkpoints: UCE, ESD-x, ESD-u, Receler.
+
+Formulas and defaults follow the reference code (../shared/reference/paper-and-erasure-methods.md §5);
+step counts and learning rates are scaled to the model at hand (see ERASE_DEFAULTS). Each method writes a
+diffusers UNet folder that `--erased` accepts (Receler adds its erasers beside the weights).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from .attention import cross_attention_layers
+from .engines import ERASERS_FILE, TorchEngines
+from .irece import concept_mask, token_weights
+from .pipeline import Pipeline
+
+METHODS = ("uce", "esd-x", "esd-u", "receler")
+# Iterations and learning rates: the references' values are for SD v1.4 (860 M parameters, 512 px);
+# ours are measured on Shapes-10 (see BENCHMARKS.md) and overridable with --steps.
+ERASE_DEFAULTS = {
+    "esd-x": dict(steps=300, lr=2e-4, negative_guidance=1.0, start_guidance=3.0, batch=4),
+    "esd-u": dict(steps=300, lr=1e-4, negative_guidance=1.0, start_guidance=3.0, batch=4),
+    "receler": dict(steps=300, lr=3e-4, negative_guidance=1.0, start_guidance=3.0, batch=4, rank=16,
+                    reg_weight=0.1, mask_thres=0.1),
+}
+ERASE_TEMPLATES = ("{concept}", "a {concept}", "an image of a {concept}", "a photo of a {concept}",
+                   "a {colour} {concept}", "a {concept} on a {background} background",
+                   "a {colour} {concept} on a {background} background")
+
+
+def erase_prompts(concept: str, n: int = 24, seed: int = 0) -> list[str]:
+    """Varied prompts that name the concept: the erasure must hold across phrasings, not one string."""
+    from .world.shapes import BACKGROUNDS, COLOURS, legible
+
+    rng = np.random.default_rng(seed)
+    out = [t.format(concept=concept) for t in ERASE_TEMPLATES[:4]]
+    while len(out) < n:
+        c, b = rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS))
+        if legible(c, b):
+            out.append(ERASE_TEMPLATES[4 + len(out) % 3].format(concept=concept, colour=c, background=b))
+    return out
+
+
+# -- UCE ------------------------------------------------------------------------------------------------------
+def _concept_rows(pipe: Pipeline, prompt: str, concept: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text-encoder rows from the concept's first token to EOS, and the aligned rows of the same prompt with
+    the concept removed (the guide: the empty concept). Later tokens carry the concept too (causal encoder)."""
+    ids, _ = pipe.token_ids(prompt)
+    cids = pipe.tokenizer(concept, add_special_tokens=False).input_ids
+    pos = next(i for i in range(len(ids)) if ids[i:i + len(cids)] == cids)
+    hidden = pipe.encode_prompt(prompt)[0]
+    guide = pipe.encode_prompt(" ".join(prompt.replace(concept, " ").split()))[0]
+    erase_rows = hidden[pos:len(ids)]
+    guide_idx = [max(pos - 1, 0)] * len(cids) + list(range(pos, len(ids) - len(cids)))
+    return erase_rows, guide[guide_idx]
+
+
+@torch.no_grad()
+def uce(unet: UNet2DConditionModel, pipe: Pipeline, concept: str, preserve: list[str], lamb: float = 0.5,
+        erase_scale: float = 1.0, preserve_scale: float | None = None) -> UNet2DConditionModel:
+    """Closed-form edit of every cross-attention to_k/to_v: W = (lamb W + sum_e v*_e c_e^T + sum_p W c_p c_p^T)
+    (lamb I + sum_e c_e c_e^T + sum_p c_p c_p^T)^-1 with v*_e = W c_guide."""
+    erase_c, guide_c = zip(*(_concept_rows(pipe, p, concept) for p in erase_prompts(concept)))
+    erase_c, guide_c = torch.cat(erase_c), torch.cat(guide_c)
+    keep = [pipe.encode_prompt(p)[0] for q in preserve for p in erase_prompts(q, n=8)] + [pipe.encode_prompt("")[0]]
+    keep_c = torch.cat(keep)
+    preserve_scale = preserve_scale if preserve_scale is not None else max(0.1, 1.0 / max(1, len(preserve)))
+    for name, module in unet.named_modules():
+        if not name.endswith("attn2"):
+            continue
+        for proj in (module.to_k, module.to_v):
+            W = proj.weight  # (out, d)
+            d = W.shape[1]
+            mat1 = lamb * W + erase_scale * (W @ guide_c.T) @ erase_c + preserve_scale * (W @ keep_c.T) @ keep_c
+            mat2 = lamb * torch.eye(d) + erase_scale * erase_c.T @ erase_c + preserve_scale * keep_c.T @ keep_c
+            proj.weight.copy_(mat1 @ torch.linalg.inv(mat2))
+    return unet
+
+
+# -- ESD and Receler: negative-guidance distillation ---------------------------------------------------------
+class Eraser(nn.Module):
+    """Receler's lightweight eraser: Linear(dim->rank) -> GELU -> Linear(rank->dim), up-projection zero-init."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.down, self.up = nn.Linear(dim, rank), nn.Linear(rank, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return self.up(F.gelu(self.down(x)))
+
+
+class EraserProcessor:
+    """attn2 output + eraser(attn2 output). While training, it also records the eraser's energy outside the
+    concept mask (Receler's concept-localized regularizer)."""
+
+    def __init__(self, base, eraser: Eraser, state: dict):
+        self.base, self.eraser, self.state = base, eraser, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if not self.state.get("enabled", True):
+            return out
+        delta = self.eraser(out)
+        mask = self.state.get("mask")  # (B, H, W) at latent resolution
+        if mask is not None:
+            b, n, _ = out.shape
+            H, W = mask.shape[-2:]
+            s = int(round((H * W / n) ** 0.5))
+            m = F.interpolate(mask[:, None], size=(H // s, W // s), mode="nearest").flatten(1)[..., None]
+            self.state.setdefault("reg", []).append((delta.pow(2) * (1 - m)).mean())
+        return out + delta
+
+
+def install_erasers(unet, state_dict: dict | None = None, meta: dict | None = None, rank: int = 16) -> dict:
+    """Wrap every attn2 with an eraser; returns the shared training state. Erasers live at unet.receler_erasers."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    rank = int((meta or {}).get("rank", rank))
+    names = cross_attention_layers(unet)
+    modules = dict(unet.named_modules())
+    erasers = nn.ModuleDict({n.replace(".", "_"): Eraser(modules[n[: -len(".processor")]].to_out[0].out_features,
+                                                         rank) for n in names})
+    if state_dict:
+        erasers.load_state_dict(state_dict)
+    unet.receler_erasers = erasers.to(unet.dtype)
+    shared: dict = {"enabled": True}
+    procs = dict(unet.attn_processors)
+    for n in names:
+        procs[n] = EraserProcessor(AttnProcessor2_0(), erasers[n.replace(".", "_")], shared)
+    unet.set_attn_processor(procs)
+    unet.receler_state = shared
+    return shared
+
+
+def _trainable(unet, method: str):
+    if method == "esd-x":
+        return [p for n, p in unet.named_parameters() if ".attn2." in n]
+    if method == "esd-u":
+        return [p for n, p in unet.named_parameters() if ".attn2." not in n]
+    if method == "receler":
+        return list(unet.receler_erasers.parameters())
+    raise ValueError(method)
+
+
+@torch.no_grad()
+def _sample_to(pipe: Pipeline, base, cond, uncond, guidance, t_index, n_steps, x):
+    """Run the base model's DDIM sampler from noise x down to schedule index t_index; returns (x_t, t)."""
+    sched = pipe.scheduler(n_steps)
+    for t in sched.timesteps[:t_index]:
+        e_u, e_c = base(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample.chunk(2)
+        x = sched.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+    return x, sched.timesteps[t_index]
+
+
+def esd(unet, base, pipe: Pipeline, concept: str, method: str, steps: int, lr: float, negative_guidance: float,
+        start_guidance: float, batch: int, seed: int = 0, rank: int = 16, reg_weight: float = 0.1,
+        mask_thres: float = 0.1, n_steps: int = 50):
+    """ESD: train eps_erased(x_t, c, t) -> eps(x_t, t) - eta (eps(x_t, c, t) - eps(x_t, t)) on the base model's
+    own samples x_t. Receler: the same objective on erasers only, plus the mask-localized regularizer."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    state = install_erasers(unet, rank=rank) if method == "receler" else None
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    params = _trainable(unet, method)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    prompts = erase_prompts(concept, n=64, seed=seed)
+    hidden = torch.cat([pipe.encode_prompt(p) for p in prompts])
+    cids = pipe.tokenizer(concept, add_special_tokens=False).input_ids
+    weights = torch.stack([token_weights(pipe.token_ids(p)[0], cids) for p in prompts])  # Receler's mask
+    uncond = pipe.encode_prompt("")
+    e = pipe.engines
+    side = pipe.sample_size
+    unet.train()
+    for _ in (bar := tqdm(range(steps), desc=f"erase {method} {concept}", mininterval=5)):
+        pick = torch.randint(len(prompts), (batch,), generator=g)
+        cond = hidden[pick]
+        t_index = int(torch.randint(1, n_steps, (1,), generator=g))
+        x0 = torch.randn((batch, e.latent_channels, side, side), generator=g)
+        x_t, t = _sample_to(pipe, base, cond, uncond.expand(batch, -1, -1), start_guidance, t_index, n_steps, x0)
+        with torch.no_grad():
+            e_0 = base(x_t, t, uncond.expand(batch, -1, -1)).sample
+            e_p = base(x_t, t, cond).sample
+            target = e_0 - negative_guidance * (e_p - e_0)
+            if state is not None:
+                state["mask"] = concept_mask(e.concept_map(x_t, t, cond, weights[pick]), mask_thres)
+                state["reg"] = []
+        loss = F.mse_loss(unet(x_t, t, cond).sample, target)
+        if state is not None:
+            loss = loss + reg_weight * torch.stack(state["reg"]).mean()
+            state["reg"], state["mask"] = [], None
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    unet.eval()
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    return unet
+
+
+# -- entry point -----------------------------------------------------------------------------------------------
+def save_erased(unet, out: str | Path, info: dict) -> None:
+    out = Path(out)
+    erasers = getattr(unet, "receler_erasers", None)
+    if erasers is not None:
+        del unet.receler_erasers  # the UNet folder keeps the base weights only; erasers go beside them
+    unet.save_pretrained(out, safe_serialization=True)
+    if erasers is not None:
+        save_file({k: v.contiguous() for k, v in erasers.state_dict().items()}, str(out / ERASERS_FILE))
+        (out / ERASERS_FILE).with_suffix(".json").write_text(json.dumps({"rank": info.get("rank", 16)}))
+        unet.receler_erasers = erasers
+    (out / "erasure.json").write_text(json.dumps(info, indent=2))
+
+
+def erase(method: str, model_dir: str | Path, concept: str, out: str | Path, preserve: list[str] | None = None,
+          steps: int | None = None, seed: int = 0) -> dict:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    t0 = time.time()
+    engines = TorchEngines(model_dir)
+    pipe = Pipeline.from_model_dir(engines, model_dir)
+    if concept not in pipe.tokenizer.get_vocab() and not pipe.tokenizer(concept, add_special_tokens=False).input_ids:
+        raise ValueError(f"concept {concept!r} does not tokenize")
+    base = engines.unets["standard"]
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
+    info: dict = {"method": method, "concept": concept, "seed": seed}
+    if method == "uce":
+        from .world.shapes import CONCEPTS
+        preserve = preserve if preserve is not None else [c for c in CONCEPTS if c != concept]
+        uce(unet, pipe, concept, preserve)
+        info["preserve"] = preserve
+    else:
+        hp = dict(ERASE_DEFAULTS[method])
+        if steps:
+            hp["steps"] = steps
+        esd(unet, base, pipe, concept, method, seed=seed, **hp)
+        info.update(hp)
+    save_erased(unet, out, info)
+    info["seconds"] = round(time.time() - t0, 1)
+    info["out"] = str(out)
+    return info

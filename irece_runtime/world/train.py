@@ -1,0 +1,245 @@
+"""`irece world train`: train the Shapes-10 mini world from scratch (VAE -> UNet + text encoder -> judge).
+
+Writes a diffusers StableDiffusionPipeline folder (exact SD v1.x architecture, scaled down) and the
+judge. Every stage caches its result under --work, so an interrupted run resumes where it stopped;
+`--quick` runs a few steps of each stage (a smoke test that keeps this code from rotting).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from . import shapes
+from .judge import LABELS, Judge
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "models" / "shapes10" / "tokenizer"
+
+
+def sd_scheduler_config() -> dict:
+    # Stable Diffusion v1.4's noise schedule.
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def build_models():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=shapes.SIZE)
+    unet = UNet2DConditionModel(sample_size=shapes.SIZE // 4, in_channels=4, out_channels=4,
+                                block_out_channels=(64, 128), layers_per_block=2,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256,
+                                                num_hidden_layers=2, num_attention_heads=4,
+                                                max_position_embeddings=77, hidden_act="quick_gelu",
+                                                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                                                projection_dim=64))
+    return vae, unet, text_encoder
+
+
+def make_dataset(n: int, seed: int, pair_share: float = 0.15, empty_share: float = 0.03):
+    """n scenes (uint8 images) with their training captions."""
+    rng = np.random.default_rng(seed)
+    images, prompts = np.empty((n, shapes.SIZE, shapes.SIZE, 3), np.uint8), []
+    for i in range(n):
+        u = rng.random()
+        if u < empty_share:
+            scene = shapes.render(shapes.NO_SHAPE, rng=rng)
+            prompt = f"a plain {scene.background} background"
+        elif u < empty_share + pair_share:
+            scene = shapes.render_pair(rng=rng)
+            prompt = scene.prompt()
+        else:
+            scene = shapes.render(rng=rng)
+            prompt = shapes.random_prompt(scene, rng)
+        images[i] = scene.image
+        prompts.append(prompt)
+    return images, prompts
+
+
+def to_batch(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def _save_stage(path: Path, tensors: dict, meta: dict):
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path),
+              metadata={k: json.dumps(v) for k, v in meta.items()})
+
+
+def train_vae(work: Path, steps: int, batch: int, seed: int) -> torch.nn.Module:
+    vae, _, _ = build_models()
+    path = work / "vae.safetensors"
+    if path.exists():
+        vae.load_state_dict(load_file(str(path)))
+        return vae.eval()
+    torch.manual_seed(seed)
+    images, _ = make_dataset(max(steps * batch // 4, 512), seed + 1, pair_share=0.25)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    g = np.random.default_rng(seed)
+    for _ in (bar := tqdm(range(steps), desc="vae", mininterval=5)):
+        x = to_batch(images[g.integers(len(images), size=batch)])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    _save_stage(path, vae.state_dict(), {})
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, batch: int = 512):
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        d = vae.encode(to_batch(images[i:i + batch])).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(work: Path, vae, steps: int, batch: int, n_data: int, seed: int, lr: float = 5e-4,
+               ema_decay: float = 0.999, checkpoint_every: int = 500):
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
+
+    _, unet, text_encoder = build_models()
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    images, prompts = make_dataset(n_data, seed + 2)
+    mean, std = encode_latents(vae, images)
+    scaling = float(1.0 / mean.std())
+    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    null_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items() if k != "set_alpha_to_one"})
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    start = 0
+    ckpt = work / "unet_ckpt.safetensors"
+    if ckpt.exists():
+        state = load_file(str(ckpt))
+        for i, p in enumerate(params):
+            p.data.copy_(state[f"p{i}"])
+            ema[i].copy_(state[f"ema{i}"])
+        start = int(state["step"].item())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    warmup = max(1, min(200, steps // 10))
+
+    def lr_at(step):  # linear warm-up, cosine decay to 10%
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * (0.1 + 0.45 * (1 + np.cos(np.pi * (step - warmup) / max(1, steps - warmup))))
+
+    g = torch.Generator().manual_seed(seed + start)
+    unet.train()
+    text_encoder.train()
+    for step in (bar := tqdm(range(start, steps), desc="unet", initial=start, total=steps, mininterval=5)):
+        idx = torch.randint(len(images), (batch,), generator=g)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling
+        tok = ids[idx].clone()
+        tok[torch.rand(batch, generator=g) < 0.1] = null_ids[0]  # prompt dropout -> classifier-free guidance
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        cond = text_encoder(tok).last_hidden_state
+        pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
+        loss = F.mse_loss(pred, noise)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - d)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            state = {f"p{i}": p for i, p in enumerate(params)} | {f"ema{i}": e for i, e in enumerate(ema)}
+            state["step"] = torch.tensor(step + 1)
+            _save_stage(ckpt, state, {})
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    return unet.eval(), text_encoder.eval(), tokenizer, scaling
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Colour jitter, blur and noise in [-1, 1] image space, per image."""
+    b = x.shape[0]
+    gain = 1 + 0.25 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)
+    shift = 0.2 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5)
+    x = x * gain + shift
+    blur = torch.rand(b, generator=g) < 0.3
+    if blur.any():
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k = (k[:, None] * k[None, :] / 16).expand(3, 1, 3, 3)
+        x[blur] = F.conv2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), k, groups=3)
+    x = x + torch.randn(x.shape, generator=g) * 0.12 * torch.rand(b, 1, 1, 1, generator=g)
+    return x.clamp(-1.5, 1.5)
+
+
+def train_judge(out: Path, vae, steps: int, batch: int, seed: int) -> Judge:
+    judge = Judge()
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    rng = np.random.default_rng(seed + 3)
+    g = torch.Generator().manual_seed(seed + 3)
+    for _ in (bar := tqdm(range(steps), desc="judge", mininterval=5)):
+        labels = rng.integers(len(LABELS), size=batch)
+        x = to_batch(np.stack([shapes.render(LABELS[k], rng=rng).image for k in labels]))
+        with torch.no_grad():  # half the batch goes through the VAE: generated images look like that
+            half = batch // 2
+            x[:half] = vae.decode(vae.encode(x[:half]).latent_dist.sample()).sample.clamp(-1, 1)
+        loss = F.cross_entropy(judge(augment(x, g)), torch.from_numpy(labels), label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    judge.eval()
+    save_file(judge.state_dict(), str(out))
+    return judge
+
+
+def train_world(out: Path, judge_out: Path, work: Path, quick: bool = False, seed: int = 0) -> dict:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if quick:
+        cfg = dict(vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, n_data=64, judge_steps=3, judge_batch=22)
+    else:
+        cfg = dict(vae_steps=2000, vae_batch=32, unet_steps=4000, unet_batch=64, n_data=40000,
+                   judge_steps=1500, judge_batch=128)
+    vae = train_vae(work, cfg["vae_steps"], cfg["vae_batch"], seed)
+    unet, text_encoder, tokenizer, scaling = train_unet(work, vae, cfg["unet_steps"], cfg["unet_batch"],
+                                                        cfg["n_data"], seed)
+    vae.register_to_config(scaling_factor=scaling)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**sd_scheduler_config()), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (Path(out) / "concepts.json").write_text(json.dumps(list(shapes.CONCEPTS)))  # what the server may suppress
+    train_judge(judge_out, vae, cfg["judge_steps"], cfg["judge_batch"], seed)
+    summary = {"model": str(out), "judge": str(judge_out), "seconds": round(time.time() - t0, 1),
+               "vae_scaling_factor": scaling, **cfg}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,72 @@
+"""`irece serve` and `irece client` verbs."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def cmd_serve(a):
+    from .app import serve
+    from .config import ServerConfig
+    cfg = ServerConfig.load(a.config) if a.config else ServerConfig()
+    for key in ("model", "erased", "backend", "engines", "port", "metrics_port", "host", "workers", "queue_size",
+                "tau", "t_star", "device"):
+        v = getattr(a, key)
+        if v is not None:
+            setattr(cfg, key, v)
+    if a.concept:
+        cfg.concepts = list(a.concept)
+    serve(cfg)
+
+
+def cmd_client(a):
+    import grpc
+    from .client import run_client
+    try:
+        out = run_client(a)
+    except grpc.RpcError as exc:
+        print(json.dumps({"error": exc.code().name, "message": exc.details()}) if a.json
+              else f"irece client: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        raise SystemExit(1)
+    print(json.dumps(out) if a.json else f"wrote {out['output']} (irece: {out['irece']})")
+
+
+def _t_star(v: str):
+    return float(v) if "." in v else int(v)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run the gRPC generation server")
+    p.add_argument("--config", help="TOML or JSON server config (flags below override it)")
+    p.add_argument("--model")
+    p.add_argument("--erased")
+    p.add_argument("--concept", action="append", help="operator concept, always suppressed (repeatable)")
+    p.add_argument("--backend", choices=("torch", "onnx", "tensorrt"))
+    p.add_argument("--engines")
+    p.add_argument("--device")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--metrics-port", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--queue-size", type=int)
+    p.add_argument("--tau", type=float)
+    p.add_argument("--t-star", type=_t_star)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("client", help="send one generation request to a server")
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--prompt")
+    p.add_argument("--embedding", help="learned embedding file; --prompt must contain its token")
+    p.add_argument("--token", help="placeholder token for --embedding")
+    p.add_argument("--image", help="reference image: an inverted-latent request")
+    p.add_argument("--invert-with", choices=("erased", "standard"), default="erased")
+    p.add_argument("--suppress", action="append", help="extra concept to suppress (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=0.0)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--token-auth", help="bearer token")
+    p.add_argument("--tls-ca", help="CA certificate for a TLS server")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_client)

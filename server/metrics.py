@@ -1,0 +1,45 @@
+"""Prometheus metrics of the generation service (prometheus-client, own registry)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STAGES = ("queue", "text_encoding", "inversion", "localization", "denoising", "decoding")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter("irece_requests_total", "Generation requests by input modality and gRPC status code",
+                                ["modality", "code"], registry=r)
+        self.localizations = Counter("irece_localizations_total",
+                                     "Requests in which IRECE localized a concept", ["concept"], registry=r)
+        self.interventions = Counter("irece_interventions_total",
+                                     "Requests in which IRECE's mask for a concept was non-empty", ["concept"],
+                                     registry=r)
+        self.suppression = Gauge("irece_suppression_ratio",
+                                 "Share of localized requests in which the concept's mask was non-empty",
+                                 ["concept"], registry=r)
+        self.mask_area = Histogram("irece_mask_area_ratio", "Fraction of latent cells IRECE masked, per concept",
+                                   ["concept"], buckets=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r)
+        self.stage_seconds = Histogram("irece_stage_duration_seconds", "Time per request stage", ["stage"],
+                                       buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60),
+                                       registry=r)
+        self.request_seconds = Histogram("irece_request_duration_seconds", "End-to-end request time", ["modality"],
+                                         buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
+        self.queue_depth = Gauge("irece_queue_depth", "Requests admitted and waiting for a worker", registry=r)
+        self.inflight = Gauge("irece_inflight_requests", "Requests generating now", registry=r)
+        self.gpu_memory = Gauge("irece_gpu_memory_bytes", "GPU memory allocated by the server process", registry=r)
+
+    def observe_irece(self, report) -> None:
+        for c in report.concepts:
+            self.localizations.labels(c.concept).inc()
+            if c.intervened:
+                self.interventions.labels(c.concept).inc()
+            self.mask_area.labels(c.concept).observe(c.mask_area)
+            done = self.localizations.labels(c.concept)._value.get()
+            hit = self.interventions.labels(c.concept)._value.get()
+            self.suppression.labels(c.concept).set(hit / done if done else 0.0)
+
+    def observe_timings(self, timings: dict) -> None:
+        for stage, seconds in timings.items():
+            self.stage_seconds.labels(stage).observe(seconds)

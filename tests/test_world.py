@@ -1,0 +1,136 @@
+"""The mini world: renderer truth, tokenizer, training code, committed model and judge."""
+import gzip
+import importlib.util
+import sys
+import types
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from irece_runtime.world import shapes
+from irece_runtime.world.shapes import BACKGROUNDS, COLOURS, CONCEPTS
+
+from .conftest import MODEL, ROOT
+
+
+@pytest.mark.parametrize("concept", CONCEPTS)
+def test_mask_matches_drawn_pixels(concept):
+    for seed in range(5):
+        scene = shapes.render(concept, seed=seed)
+        img = scene.image.astype(float)
+        fg = np.asarray(COLOURS[scene.shapes[0].colour], float)
+        bg = np.asarray(BACKGROUNDS[scene.background], float)
+        d_fg = np.linalg.norm(img - fg, axis=-1)
+        d_bg = np.linalg.norm(img - bg, axis=-1)
+        # inside the mask the pixel is nearer the shape colour, outside nearer the background
+        assert (d_fg[scene.mask] < d_bg[scene.mask]).all()
+        assert (d_bg[~scene.mask] <= d_fg[~scene.mask]).all()
+        # pixels well inside/outside are exactly the pure colours (no stray drawing)
+        assert scene.mask.sum() > 20
+        assert np.isclose(d_bg[~scene.mask], 0, atol=1.5).mean() > 0.9
+
+
+def test_pair_masks_are_disjoint_and_each_drawn():
+    for seed in range(20):
+        scene = shapes.render_pair(seed=seed)
+        (a, ma), (b, mb) = scene.masks.items()
+        assert a != b and ma.sum() > 10 and mb.sum() > 10
+        assert not (ma & mb).any()
+        for s in scene.shapes:
+            colour = np.asarray(COLOURS[s.colour], float)
+            inside = scene.image[scene.masks[s.concept]].astype(float)
+            assert np.linalg.norm(inside - colour, axis=-1).mean() < 60
+
+
+def test_render_is_deterministic_and_concepts_distinct():
+    a, b = shapes.render("star", seed=7), shapes.render("star", seed=7)
+    assert np.array_equal(a.image, b.image)
+    masks = [shapes.compose([shapes.Shape(c, "white", 16, 16, 10)], "black").mask for c in CONCEPTS]
+    for i in range(len(masks)):
+        for j in range(i + 1, len(masks)):
+            iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
+            assert iou < 0.85, (CONCEPTS[i], CONCEPTS[j], iou)
+
+
+def _open_clip_reference():
+    """open_clip's own SimpleTokenizer, loaded from the wheel the set-up downloads (not installed: it would
+    pull torchvision)."""
+    wheel = ROOT / ".cache" / "wheels" / "open_clip_torch-3.3.0-py3-none-any.whl"
+    if not wheel.exists():
+        pytest.skip("open_clip wheel not downloaded (make test fetches it)")
+    with zipfile.ZipFile(wheel) as zf:
+        src = zf.read("open_clip/tokenizer.py").decode()
+        bpe = zf.read("open_clip/bpe_simple_vocab_16e6.txt.gz")
+    tmp = ROOT / ".cache" / "open_clip_ref"
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "bpe_simple_vocab_16e6.txt.gz").write_bytes(bpe)
+    mod = types.ModuleType("open_clip_tokenizer_ref")
+    mod.__file__ = str(tmp / "tokenizer.py")
+    exec(compile(src, mod.__file__, "exec"), mod.__dict__)
+    return mod.SimpleTokenizer(str(tmp / "bpe_simple_vocab_16e6.txt.gz"))
+
+
+PROMPTS = ["a red star on a black background", "an image of a moon", "a photo of a cat",
+           "A Purple ARROW, on a white background!", "a diamond and a ring", "", "photorealistic crescent-moon"]
+
+
+def test_tokenizer_matches_real_clip_ids():
+    from transformers import CLIPTokenizer
+    tok = CLIPTokenizer.from_pretrained(MODEL / "tokenizer")
+    # ids of the real CLIP ViT-L/14 tokenizer (as used by SD v1.4)
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tok) == 49408
+    for c in CONCEPTS + tuple(COLOURS) + tuple(BACKGROUNDS):
+        assert len(tok(c, add_special_tokens=False).input_ids) == 1, c
+
+
+def test_tokenizer_matches_open_clip():
+    from transformers import CLIPTokenizer
+    ref = _open_clip_reference()
+    tok = CLIPTokenizer.from_pretrained(MODEL / "tokenizer")
+    for p in PROMPTS + [s.prompt() for s in (shapes.render(seed=i) for i in range(30))]:
+        assert tok(p, add_special_tokens=False).input_ids == ref.encode(p), p
+
+
+def test_quick_training_run_writes_a_loadable_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from irece_runtime.world.train import train_world
+    summary = train_world(tmp_path / "m", tmp_path / "judge.safetensors", tmp_path / "work", quick=True)
+    assert summary["vae_scaling_factor"] > 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "m")
+    out = pipe("a star", num_inference_steps=2, output_type="np").images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+    assert (tmp_path / "judge.safetensors").stat().st_size > 0
+
+
+def test_committed_model_folder_is_sd_layout():
+    import json
+    idx = json.loads((MODEL / "model_index.json").read_text())
+    assert idx["_class_name"] == "StableDiffusionPipeline"
+    assert idx["unet"] == ["diffusers", "UNet2DConditionModel"] and idx["vae"] == ["diffusers", "AutoencoderKL"]
+    assert idx["text_encoder"] == ["transformers", "CLIPTextModel"]
+    sched = json.loads((MODEL / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "DDIMScheduler" and sched["beta_schedule"] == "scaled_linear"
+    assert (sched["beta_start"], sched["beta_end"]) == (0.00085, 0.012)
+    assert not list(MODEL.rglob("*.bin")) and not list(MODEL.rglob("*.pt"))
+
+
+def test_judge_accuracy_on_held_out_renders(judge):
+    from irece_runtime.world.check import judge_accuracy
+    assert judge_accuracy(judge, n=550) >= 0.98
+
+
+def test_diffusers_pipeline_images_are_accepted_by_the_judge(judge):
+    """diffusers' own StableDiffusionPipeline on the committed folder draws what the prompt says."""
+    from diffusers import StableDiffusionPipeline
+    from irece_runtime.world.judge import classify
+    sd = StableDiffusionPipeline.from_pretrained(MODEL)
+    sd.set_progress_bar_config(disable=True)
+    prompts = [f"a white {c} on a black background" for c in CONCEPTS] * 2
+    gen = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    images = sd(prompts, num_inference_steps=25, guidance_scale=5.0, generator=gen, output_type="np").images
+    labels, _ = classify(judge, (images * 255).round().astype(np.uint8))
+    hits = [lab == c for lab, c in zip(labels, [c for c in CONCEPTS] * 2)]
+    assert np.mean(hits) >= 0.85, list(zip(labels, prompts))
