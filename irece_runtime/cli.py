@@ -95,6 +95,11 @@ def cmd_erase(a):
     _emit(erase(a.method, a.model, a.concept, a.out, preserve=a.preserve, steps=a.steps, seed=a.seed), a.json)
 
 
+def cmd_demo(a):
+    from .demo import run
+    run(Path(a.out), concept=a.concept)
+
+
 def add_irece_flags(p):
     p.add_argument("--irece", action="append", metavar="CONCEPT", help="concept to suppress with IRECE (repeatable)")
     p.add_argument("--tau", type=float, default=0.4, help="localization threshold (paper: 0.4)")
@@ -164,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("demo", help="the mini world end to end: model, erasure, attack, IRECE, server")
+    p.add_argument("--out", default=str(REPO_ROOT / "out" / "demo"))
+    p.add_argument("--concept", default="star")
+    p.set_defaults(func=cmd_demo)
 
     for extra in ("export", "server", "benchmarks"):  # verbs contributed by the other packages, when present
         try:

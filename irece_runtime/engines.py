@@ -18,6 +18,7 @@ MODELS = ("erased", "standard")
 
 
 class Engines(Protocol):
+    device: torch.device | str  # where the engines' outputs live
     embed_dim: int  # width of the text encoder's token embeddings
     latent_channels: int
     vae_scale_factor: int  # pixels per latent cell

@@ -10,7 +10,7 @@ the denoising loop calls these at step t*.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ class IreceConfig:
     template: str = "a photo of a {concept}"  # the localization prompt c_tgt
     layers: tuple[str, ...] | None = None  # substrings of attention-layer names to use; None = all attn2
     min_peak: float = 0.0  # presence gate on the raw map's peak; 0 = always intervene (the paper)
+    per_concept: dict = field(default_factory=dict)  # concept -> {"tau": .., "t_star": ..} (`irece bench tune`)
 
     def __post_init__(self):
         if not 0.0 <= self.tau <= 1.0:
@@ -44,6 +45,15 @@ class IreceConfig:
             return self.t_star
         return min(num_steps - 1, int(round(self.t_star * num_steps)))
 
+    def plan(self, num_steps: int) -> dict[int, list[tuple[str, float]]]:
+        """step index -> [(concept, tau)]: where each concept is localized, with its own settings if tuned."""
+        out: dict[int, list[tuple[str, float]]] = {}
+        for c in self.concepts:
+            o = self.per_concept.get(c, {})
+            step = replace(self, t_star=o.get("t_star", self.t_star), per_concept={}).step_index(num_steps)
+            out.setdefault(step, []).append((c, float(o.get("tau", self.tau))))
+        return out
+
 
 def aggregate_maps(layer_maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """Per-layer concept maps (B, h_l*w_l), already head-averaged and token-weighted -> (B, H, W).
@@ -53,12 +63,11 @@ def aggregate_maps(layer_maps: list[torch.Tensor], size: tuple[int, int]) -> tor
     """
     if not layer_maps:
         raise ValueError("no cross-attention maps were recorded")
-    H, W = size
+    H, W = int(size[0]), int(size[1])  # static under tracing; the batch stays dynamic
     out = 0.0
     for m in layer_maps:
-        b, n = m.shape
-        scale = int(round((H * W / n) ** 0.5))
-        grid = m.reshape(b, 1, H // scale, W // scale)
+        scale = int(round((H * W / int(m.shape[1])) ** 0.5))
+        grid = m.reshape(-1, 1, H // scale, W // scale)
         out = out + F.interpolate(grid, size=(H, W), mode="bilinear", align_corners=False)
     return (out / len(layer_maps))[:, 0]
 

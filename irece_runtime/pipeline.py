@@ -139,7 +139,7 @@ class Pipeline:
         """Deterministic DDIM inversion x_0 -> x_T along the same timesteps the sampler then walks back."""
         inv = DDIMInverseScheduler.from_config(self.scheduler_config)
         inv.set_timesteps(steps)
-        x = latent
+        x = latent.to(self.engines.device)
         for i, t in enumerate(inv.timesteps):
             if callback:
                 callback("inversion", i, steps)
@@ -147,17 +147,20 @@ class Pipeline:
         return x
 
     # -- IRECE -----------------------------------------------------------------------------------------------
-    def localize(self, x: torch.Tensor, t: torch.Tensor, cfg: irece.IreceConfig) -> tuple[torch.Tensor, list]:
-        """Union mask (B, h, w) over cfg.concepts and per-concept reports, from the standard UNet at (x, t)."""
+    def localize(self, x: torch.Tensor, t: torch.Tensor, cfg: irece.IreceConfig,
+                 targets: list[tuple[str, float]]) -> tuple[torch.Tensor, list]:
+        """Union mask (B, h, w) over the (concept, tau) targets and per-concept reports, from the standard UNet."""
         b = x.shape[0]
-        hidden, weights = zip(*(self.localization(c, cfg.template) for c in cfg.concepts))
-        n = len(cfg.concepts)
+        concepts = [c for c, _ in targets]
+        hidden, weights = zip(*(self.localization(c, cfg.template) for c in concepts))
+        n = len(concepts)
         maps = self.engines.concept_map(x.repeat(n, 1, 1, 1), t, torch.cat(hidden).repeat_interleave(b, 0),
                                         torch.cat(weights).repeat_interleave(b, 0))
-        masks = irece.concept_mask(maps, cfg.tau, cfg.min_peak).view(n, b, *maps.shape[1:])
-        peaks = maps.flatten(1).max(1).values.view(n, b)
+        maps = maps.view(n, b, *maps.shape[1:])
+        masks = torch.stack([irece.concept_mask(maps[i], tau, cfg.min_peak) for i, (_, tau) in enumerate(targets)])
+        peaks = maps.flatten(2).max(2).values
         reports = [irece.ConceptReport(c, float(masks[i].mean()), float(peaks[i].max()), bool(masks[i].any()))
-                   for i, c in enumerate(cfg.concepts)]
+                   for i, c in enumerate(concepts)]
         return masks.amax(0), reports
 
     # -- the loop --------------------------------------------------------------------------------------------
@@ -167,24 +170,29 @@ class Pipeline:
                 ) -> tuple[torch.Tensor, irece.IreceReport | None]:
         """DDIM with classifier-free guidance on the erased UNet; IRECE perturbs x once, at step t*."""
         sched = self.scheduler(steps)
+        x = x.to(self.engines.device)
         b = x.shape[0]
         # a null prompt on both branches makes guidance a no-op: one UNet pass per step instead of two
         guided = uncond is not None and guidance != 1.0 and not torch.equal(cond, uncond)
         hidden = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)]) if guided else cond.expand(b, -1, -1)
         report = None
-        t_star = cfg.step_index(steps) if cfg and cfg.concepts else -1
+        plan = cfg.plan(steps) if cfg and cfg.concepts else {}
         timings = timings if timings is not None else {}
         t0 = time.perf_counter()
         for i, t in enumerate(sched.timesteps):
             if callback:
                 callback("denoising", i, steps)
-            if i == t_star:
+            if i in plan:
                 tl = time.perf_counter()
-                mask, concepts = self.localize(x, t, cfg)
-                xi = torch.randn(x.shape, generator=torch.Generator().manual_seed((seed + 1_000_003) % 2**63)).to(x)
+                mask, concepts = self.localize(x, t, cfg, plan[i])
+                xi = torch.randn(x.shape, generator=torch.Generator().manual_seed((seed + 1_000_003 + i) % 2**63)).to(x)
                 x = irece.perturb(x, mask.to(x), xi, cfg.mode)
-                report = irece.IreceReport(i, int(t), concepts, mask)
-                timings["localization"] = time.perf_counter() - tl
+                if report is None:
+                    report = irece.IreceReport(i, int(t), concepts, mask)
+                else:  # tuned per-concept t*: several intervention steps, one report
+                    report.concepts += concepts
+                    report.mask = torch.maximum(report.mask, mask)
+                timings["localization"] = timings.get("localization", 0.0) + time.perf_counter() - tl
             if guided:
                 e_u, e_c = self.engines.eps("erased", torch.cat([x, x]), t, hidden).chunk(2)
                 e = e_u + guidance * (e_c - e_u)

@@ -25,6 +25,7 @@ class ServerConfig:
     mode: str = "replace"
     template: str = "a photo of a {concept}"
     min_peak: float = 0.0
+    per_concept: dict = field(default_factory=dict)  # concept -> {"tau": .., "t_star": ..} (`irece bench tune`)
     allowed_concepts: list[str] | None = None  # what requests may add; None = model's concepts.json + operator's
     # serving
     host: str = "127.0.0.1"

@@ -97,7 +97,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                              default_guidance=cfg.default_guidance, max_side=cfg.max_side,
                              max_image_bytes=cfg.max_image_bytes, max_image_pixels=cfg.max_image_pixels)
         self.operator = IreceConfig(concepts=tuple(cfg.concepts), tau=cfg.tau, t_star=cfg.t_star, mode=cfg.mode,
-                                    template=cfg.template, min_peak=cfg.min_peak)
+                                    template=cfg.template, min_peak=cfg.min_peak, per_concept=cfg.per_concept)
         self.allowed = concept_catalogue(cfg)
         self.admission = Admission(cfg.workers, cfg.queue_size, metrics)
 

@@ -172,7 +172,7 @@ def irece_config(msg: pb.GenerateRequest, operator: IreceConfig, allowed: set[st
             raise invalid(f"suppress_concepts[{i}]", f"unknown concept {c!r}; known: {sorted(allowed)}")
         if c not in operator.concepts and c not in extra:
             extra.append(c)
-    tau = operator.tau
+    tau, stricter = operator.tau, None
     if msg.HasField("irece"):
         o = msg.irece
         if o.disable and (operator.concepts or extra):
@@ -184,9 +184,12 @@ def irece_config(msg: pb.GenerateRequest, operator: IreceConfig, allowed: set[st
             if o.tau > operator.tau:
                 raise RequestError(grpc.StatusCode.PERMISSION_DENIED, "irece.tau",
                                    f"{o.tau} would weaken the operator's tau {operator.tau}; only <= is allowed")
-            tau = o.tau
+            tau = stricter = o.tau
     concepts = tuple(operator.concepts) + tuple(extra)
     if not concepts:
         return None
+    # a stricter request tau applies to every concept, tuned ones included (never loosening them)
+    per_concept = {c: ({**o, "tau": min(o.get("tau", tau), stricter)} if stricter is not None else o)
+                   for c, o in operator.per_concept.items()}
     return IreceConfig(concepts=concepts, tau=tau, t_star=operator.t_star, mode=operator.mode,
-                       template=operator.template, min_peak=operator.min_peak)
+                       template=operator.template, min_peak=operator.min_peak, per_concept=per_concept)

@@ -233,10 +233,16 @@ def train_world(out: Path, judge_out: Path, work: Path, quick: bool = False, see
     unet, text_encoder, tokenizer, scaling = train_unet(work, vae, cfg["unet_steps"], cfg["unet_batch"],
                                                         cfg["n_data"], seed)
     vae.register_to_config(scaling_factor=scaling)
+    # keep the tokenizer folder exactly as converted from CLIP's BPE (SD v1.4's layout: vocab.json + merges.txt)
+    tok_files = {f.name: f.read_bytes() for f in TOKENIZER_DIR.iterdir()}
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDIMScheduler(**sd_scheduler_config()), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
+    for f in (Path(out) / "tokenizer").iterdir():
+        f.unlink()
+    for name, data in tok_files.items():
+        (Path(out) / "tokenizer" / name).write_bytes(data)
     (Path(out) / "concepts.json").write_text(json.dumps(list(shapes.CONCEPTS)))  # what the server may suppress
     train_judge(judge_out, vae, cfg["judge_steps"], cfg["judge_batch"], seed)
     summary = {"model": str(out), "judge": str(judge_out), "seconds": round(time.time() - t0, 1),

@@ -1,0 +1,29 @@
+"""Content-hash cache for benchmark artifacts (erased UNets, embeddings, adversarial prompts, inverted latents)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from irece_runtime.loading import REPO_ROOT
+
+CACHE_DIR = REPO_ROOT / ".cache" / "bench"
+
+
+@lru_cache(maxsize=None)
+def model_fingerprint(model_dir: str) -> str:
+    """Hash of a model folder's weights (file names, sizes and contents)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).rglob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def key(kind: str, **spec) -> Path:
+    """A cache path for an artifact of `kind` made from `spec` (which must name its inputs' fingerprints)."""
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = CACHE_DIR / kind / digest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,121 @@
+"""`irece bench crr | tune | latency | localization`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from irece_runtime.loading import DEFAULT_MODEL
+
+
+def _write(obj: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=1))
+
+
+def _t_star(v: str):
+    return float(v) if "." in v else int(v)
+
+
+def cmd_crr(a):
+    from . import crr, report
+    s = crr.BenchSettings(tau=a.tau, t_star=a.t_star, seed=a.seed)
+    concepts, methods, scenarios = a.concepts, a.methods, crr.SCENARIOS
+    if a.quick:
+        s.n, s.n_preserve, s.erase_steps, s.ti_steps = 2, 1, 20, 20
+        concepts = concepts or ["star"]
+    if a.n:
+        s.n = a.n
+    res = crr.run(a.model, concepts or list(crr.shapes.CONCEPTS), methods or list(crr.METHODS), scenarios, s)
+    _write(res, a.json)
+    md = report.crr_markdown(res)
+    print(md)
+    if a.markdown:
+        Path(a.markdown).write_text(md)
+    if a.chart:
+        report.crr_chart(res, a.chart)
+
+
+def cmd_tune(a):
+    from . import tune
+    from .crr import BenchSettings
+    s = BenchSettings(n=a.n or 10, n_preserve=2, seed=a.seed)
+    t_stars, taus = tune.T_STARS, tune.TAUS
+    concepts = a.concepts or list(tune.shapes.CONCEPTS)
+    if a.quick:
+        s.n, s.n_preserve, s.erase_steps = 2, 1, 20
+        t_stars, taus, concepts = (0.2, 0.4), (0.3, 0.5), a.concepts or ["star"]
+    res = tune.tune(a.model, a.method, concepts, s, t_stars, taus)
+    _write(res, a.json)
+    toml = tune.server_config(res, concepts)
+    if a.config_out:
+        Path(a.config_out).write_text(toml)
+    if a.chart:
+        tune.sweep_chart(res, a.chart)
+    print(toml)
+
+
+def cmd_latency(a):
+    from . import latency
+    steps, n = a.steps, a.n or 10
+    if a.quick:
+        n = min(n, 4)
+    res = latency.measure(a.model, a.erased, a.engines, steps=steps, n=n, modality=a.modality)
+    if a.server:
+        res["server"] = latency.measure_server(a.model, a.erased, steps=steps, per_client=2 if a.quick else 4,
+                                               clients=(1, 2) if a.quick else (1, 4, 8))
+    _write(res, a.json)
+    print(json.dumps(res, indent=1))
+
+
+def cmd_localization(a):
+    from . import localization
+    n, pairs = (10, 2) if a.quick else (a.n or 100, 20)
+    res = localization.run(a.model, n=n, n_pairs=pairs, tau=a.tau, t_star=a.t_star)
+    _write(res, a.json)
+    print(json.dumps(res, indent=1))
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: CRR table, tuning, latency, localization")
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True)
+
+    def common(p):
+        p.add_argument("--model", default=str(DEFAULT_MODEL))
+        p.add_argument("--quick", action="store_true", help="a small run (minutes) that wires everything through")
+        p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--n", type=int, help="images per cell")
+
+    p = bsub.add_parser("crr", help="CRR per method x scenario x concept, IRECE off and on")
+    common(p)
+    p.add_argument("--concepts", nargs="+")
+    p.add_argument("--methods", nargs="+", choices=("standard", "uce", "esd-x", "esd-u", "receler"))
+    p.add_argument("--tau", type=float, default=0.4)
+    p.add_argument("--t-star", type=_t_star, default=0.3)
+    p.add_argument("--markdown", metavar="FILE")
+    p.add_argument("--chart", metavar="PNG")
+    p.set_defaults(func=cmd_crr)
+
+    p = bsub.add_parser("tune", help="sweep t* and tau; per-concept choice on a calibration split")
+    common(p)
+    p.add_argument("--method", default="uce")
+    p.add_argument("--concepts", nargs="+")
+    p.add_argument("--config-out", metavar="TOML", help="write the choice in the server's config format")
+    p.add_argument("--chart", metavar="PNG")
+    p.set_defaults(func=cmd_tune)
+
+    p = bsub.add_parser("latency", help="latency/throughput/memory, IRECE off vs on, per backend and via gRPC")
+    common(p)
+    p.add_argument("--erased")
+    p.add_argument("--engines", help="engine folder (adds the onnx / tensorrt backends)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--modality", choices=("text", "inverted_latent"), default="text")
+    p.add_argument("--server", action="store_true", help="also measure through the gRPC server (1, 4, 8 clients)")
+    p.set_defaults(func=cmd_latency)
+
+    p = bsub.add_parser("localization", help="IRECE masks vs the renderer's ground truth; inversion PSNR")
+    common(p)
+    p.add_argument("--tau", type=float, default=0.4)
+    p.add_argument("--t-star", type=_t_star, default=0.3)
+    p.set_defaults(func=cmd_localization)

@@ -1,0 +1,55 @@
+"""Batched generation for the benchmark: many images of one scenario through the one denoising loop."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from irece_runtime.irece import IreceConfig, IreceReport
+from irece_runtime.pipeline import Pipeline, image_to_tensor
+
+
+def _decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:
+    img = (pipe.engines.vae_decode(x) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return (img * 255).round().astype(np.uint8)
+
+
+def noise(pipe: Pipeline, seeds: list[int]) -> torch.Tensor:
+    e, side = pipe.engines, pipe.sample_size
+    return torch.cat([torch.randn((1, e.latent_channels, side, side), generator=torch.Generator().manual_seed(s))
+                      for s in seeds])
+
+
+def from_prompts(pipe: Pipeline, prompts: list[str], seeds: list[int], cfg: IreceConfig | None,
+                 learned: dict | None = None, steps: int = 25, guidance: float = 5.0, batch: int = 64):
+    """Text or learned-embedding prompts -> (uint8 images, union masks (N, h, w) or None)."""
+    uncond = pipe.encode_prompt("")
+    images, masks = [], []
+    for s in range(0, len(prompts), batch):
+        cond = torch.cat([pipe.encode_prompt(p, learned) for p in prompts[s:s + batch]])
+        x, rep = pipe.denoise(noise(pipe, seeds[s:s + batch]), cond, uncond, guidance, steps, cfg, seeds[s])
+        images.append(_decode(pipe, x))
+        masks.append(rep.mask if rep is not None else None)
+    return np.concatenate(images), (torch.cat(masks).cpu().numpy() if masks[0] is not None else None)
+
+
+def invert_images(pipe: Pipeline, images: np.ndarray, invert_with: str, steps: int = 25,
+                  inversion_prompt: str = "", batch: int = 64) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> x_T latents by DDIM inversion with the chosen model."""
+    hidden = pipe.encode_prompt(inversion_prompt)
+    out = []
+    for s in range(0, len(images), batch):
+        x0 = torch.cat([image_to_tensor(im) for im in images[s:s + batch]])
+        out.append(pipe.invert(pipe.engines.vae_encode(x0), hidden, invert_with, steps))
+    return torch.cat(out)
+
+
+def from_latents(pipe: Pipeline, x_T: torch.Tensor, prompt: str, cfg: IreceConfig | None, seed: int = 0,
+                 steps: int = 25, guidance: float = 5.0, batch: int = 64):
+    """Regenerate inverted latents with a prompt ('' = the null prompt) on the erased model."""
+    cond, uncond = pipe.encode_prompt(prompt), pipe.encode_prompt("")
+    images, masks = [], []
+    for s in range(0, len(x_T), batch):
+        x, rep = pipe.denoise(x_T[s:s + batch], cond, uncond, guidance, steps, cfg, seed + s)
+        images.append(_decode(pipe, x))
+        masks.append(rep.mask if rep is not None else None)
+    return np.concatenate(images), (torch.cat(masks).cpu().numpy() if masks[0] is not None else None)

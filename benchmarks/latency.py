@@ -1,0 +1,166 @@
+"""`irece bench latency`: end-to-end latency, throughput and peak memory with IRECE off and on, per backend,
+in one run (interleaved off/on after a warm-up, so drift hits both alike); then through the gRPC server."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from irece_runtime.irece import IreceConfig
+from irece_runtime.loading import DEFAULT_MODEL, load_pipeline
+from irece_runtime.pipeline import Request
+
+
+class PeakRSS:
+    """Samples this process's resident set size in a thread; .peak_mb after the block."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak = interval, 0
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self):
+        self.peak, self._stop = self._rss(), threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak_mb = self.peak / 2 ** 20
+        self.gpu_peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
+
+
+def available_backends(engines_dir: str | None) -> list[tuple[str, dict]]:
+    out = [("torch", {})]
+    if engines_dir:
+        out.append(("onnx", {"engines_dir": engines_dir}))
+        if torch.cuda.is_available():
+            out = [("torch-cuda", {"device": "cuda"})] + out
+            try:
+                import tensorrt  # noqa: F401
+                if "tensorrt" in (Path(engines_dir) / "manifest.json").read_text():
+                    out.append(("tensorrt", {"engines_dir": engines_dir}))
+            except ImportError:
+                pass
+    return out
+
+
+def _pipe(model_dir, erased, backend, kw):
+    name = "torch" if backend.startswith("torch") else backend
+    return load_pipeline(model_dir, erased, name, kw.get("engines_dir"), device=kw.get("device", "cpu"))
+
+
+def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, engines_dir: str | None = None,
+            concept: str = "star", steps: int = 25, n: int = 10, warmup: int = 2, modality: str = "text") -> dict:
+    from irece_runtime.world.shapes import render
+    cfg = IreceConfig(concepts=(concept,))
+    rows, overhead = [], {}
+    req_of = {"text": lambda s: Request(prompt=f"a red {concept} on a black background", steps=steps, seed=s),
+              "inverted_latent": lambda s: Request(init_image=render(concept, seed=s).image, steps=steps, seed=s)}
+    for backend, kw in available_backends(engines_dir):
+        pipe = _pipe(model_dir, erased, backend, kw)
+        for s in range(warmup):
+            pipe.generate(req_of[modality](s), cfg)
+            pipe.generate(req_of[modality](s))
+        lat = {False: [], True: []}
+        stage = {False: [], True: []}
+        peaks = {}
+        for irece_on in (False, True):
+            with PeakRSS() as mem:  # memory per setting (its own pass), latency interleaved below
+                pipe.generate(req_of[modality](0), cfg if irece_on else None)
+            peaks[irece_on] = mem
+        for s in range(n):
+            for irece_on in ((False, True) if s % 2 == 0 else (True, False)):
+                t0 = time.perf_counter()
+                res = pipe.generate(req_of[modality](s), cfg if irece_on else None)
+                lat[irece_on].append(time.perf_counter() - t0)
+                stage[irece_on].append(res.timings)
+        # the floor: one localizer pass against the UNet calls of a request (CFG: `steps` calls at batch 2)
+        e = pipe.engines
+        x = torch.randn(1, e.latent_channels, pipe.sample_size, pipe.sample_size).to(e.device)
+        h, w = pipe.localization(concept, cfg.template)
+        t = torch.tensor(500)
+        unet_t, loc_t = [], []
+        for _ in range(max(5, n)):
+            t0 = time.perf_counter()
+            e.eps("erased", torch.cat([x, x]), t, torch.cat([h, h]))
+            unet_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            e.concept_map(x, t, h, w)
+            loc_t.append(time.perf_counter() - t0)
+        floor = np.median(loc_t) / (steps * np.median(unet_t))
+        for irece_on in (False, True):
+            ms = np.array(lat[irece_on]) * 1000
+            rows.append({"backend": backend, "irece": irece_on, "modality": modality, "steps": steps,
+                         "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+                         "throughput_rps": float(1000 / ms.mean()), "peak_mem_mb": peaks[irece_on].peak_mb,
+                         "gpu_peak_mem_mb": peaks[irece_on].gpu_peak_mb, "n": n})
+        off, on = rows[-2], rows[-1]
+        overhead[backend] = {"p50_ratio_on_off": on["p50_ms"] / off["p50_ms"],
+                             "localizer_over_unet_step": float(np.median(loc_t) / np.median(unet_t)),
+                             "floor_ratio": float(1 + floor),
+                             "localization_share_of_request": float(np.mean(
+                                 [st.get("localization", 0) / sum(st.values()) for st in stage[True]]))}
+    return {"rows": rows, "overhead": overhead, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def measure_server(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, concept: str = "star",
+                   clients=(1, 4, 8), per_client: int = 4, steps: int = 25, backend: str = "torch",
+                   engines_dir: str | None = None, workers: int = 2) -> list[dict]:
+    """Latency and throughput through the gRPC server on loopback at several concurrent clients."""
+    import grpc
+    from protos.irece.v1 import generation_pb2 as pb
+    from protos.irece.v1 import generation_pb2_grpc as pb_grpc
+    from server.app import Server
+    from server.config import ServerConfig
+    rows = []
+    for irece_on in (False, True):
+        cfg = ServerConfig(model=model_dir, erased=erased, backend=backend, engines=engines_dir,
+                           concepts=[concept] if irece_on else [], port=0, metrics_port=None, workers=workers,
+                           queue_size=max(clients) * per_client, default_steps=steps)
+        server = Server(cfg).start()
+        try:
+            for c in clients:
+                with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                    stub = pb_grpc.GenerationStub(ch)
+                    lat = []
+                    lock = threading.Lock()
+
+                    def client(k):
+                        for j in range(per_client):
+                            t0 = time.perf_counter()
+                            stub.Generate(pb.GenerateRequest(text=pb.TextPrompt(prompt=f"a {concept}"),
+                                                             params=pb.GenerationParams(seed=k * 100 + j)))
+                            with lock:
+                                lat.append(time.perf_counter() - t0)
+
+                    t0 = time.perf_counter()
+                    threads = [threading.Thread(target=client, args=(k,)) for k in range(c)]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                    wall = time.perf_counter() - t0
+                ms = np.array(lat) * 1000
+                rows.append({"backend": backend, "irece": irece_on, "clients": c, "requests": len(lat),
+                             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+                             "throughput_rps": len(lat) / wall})
+        finally:
+            server.stop(0)
+    return rows

@@ -1,0 +1,154 @@
+"""TensorRT backend: engines built from the exported ONNX graphs with the tensorrt Python API, run on CUDA
+tensors through the same Engines interface.
+
+Built per engine folder: fp16 optional, one optimization profile over batch (1..max_batch, CFG doubles the
+batch), a timing cache kept beside the engines. The manifest records the TensorRT version and the GPU; an
+engine folder built elsewhere is refused with a clear message (TensorRT engines are not portable).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .manifest import EngineMismatch, read_manifest
+from .onnx_export import MANIFEST
+
+TIMING_CACHE = "timing.cache"
+
+
+def _trt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise RuntimeError("the tensorrt backend needs the `gpu` extra: pip install 'irece[gpu]'") from exc
+    if not torch.cuda.is_available():
+        raise RuntimeError("the tensorrt backend needs a CUDA GPU")
+    return trt
+
+
+def build_engines(engine_dir: str | Path, fp16: bool = True, max_batch: int = 2,
+                  workspace_gb: float = 8.0) -> dict:
+    trt = _trt()
+    d = Path(engine_dir)
+    m = read_manifest(d)
+    logger = trt.Logger(trt.Logger.WARNING)
+    t0 = time.time()
+    cache_path = d / TIMING_CACHE
+    built = {}
+    for name, comp in m["components"].items():
+        onnx_file = comp["file"]
+        engine_file = onnx_file.replace(".onnx", ".fp16.engine" if fp16 else ".fp32.engine")
+        if engine_file in built.values():
+            built[name] = engine_file
+            continue
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(d / onnx_file)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise RuntimeError(f"TensorRT cannot parse {onnx_file}: {errors}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+        if fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        profile = builder.create_optimization_profile()
+        batched = max_batch * (2 if name.startswith("unet") else 1)
+        for i in range(network.num_inputs):
+            inp = network.get_input(i)
+            shape = list(inp.shape)
+            lo = [1 if s == -1 else s for s in shape]
+            hi = [batched if s == -1 else s for s in shape]
+            profile.set_shape(inp.name, lo, hi, hi)
+        config.add_optimization_profile(profile)
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise RuntimeError(f"TensorRT failed to build {onnx_file}")
+        (d / engine_file).write_bytes(bytes(blob))
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        built[name] = engine_file
+    m["tensorrt"] = {"version": trt.__version__, "gpu": torch.cuda.get_device_name(0),
+                     "compute_capability": list(torch.cuda.get_device_capability(0)),
+                     "precision": "fp16" if fp16 else "fp32", "max_batch": max_batch, "engines": built,
+                     "seconds": round(time.time() - t0, 1)}
+    (d / MANIFEST).write_text(json.dumps(m, indent=2))
+    return m
+
+
+def check_engine_compat(info: dict | None, trt_version: str, gpu: str, where="engine folder") -> dict:
+    """TensorRT engines run only on the TensorRT version and GPU model they were built with."""
+    if not info:
+        raise EngineMismatch(f"{where}: no TensorRT engines; run `irece export --backend tensorrt`")
+    if info["version"] != trt_version:
+        raise EngineMismatch(f"{where}: engines built with TensorRT {info['version']}, this is {trt_version}; "
+                             f"rebuild with `irece export --backend tensorrt`")
+    if info["gpu"] != gpu:
+        raise EngineMismatch(f"{where}: engines built for {info['gpu']}, this GPU is {gpu}; rebuild them")
+    return info
+
+
+class TrtEngines:
+    def __init__(self, engine_dir: str | Path):
+        trt = _trt()
+        self.dir = Path(engine_dir)
+        self.device = torch.device("cuda")
+        m = read_manifest(engine_dir)
+        info = check_engine_compat(m.get("tensorrt"), trt.__version__, torch.cuda.get_device_name(0), engine_dir)
+        cfg = m["config"]
+        self.embed_dim, self.latent_channels = cfg["embed_dim"], cfg["latent_channels"]
+        self.vae_scale_factor, self.scaling_factor = cfg["vae_scale_factor"], cfg["scaling_factor"]
+        self.dtype = torch.float16 if info["precision"] == "fp16" else torch.float32
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.contexts = {}
+        loaded = {}
+        for name, f in info["engines"].items():
+            if f not in loaded:
+                engine = runtime.deserialize_cuda_engine((self.dir / f).read_bytes())
+                loaded[f] = (engine, engine.create_execution_context())
+            self.contexts[name] = loaded[f]
+        self.stream = torch.cuda.Stream()
+        self.token_embedding = load_file(str(self.dir / "token_embedding.safetensors"))["weight"].cuda()
+
+    def _run(self, component: str, **inputs: torch.Tensor) -> torch.Tensor:
+        engine, ctx = self.contexts[component]
+        keep = []
+        for name, t in inputs.items():
+            t = t.detach().to("cuda", torch.float32).contiguous()
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+            keep.append(t)
+        out_name = next(engine.get_tensor_name(i) for i in range(engine.num_io_tensors)
+                        if engine.get_tensor_mode(engine.get_tensor_name(i)).name == "OUTPUT")
+        out = torch.empty(tuple(ctx.get_tensor_shape(out_name)), device="cuda", dtype=torch.float32)
+        ctx.set_tensor_address(out_name, out.data_ptr())
+        with torch.cuda.stream(self.stream):
+            if not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError(f"TensorRT execution of {component} failed")
+        self.stream.synchronize()
+        return out
+
+    def embed_tokens(self, input_ids):
+        return self.token_embedding[input_ids.cuda()]
+
+    def encode_text(self, token_embeds):
+        return self._run("text_encoder", token_embeds=token_embeds)
+
+    def eps(self, model, sample, timestep, hidden):
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(1)
+        return self._run(f"unet_{model}", sample=sample, timestep=t, encoder_hidden_states=hidden)
+
+    def concept_map(self, sample, timestep, hidden, token_weights):
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(1)
+        return self._run("localizer", sample=sample, timestep=t, encoder_hidden_states=hidden,
+                         token_weights=token_weights)
+
+    def vae_encode(self, images):
+        return self._run("vae_encoder", images=images)
+
+    def vae_decode(self, latents):
+        return self._run("vae_decoder", latents=latents)

@@ -1,0 +1,151 @@
+"""`irece demo` (what `make demo` runs): the mini world end to end.
+
+1. the committed Shapes-10 model draws every concept; the judge scores it;
+2. erase one concept with UCE, attack it by white-box DDIM inversion, and let IRECE suppress it again;
+3. serve the erased model over gRPC (`irece serve`), send one request per modality (`irece client` calls),
+   and print the Prometheus metrics they produced.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .loading import DEFAULT_MODEL, REPO_ROOT
+
+
+def _grid(rows: list[np.ndarray], scale: int = 3) -> Image.Image:
+    img = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+    return Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 16) -> dict:
+    import torch
+    from benchmarks import gen
+    from .erasure import erase
+    from .irece import IreceConfig
+    from .loading import load_pipeline
+    from .world import shapes
+    from .world.check import concept_prompts
+    from .world.judge import classify, load_judge
+
+    torch.set_num_threads(2)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    judge = load_judge()
+    pipe = load_pipeline(DEFAULT_MODEL)
+    summary: dict = {}
+
+    print("1/3  the standard Shapes-10 model, one row per concept", flush=True)
+    rows, acc = [], {}
+    for i, c in enumerate(shapes.CONCEPTS):
+        imgs, _ = gen.from_prompts(pipe, concept_prompts(c, per_concept, i), list(range(100 * i, 100 * i + per_concept)), None)
+        labels, _ = classify(judge, imgs)
+        acc[c] = float(np.mean([lab == c for lab in labels]))
+        rows.append(imgs)
+        print(f"     {c:9s} judge agrees on {100 * acc[c]:5.1f}% of {per_concept}", flush=True)
+    _grid(rows).save(out / "grid.png")
+    summary["text_accuracy"] = acc
+
+    print(f"2/3  erase '{concept}' with UCE, attack by white-box DDIM inversion, suppress with IRECE", flush=True)
+    erased = out / f"uce-{concept}"
+    erase("uce", DEFAULT_MODEL, concept, erased)
+    epipe = load_pipeline(DEFAULT_MODEL, erased)
+    text, _ = gen.from_prompts(epipe, [f"an image of a {concept}"] * n_attack, list(range(n_attack)), None)
+    rng = np.random.default_rng(123)
+    refs = np.stack([shapes.render(concept, rng=rng).image for _ in range(n_attack)])
+    x_T = gen.invert_images(epipe, refs, "erased")
+    attacked, _ = gen.from_latents(epipe, x_T, "", None)
+    defended, masks = gen.from_latents(epipe, x_T, "", IreceConfig(concepts=(concept,)))
+    crr = {name: float(np.mean([lab == concept for lab in classify(judge, imgs)[0]]))
+           for name, imgs in (("erased_text_prompt", text), ("inversion_irece_off", attacked),
+                              ("inversion_irece_on", defended))}
+    for k, v in crr.items():
+        print(f"     CRR {k:22s} {100 * v:5.1f}%  (n={n_attack})", flush=True)
+    f = shapes.SIZE // masks.shape[-1]
+    mask_px = (np.kron(masks, np.ones((1, f, f)))[..., None] * np.array([255, 0, 0])).astype(np.uint8)
+    _grid([refs, attacked, np.maximum(defended, mask_px // 3), defended]).save(out / "irece.png")
+    summary["crr"] = crr
+
+    print("3/3  gRPC server with IRECE on the erased model: one request per modality", flush=True)
+    summary["server"] = serve_and_call(erased, concept, out, refs[0], epipe)
+    summary["seconds"] = round(time.time() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"outputs in {out}: grid.png (standard model), irece.png (references / attacked / mask / IRECE), "
+          f"server_*.png, summary.json — {summary['seconds']} s", flush=True)
+    return summary
+
+
+def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray, pipe) -> dict:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from prometheus_client.parser import text_string_to_metric_families
+    from server.client import build_request, report_dict
+    from protos.irece.v1 import generation_pb2_grpc as pb_grpc
+    from .embeddings import save_learned_embedding
+
+    port, metrics_port = _free_port(), _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "irece_runtime.cli", "serve", "--model", str(DEFAULT_MODEL),
+                             "--erased", str(erased), "--concept", concept, "--port", str(port),
+                             "--metrics-port", str(metrics_port)], cwd=REPO_ROOT)
+    try:
+        target = f"127.0.0.1:{port}"
+        with grpc.insecure_channel(target) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            deadline = time.time() + 120
+            while True:
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                        break
+                except grpc.RpcError:
+                    pass
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("server did not become SERVING")
+                time.sleep(0.5)
+            Image.fromarray(reference).save(out / "reference.png")
+            ids = pipe.tokenizer(concept, add_special_tokens=False).input_ids
+            import torch
+            save_learned_embedding(out / "learned_embeds.safetensors",
+                                   {"<x>": pipe.engines.embed_tokens(torch.tensor([ids]))[0]})
+            stub = pb_grpc.GenerationStub(ch)
+            reports = {}
+            for modality, req in (("text", build_request(f"a {concept} on a black background")),
+                                  ("embedding", build_request("a <x> on a black background",
+                                                              embedding=str(out / "learned_embeds.safetensors"))),
+                                  ("inverted_latent", build_request("", image=str(out / "reference.png")))):
+                resp = stub.Generate(req, timeout=120)
+                (out / f"server_{modality}.png").write_bytes(resp.png)
+                reports[modality] = report_dict(resp)["irece"]
+                print(f"     {modality:16s} intervened={resp.irece.intervened} mask_area={resp.irece.mask_area:.2f}",
+                      flush=True)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+        shown = {}
+        for fam in text_string_to_metric_families(body):
+            if fam.name in ("irece_requests", "irece_interventions", "irece_suppression_ratio", "irece_localizations"):
+                for smp in fam.samples:
+                    if smp.name.endswith("_created"):
+                        continue
+                    label = ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items()))
+                    shown[f"{smp.name}{{{label}}}"] = smp.value
+                    print(f"     {smp.name}{{{label}}} {smp.value:g}", flush=True)
+        return {"reports": reports, "metrics": shown}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def main(argv=None) -> None:
+    run(REPO_ROOT / "out" / "demo")

@@ -1,0 +1,154 @@
+"""The denoising loop against diffusers' own pipeline, IRECE wiring, learned embeddings, inversion, localization."""
+import numpy as np
+import pytest
+import torch
+
+from irece_runtime.irece import IreceConfig
+from irece_runtime.pipeline import Request, image_to_tensor
+from irece_runtime.world import shapes
+
+from .conftest import MODEL
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from diffusers import StableDiffusionPipeline
+    sd = StableDiffusionPipeline.from_pretrained(MODEL)
+    sd.set_progress_bar_config(disable=True)
+    return sd
+
+
+@pytest.mark.parametrize("prompt,guidance,negative", [("a red star on a black background", 5.0, ""),
+                                                       ("an image of a moon", 7.5, "a circle"),
+                                                       ("a ring", 1.0, "")])
+def test_irece_off_reproduces_diffusers(pipe, reference, prompt, guidance, negative):
+    ref = reference(prompt, negative_prompt=negative or None, num_inference_steps=25, guidance_scale=guidance,
+                    generator=torch.Generator().manual_seed(11), output_type="np").images
+    ours = pipe.generate(Request(prompt=prompt, negative_prompt=negative, guidance=guidance, steps=25, seed=11))
+    assert np.abs(ref - ours.images).max() <= 1e-3
+
+
+def test_empty_mask_is_bit_identical_to_irece_off(pipe):
+    req = Request(prompt="a blue heart on a white background", seed=3, steps=20)
+    off = pipe.generate(req)
+    gated = pipe.generate(req, IreceConfig(concepts=("heart",), min_peak=1e9))  # presence gate: nothing masked
+    assert not gated.irece.intervened and gated.irece.mask_area == 0.0
+    assert np.array_equal(off.images, gated.images)
+    on = pipe.generate(req, IreceConfig(concepts=("heart",)))
+    assert on.irece.intervened and not np.array_equal(off.images, on.images)
+
+
+def test_same_seed_same_result_with_irece(pipe):
+    cfg = IreceConfig(concepts=("star", "moon"))
+    a = pipe.generate(Request(prompt="a star", seed=5, steps=10), cfg)
+    b = pipe.generate(Request(prompt="a star", seed=5, steps=10), cfg)
+    c = pipe.generate(Request(prompt="a star", seed=6, steps=10), cfg)
+    assert np.array_equal(a.images, b.images) and torch.equal(a.irece.mask, b.irece.mask)
+    assert not np.array_equal(a.images, c.images)
+    assert [r.concept for r in a.irece.concepts] == ["star", "moon"]
+
+
+def test_learned_embedding_of_a_vocabulary_token_equals_the_text_prompt(pipe):
+    ids = pipe.tokenizer("star", add_special_tokens=False).input_ids
+    vec = pipe.engines.embed_tokens(torch.tensor([ids]))[0]
+    text = pipe.generate(Request(prompt="a star on a gray background", seed=2, steps=10))
+    emb = pipe.generate(Request(prompt="a <shape> on a gray background", learned={"<shape>": vec}, seed=2, steps=10))
+    assert emb.images.shape == text.images.shape
+    assert np.array_equal(emb.images, text.images)
+    with pytest.raises(ValueError, match="width"):
+        pipe.encode_prompt("a <shape>", {"<shape>": torch.zeros(1, vec.shape[-1] + 1)})
+    with pytest.raises(ValueError, match="none of the placeholders"):
+        pipe.encode_prompt("a star", {"<shape>": vec})
+
+
+def test_multi_vector_embedding_fills_consecutive_slots(pipe):
+    d = pipe.engines.embed_dim
+    ids, slots = pipe.token_ids("a <t> and <t>", {"<t>": 3})
+    assert [s[2] for s in slots] == [0, 1, 2, 0, 1, 2]
+    assert slots[1][0] == slots[0][0] + 1 and len(ids) == 1 + 1 + 3 + 1 + 3 + 1
+    h = pipe.encode_prompt("a <t>", {"<t>": torch.randn(3, d)})
+    assert h.shape == (1, 77, d)
+
+
+def test_embedding_file_formats(tmp_path):
+    from safetensors.torch import save_file
+    from irece_runtime.embeddings import load_learned_embedding, save_learned_embedding
+    v = torch.randn(2, 64)
+    save_learned_embedding(tmp_path / "learned_embeds.safetensors", {"<cat>": v})
+    assert torch.equal(load_learned_embedding(tmp_path / "learned_embeds.safetensors")["<cat>"], v)
+    save_file({"emb_params": v}, str(tmp_path / "a1111.safetensors"))
+    assert torch.equal(load_learned_embedding(tmp_path / "a1111.safetensors")["<a1111>"], v)
+    torch.save({"<cat>": v[0]}, tmp_path / "learned_embeds.bin")
+    assert load_learned_embedding(tmp_path / "learned_embeds.bin", token="<x>")["<x>"].shape == (1, 64)
+    np.save(tmp_path / "raw.npy", v.numpy())
+    assert torch.equal(load_learned_embedding(tmp_path / "raw.npy", token="<r>")["<r>"], v)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"<cat>": Evil()}, tmp_path / "evil.bin")
+    with pytest.raises(Exception):
+        load_learned_embedding(tmp_path / "evil.bin")  # weights_only refuses arbitrary objects
+    save_file({"<n>": torch.full((64,), float("nan"))}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(ValueError, match="NaN"):
+        load_learned_embedding(tmp_path / "nan.safetensors")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+
+
+def test_ddim_inversion_round_trip(pipe):
+    scores = []
+    for seed in range(4):
+        scene = shapes.render(seed=100 + seed)
+        res = pipe.generate(Request(init_image=scene.image, steps=25, seed=seed, invert_with="standard"))
+        scores.append(psnr(res.uint8()[0], scene.image))
+    assert np.mean(scores) >= 22.0, scores
+
+
+def test_latent_input_equals_image_input(pipe):
+    scene = shapes.render("moon", seed=1)
+    latent = pipe.engines.vae_encode(image_to_tensor(scene.image))
+    a = pipe.generate(Request(init_image=scene.image, steps=10))
+    b = pipe.generate(Request(init_latent=latent[0], steps=10))
+    assert np.array_equal(a.images, b.images)
+
+
+def localize_render(pipe, scene, t_star=0.3, steps=25):
+    """Invert a render with the standard model and return the IRECE mask at t*, upsampled to pixels."""
+    cfg = IreceConfig(concepts=tuple(s.concept for s in scene.shapes), t_star=t_star)
+    res = pipe.generate(Request(init_image=scene.image, steps=steps, invert_with="standard"), cfg)
+    return res
+
+
+def mask_for(pipe, scene, concept, t_star=0.3, steps=25):
+    cfg = IreceConfig(concepts=(concept,), t_star=t_star)
+    res = pipe.generate(Request(init_image=scene.image, steps=steps, invert_with="standard"), cfg)
+    m = res.irece.mask[0].numpy()
+    f = shapes.SIZE // m.shape[0]
+    return np.kron(m, np.ones((f, f))) > 0.5
+
+
+def iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def test_localization_matches_ground_truth(pipe):
+    scores = [iou(mask_for(pipe, s, s.label), s.mask)
+              for s in (shapes.render(c, seed=500 + i) for i, c in enumerate(shapes.CONCEPTS))]
+    assert np.mean(scores) >= 0.35, scores
+
+
+def test_two_shape_scene_each_mask_covers_its_own_shape(pipe):
+    wins = 0
+    for seed in range(6):
+        scene = shapes.render_pair(seed=seed)
+        for concept in scene.masks:
+            other = next(c for c in scene.masks if c != concept)
+            m = mask_for(pipe, scene, concept)
+            own, foreign = (m & scene.masks[concept]).sum() / scene.masks[concept].sum(), \
+                (m & scene.masks[other]).sum() / scene.masks[other].sum()
+            wins += own > foreign
+    assert wins >= 9, wins  # of 12 concept/scene pairs
