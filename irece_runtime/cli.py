@@ -60,7 +60,7 @@ def cmd_world_train(a):
     out = Path(a.out) if a.out else DEFAULT_MODEL
     judge = Path(a.judge_out) if a.judge_out else REPO_ROOT / "models" / "judge" / "judge.safetensors"
     work = Path(a.work) if a.work else REPO_ROOT / ".cache" / ("world_quick" if a.quick else "world_train")
-    _emit(train_world(out, judge, work, quick=a.quick, seed=a.seed), a.json)
+    _emit(train_world(out, judge, work, quick=a.quick, seed=a.seed, unet_steps=a.unet_steps), a.json)
 
 
 # -- generate ------------------------------------------------------------------------------------------------
@@ -75,7 +75,8 @@ def irece_config_from_args(a):
 def cmd_generate(a):
     from .loading import load_pipeline
     from .pipeline import Request
-    pipe = load_pipeline(a.model, a.erased, a.backend, a.engines)
+    layers = tuple(a.localizer_layers) if a.localizer_layers else None
+    pipe = load_pipeline(a.model, a.erased, a.backend, a.engines, layers=layers)
     learned = None
     if a.embedding:
         from .embeddings import load_learned_embedding
@@ -106,6 +107,9 @@ def add_irece_flags(p):
     p.add_argument("--t-star", default="0.3", help="intervention step: a fraction (0.3) or a step index (7)")
     p.add_argument("--mode", choices=("replace", "add"), default="replace")
     p.add_argument("--template", default="a photo of a {concept}", help="localization prompt")
+    p.add_argument("--localizer-layers", nargs="+", metavar="NAME",
+                   help="cross-attention layers the localizer averages (name substrings, e.g. up_blocks); "
+                        "default: all (torch backend; exported engines fix theirs at export)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="model folder (default: models/shapes10)")
     p.add_argument("--judge-out")
     p.add_argument("--work", help="cache folder for resumable stages")
+    p.add_argument("--unet-steps", type=int, help="UNet steps (default 4000; the committed model: 4000, then "
+                                                   "continued to 6500 by a second run with --unet-steps 6500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_world_train)

@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 16) -> dict:
     import torch
-    from benchmarks import gen
+    from . import batch as gen
     from .erasure import erase
     from .irece import IreceConfig
     from .loading import load_pipeline

@@ -52,15 +52,16 @@ def erase_prompts(concept: str, n: int = 24, seed: int = 0) -> list[str]:
 
 # -- UCE ------------------------------------------------------------------------------------------------------
 def _concept_rows(pipe: Pipeline, prompt: str, concept: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text-encoder rows from the concept's first token to EOS, and the aligned rows of the same prompt with
-    the concept removed (the guide: the empty concept). Later tokens carry the concept too (causal encoder)."""
+    """Text-encoder rows from the concept's first token to the end (EOS and padding: the causal encoder carries
+    the concept into every later position, and cross-attention reads all 77), and the aligned rows of the same
+    prompt with the concept removed (the guide: the empty concept), as UCE's original script does."""
     ids, _ = pipe.token_ids(prompt)
     cids = pipe.tokenizer(concept, add_special_tokens=False).input_ids
     pos = next(i for i in range(len(ids)) if ids[i:i + len(cids)] == cids)
     hidden = pipe.encode_prompt(prompt)[0]
     guide = pipe.encode_prompt(" ".join(prompt.replace(concept, " ").split()))[0]
-    erase_rows = hidden[pos:len(ids)]
-    guide_idx = [max(pos - 1, 0)] * len(cids) + list(range(pos, len(ids) - len(cids)))
+    erase_rows = hidden[pos:]
+    guide_idx = [max(pos - 1, 0)] * len(cids) + list(range(pos, hidden.shape[0] - len(cids)))
     return erase_rows, guide[guide_idx]
 
 
@@ -165,7 +166,7 @@ def _sample_to(pipe: Pipeline, base, cond, uncond, guidance, t_index, n_steps, x
 
 def esd(unet, base, pipe: Pipeline, concept: str, method: str, steps: int, lr: float, negative_guidance: float,
         start_guidance: float, batch: int, seed: int = 0, rank: int = 16, reg_weight: float = 0.1,
-        mask_thres: float = 0.1, n_steps: int = 50):
+        mask_thres: float = 0.1, n_steps: int = 25):
     """ESD: train eps_erased(x_t, c, t) -> eps(x_t, t) - eta (eps(x_t, c, t) - eps(x_t, t)) on the base model's
     own samples x_t. Receler: the same objective on erasers only, plus the mask-localized regularizer."""
     torch.manual_seed(seed)

@@ -25,7 +25,6 @@ class IreceConfig:
     t_star: float | int = 0.3  # a fraction of the schedule (float) or a step index (int)
     mode: str = "replace"
     template: str = "a photo of a {concept}"  # the localization prompt c_tgt
-    layers: tuple[str, ...] | None = None  # substrings of attention-layer names to use; None = all attn2
     min_peak: float = 0.0  # presence gate on the raw map's peak; 0 = always intervene (the paper)
     per_concept: dict = field(default_factory=dict)  # concept -> {"tau": .., "t_star": ..} (`irece bench tune`)
 

@@ -242,20 +242,3 @@ def _split_keep(text: str, sep: str) -> list[str]:
             out.append(sep)
     return out
 
-
-def sample_prompts(pipe: Pipeline, prompts: list[str], seed: int = 0, steps: int = 25, guidance: float = 5.0,
-                   cfg: irece.IreceConfig | None = None, batch: int = 64) -> np.ndarray:
-    """Text-to-image for many prompts at once (benchmarks, checks): uint8 (N, H, W, 3).
-    Image k starts from the noise of seed (seed + k), whatever the batching."""
-    e = pipe.engines
-    uncond = pipe.encode_prompt("")
-    out = []
-    for s in range(0, len(prompts), batch):
-        chunk = prompts[s:s + batch]
-        cond = torch.cat([pipe.encode_prompt(p) for p in chunk])
-        side = pipe.sample_size
-        x = torch.cat([torch.randn((1, e.latent_channels, side, side), generator=torch.Generator().manual_seed(seed + s + k))
-                       for k in range(len(chunk))])
-        x, _ = pipe.denoise(x, cond, uncond, guidance, steps, cfg, seed + s)
-        out.append(((e.vae_decode(x) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8))
-    return np.concatenate(out)

@@ -35,12 +35,12 @@ def concept_prompts(concept: str, n: int, seed: int) -> list[str]:
 
 def text_accuracy(pipe, judge, concepts=shapes.CONCEPTS, n: int = 50, steps: int = 25, guidance: float = 5.0,
                   seed: int = 0, cfg=None) -> dict[str, float]:
-    from ..pipeline import sample_prompts
+    from ..batch import from_prompts
 
     acc = {}
     for i, concept in enumerate(concepts):
-        images = sample_prompts(pipe, concept_prompts(concept, n, seed + i), seed=seed + 1000 * i, steps=steps,
-                                guidance=guidance, cfg=cfg)
+        images, _ = from_prompts(pipe, concept_prompts(concept, n, seed + i),
+                                 [seed + 1000 * i + k for k in range(n)], cfg, steps=steps, guidance=guidance)
         pred, _ = classify(judge, images)
         acc[concept] = float(np.mean([p == concept for p in pred]))
     return acc

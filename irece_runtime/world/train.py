@@ -218,7 +218,8 @@ def train_judge(out: Path, vae, steps: int, batch: int, seed: int) -> Judge:
     return judge
 
 
-def train_world(out: Path, judge_out: Path, work: Path, quick: bool = False, seed: int = 0) -> dict:
+def train_world(out: Path, judge_out: Path, work: Path, quick: bool = False, seed: int = 0,
+                unet_steps: int | None = None) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(seed)
@@ -229,6 +230,8 @@ def train_world(out: Path, judge_out: Path, work: Path, quick: bool = False, see
     else:
         cfg = dict(vae_steps=2000, vae_batch=32, unet_steps=4000, unet_batch=64, n_data=40000,
                    judge_steps=1500, judge_batch=128)
+    if unet_steps:  # a larger value than a finished run's continues it from its checkpoint (warm restart)
+        cfg["unet_steps"] = unet_steps
     vae = train_vae(work, cfg["vae_steps"], cfg["vae_batch"], seed)
     unet, text_encoder, tokenizer, scaling = train_unet(work, vae, cfg["unet_steps"], cfg["unet_batch"],
                                                         cfg["n_data"], seed)

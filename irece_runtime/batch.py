@@ -1,14 +1,14 @@
-"""Batched generation for the benchmark: many images of one scenario through the one denoising loop."""
+"""Batched generation (benchmarks, checks, the demo): many images through the one denoising loop."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from irece_runtime.irece import IreceConfig, IreceReport
-from irece_runtime.pipeline import Pipeline, image_to_tensor
+from .irece import IreceConfig
+from .pipeline import Pipeline, image_to_tensor
 
 
-def _decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:
+def decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:
     img = (pipe.engines.vae_decode(x) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
     return (img * 255).round().astype(np.uint8)
 
@@ -27,7 +27,7 @@ def from_prompts(pipe: Pipeline, prompts: list[str], seeds: list[int], cfg: Irec
     for s in range(0, len(prompts), batch):
         cond = torch.cat([pipe.encode_prompt(p, learned) for p in prompts[s:s + batch]])
         x, rep = pipe.denoise(noise(pipe, seeds[s:s + batch]), cond, uncond, guidance, steps, cfg, seeds[s])
-        images.append(_decode(pipe, x))
+        images.append(decode(pipe, x))
         masks.append(rep.mask if rep is not None else None)
     return np.concatenate(images), (torch.cat(masks).cpu().numpy() if masks[0] is not None else None)
 
@@ -50,6 +50,6 @@ def from_latents(pipe: Pipeline, x_T: torch.Tensor, prompt: str, cfg: IreceConfi
     images, masks = [], []
     for s in range(0, len(x_T), batch):
         x, rep = pipe.denoise(x_T[s:s + batch], cond, uncond, guidance, steps, cfg, seed + s)
-        images.append(_decode(pipe, x))
+        images.append(decode(pipe, x))
         masks.append(rep.mask if rep is not None else None)
     return np.concatenate(images), (torch.cat(masks).cpu().numpy() if masks[0] is not None else None)
