@@ -71,7 +71,8 @@ def cmd_latency(a):
 def cmd_localization(a):
     from . import localization
     n, pairs = (10, 2) if a.quick else (a.n or 100, 20)
-    res = localization.run(a.model, n=n, n_pairs=pairs, tau=a.tau, t_star=a.t_star)
+    layers = tuple(a.localizer_layers) if a.localizer_layers else None
+    res = localization.run(a.model, n=n, n_pairs=pairs, tau=a.tau, t_star=a.t_star, layers=layers)
     _write(res, a.json)
     print(json.dumps(res, indent=1))
 
@@ -118,4 +119,5 @@ def register(sub) -> None:
     common(p)
     p.add_argument("--tau", type=float, default=0.4)
     p.add_argument("--t-star", type=_t_star, default=0.3)
+    p.add_argument("--localizer-layers", nargs="+", metavar="NAME")
     p.set_defaults(func=cmd_localization)

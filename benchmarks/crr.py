@@ -29,7 +29,9 @@ from irece_runtime.world import shapes
 from irece_runtime.world.check import concept_prompts
 from irece_runtime.world.judge import classify, load_judge
 
-from . import attacks, gen
+from irece_runtime import batch as gen
+
+from . import attacks
 from .cache import key, model_fingerprint
 from .stats import crr, psnr, ssim, wilson
 
@@ -48,7 +50,7 @@ class BenchSettings:
     tau: float = 0.4
     t_star: float | int = 0.3
     erase_steps: int | None = None
-    ti_steps: int = 300
+    ti_steps: int = 200
     seed: int = 0
 
 
@@ -139,10 +141,20 @@ def run(model_dir: str = str(DEFAULT_MODEL), concepts=shapes.CONCEPTS, methods=M
         s: BenchSettings | None = None, log=print) -> dict:
     s = s or BenchSettings()
     judge = load_judge()
-    rows, quality, preservation = [], [], []
+    rows, quality, preservation, controls = [], [], [], []
     t0 = time.time()
     for method in methods:
         for concept in concepts:
+            cell = key("cell", model=model_fingerprint(model_dir), method=method, concept=concept,
+                       scenarios=list(scenarios), settings=s.__dict__).with_suffix(".json")
+            if cell.exists():  # a finished (method, concept) from an earlier run: resume past it
+                done = json.loads(cell.read_text())
+                rows += done["rows"]
+                quality += done["quality"]
+                preservation += done["preservation"]
+                controls += done["controls"]
+                continue
+            n_rows, n_quality, n_pres, n_ctrl = len(rows), len(quality), len(preservation), len(controls)
             erased = erased_unet(model_dir, method, concept, s)
             pipe = load_pipeline(model_dir, erased)
             cfg = IreceConfig(concepts=(concept,), tau=s.tau, t_star=s.t_star)
@@ -158,6 +170,17 @@ def run(model_dir: str = str(DEFAULT_MODEL), concepts=shapes.CONCEPTS, methods=M
                 p, q = outside_mask_change(off, on, masks)
                 quality.append({"method": method, "scenario": scenario, "concept": concept, "psnr_outside": p,
                                 "ssim_outside": q, "mask_area": float(masks.mean())})
+            # control: IRECE aimed at a different concept. If CRR fell as far, the effect would be noise on a
+            # large region, not localization of the erased concept.
+            if "inv_white_null" in scenarios:
+                wrong = shapes.CONCEPTS[(shapes.CONCEPTS.index(concept) + 5) % len(shapes.CONCEPTS)]
+                wrong_cfg = IreceConfig(concepts=(wrong,), tau=s.tau, t_star=s.t_star)
+                imgs, m = scenario_images(pipe, "inv_white_null", concept, model_dir, erased, s, wrong_cfg)
+                labels, _ = classify(judge, imgs)
+                k = sum(lab == concept for lab in labels)
+                controls.append({"method": method, "concept": concept, "scenario": "inv_white_null",
+                                 "localized": wrong, "crr": k / len(labels), "k": k, "n": len(labels),
+                                 "ci95": list(wilson(k, len(labels))), "mask_area": float(m.mean())})
             others = [c for c in shapes.CONCEPTS if c != concept]
             prompts = [p for c in others for p in concept_prompts(c, s.n_preserve, s.seed + 1)]
             want = [c for c in others for _ in range(s.n_preserve)]
@@ -169,9 +192,11 @@ def run(model_dir: str = str(DEFAULT_MODEL), concepts=shapes.CONCEPTS, methods=M
                 preservation.append({"method": method, "concept": concept, "irece": irece_on,
                                      "accuracy": float(np.mean([a == b for a, b in zip(labels, want)])),
                                      "n": len(labels)})
+            cell.write_text(json.dumps({"rows": rows[n_rows:], "quality": quality[n_quality:],
+                                        "preservation": preservation[n_pres:], "controls": controls[n_ctrl:]}))
             log(f"[{time.time() - t0:6.0f}s] {method}/{concept} done")
     return {"settings": s.__dict__, "model": model_dir, "rows": rows, "quality": quality,
-            "preservation": preservation, "seconds": round(time.time() - t0, 1)}
+            "preservation": preservation, "controls": controls, "seconds": round(time.time() - t0, 1)}
 
 
 def pooled(rows: list[dict], **match) -> dict:

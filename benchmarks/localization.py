@@ -8,7 +8,7 @@ from irece_runtime.irece import IreceConfig
 from irece_runtime.loading import DEFAULT_MODEL, load_pipeline
 from irece_runtime.world import shapes
 
-from . import gen
+from irece_runtime import batch as gen
 from .stats import psnr
 
 LOC_SEED = 8_000_000
@@ -34,14 +34,15 @@ def masks_for(pipe, images: np.ndarray, concepts: list[str], tau: float, t_star,
 
 
 def run(model_dir: str = str(DEFAULT_MODEL), n: int = 100, n_pairs: int = 20, tau: float = 0.4, t_star=0.3,
-        steps: int = 25) -> dict:
-    pipe = load_pipeline(model_dir)
+        steps: int = 25, layers: tuple[str, ...] | None = None) -> dict:
+    pipe = load_pipeline(model_dir, layers=layers)
     rng = np.random.default_rng(LOC_SEED)
     scenes = [shapes.render(shapes.CONCEPTS[i % 10], rng=rng) for i in range(n)]
     images = np.stack([s.image for s in scenes])
     masks = masks_for(pipe, images, [s.label for s in scenes], tau, t_star, steps)
     ious = [iou(_pixels(m), s.mask) for m, s in zip(masks, scenes)]
-    # the trivial baseline: a mask of the same area centred on the image would score this
+    # chance: the same masks scored against other images' shapes (a localizer that ignores the image)
+    chance = [iou(_pixels(m), s.mask) for m, s in zip(masks, scenes[7:] + scenes[:7])]
     per_concept = {c: float(np.mean([v for v, s in zip(ious, scenes) if s.label == c])) for c in shapes.CONCEPTS}
     pairs = [shapes.render_pair(rng=rng) for _ in range(n_pairs)]
     own_cover, other_cover = [], []
@@ -54,9 +55,11 @@ def run(model_dir: str = str(DEFAULT_MODEL), n: int = 100, n_pairs: int = 20, ta
     # inversion round trip (standard model, null prompt): reconstruction PSNR, and the VAE alone for reference
     x_T = gen.invert_images(pipe, images[:min(n, 50)], "standard", steps)
     recon, _ = gen.from_latents(pipe, x_T, "", None, steps=steps)
-    vae_only = gen._decode(pipe, pipe.engines.vae_encode(torch.cat([torch.from_numpy(
+    vae_only = gen.decode(pipe, pipe.engines.vae_encode(torch.cat([torch.from_numpy(
         im.astype(np.float32)).permute(2, 0, 1)[None] / 127.5 - 1 for im in images[:50]])))
-    return {"n": n, "tau": tau, "t_star": t_star, "steps": steps, "mean_iou": float(np.mean(ious)),
+    return {"n": n, "tau": tau, "t_star": t_star, "steps": steps, "layers": list(pipe.engines.localizer.layer_names),
+            "mean_iou": float(np.mean(ious)), "chance_iou": float(np.mean(chance)),
+            "mask_area": float(masks.mean()),
             "iou_per_concept": per_concept, "pairs": n_pairs,
             "pair_own_coverage": float(np.mean(own_cover)), "pair_other_coverage": float(np.mean(other_cover)),
             "pair_own_gt_other": float(np.mean(np.array(own_cover) > np.array(other_cover))),

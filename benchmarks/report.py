@@ -37,6 +37,16 @@ def crr_markdown(res: dict) -> str:
         out.append(f"| {m} | {100 * pr[False]:.0f}% | {100 * pr[True]:.0f}% | "
                    f"{np.mean([x['psnr_outside'] for x in q]):.1f} | {np.mean([x['ssim_outside'] for x in q]):.3f} | "
                    f"{np.mean([x['mask_area'] for x in q]):.2f} |")
+    if res.get("controls"):
+        out += ["", "Control: IRECE aimed at a *different* concept on white-box inverted latents (null prompt). "
+                    "CRR falling as far as with the right concept would mean noise, not localization, did the work.", "",
+                "| method | CRR off | IRECE on the erased concept | IRECE on a wrong concept |", "|---|---|---|---|"]
+        for m in methods:
+            ctrl = [c for c in res["controls"] if c["method"] == m]
+            k, n = sum(c["k"] for c in ctrl), sum(c["n"] for c in ctrl)
+            off = pooled(rows, method=m, scenario="inv_white_null", irece=False)
+            on = pooled(rows, method=m, scenario="inv_white_null", irece=True)
+            out.append(f"| {m} | {_cell(off)} | {_cell(on)} | {100 * k / n:.0f} |" if n else f"| {m} | – | – | – |")
     return "\n".join(out) + "\n"
 
 

@@ -13,7 +13,7 @@ from irece_runtime.world import shapes
 from irece_runtime.world.check import concept_prompts
 from irece_runtime.world.judge import classify, load_judge
 
-from . import gen
+from irece_runtime import batch as gen
 from .crr import BenchSettings, erased_unet, inverted
 
 T_STARS = (0.1, 0.2, 0.3, 0.4, 0.5)

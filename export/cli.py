@@ -6,7 +6,8 @@ import json
 
 def cmd_export(a):
     from .onnx_export import export_onnx
-    manifest = export_onnx(a.model, a.erased, a.out, max_batch=a.max_batch)
+    layers = tuple(a.localizer_layers) if a.localizer_layers else None
+    manifest = export_onnx(a.model, a.erased, a.out, layers=layers, max_batch=a.max_batch)
     if a.backend == "tensorrt":
         from .trt_backend import build_engines
         manifest = build_engines(a.out, fp16=a.fp16, max_batch=a.max_batch)
@@ -23,5 +24,7 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx")
     p.add_argument("--fp16", action="store_true", help="TensorRT: build fp16 engines")
     p.add_argument("--max-batch", type=int, default=2, help="largest batch the engines accept (CFG doubles it)")
+    p.add_argument("--localizer-layers", nargs="+", metavar="NAME",
+                   help="cross-attention layers the localizer averages (name substrings); default: all")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)

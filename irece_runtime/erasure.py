@@ -29,7 +29,7 @@ METHODS = ("uce", "esd-x", "esd-u", "receler")
 ERASE_DEFAULTS = {
     "esd-x": dict(steps=300, lr=2e-4, negative_guidance=1.0, start_guidance=3.0, batch=4),
     "esd-u": dict(steps=300, lr=1e-4, negative_guidance=1.0, start_guidance=3.0, batch=4),
-    "receler": dict(steps=300, lr=3e-4, negative_guidance=1.0, start_guidance=3.0, batch=4, rank=16,
+    "receler": dict(steps=300, lr=1e-3, negative_guidance=1.0, start_guidance=3.0, batch=4, rank=16,
                     reg_weight=0.1, mask_thres=0.1),
 }
 ERASE_TEMPLATES = ("{concept}", "a {concept}", "an image of a {concept}", "a photo of a {concept}",

@@ -18,6 +18,7 @@ class ServerConfig:
     backend: str = "torch"  # torch | onnx | tensorrt
     engines: str | None = None
     device: str = "cpu"
+    localizer_layers: list[str] | None = None  # torch backend: attention layers the localizer averages (None = all)
     # operator policy
     concepts: list[str] = field(default_factory=list)  # always suppressed with IRECE
     tau: float = 0.4

@@ -88,7 +88,8 @@ class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, cfg: ServerConfig, metrics: Metrics, pipe: Pipeline | None = None):
         self.cfg = cfg
         self.metrics = metrics
-        self.pipe = pipe or load_pipeline(cfg.model, cfg.erased, cfg.backend, cfg.engines, device=cfg.device)
+        self.pipe = pipe or load_pipeline(cfg.model, cfg.erased, cfg.backend, cfg.engines, device=cfg.device,
+                                          layers=tuple(cfg.localizer_layers) if cfg.localizer_layers else None)
         e = self.pipe.engines
         self.limits = Limits(embed_dim=e.embed_dim, latent_channels=e.latent_channels,
                              vae_scale_factor=e.vae_scale_factor,
@@ -153,6 +154,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                     outcome["result"] = res
             except Aborted as exc:
                 outcome["error"] = exc
+            except ValueError as exc:  # input the pipeline rejects (e.g. a placeholder past the 77-token limit)
+                outcome["error"] = Aborted(grpc.StatusCode.INVALID_ARGUMENT, f"input: {exc}")
             except Exception as exc:  # an engine failure fails this request only
                 outcome["error"] = Aborted(grpc.StatusCode.INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
             finally:

@@ -25,8 +25,8 @@ def test_mask_matches_drawn_pixels(concept):
         d_fg = np.linalg.norm(img - fg, axis=-1)
         d_bg = np.linalg.norm(img - bg, axis=-1)
         # inside the mask the pixel is nearer the shape colour, outside nearer the background
-        assert (d_fg[scene.mask] < d_bg[scene.mask]).all()
-        assert (d_bg[~scene.mask] <= d_fg[~scene.mask]).all()
+        assert (d_fg[scene.mask] <= d_bg[scene.mask] + 1.0).all()  # coverage >= 1/2, up to rounding
+        assert (d_bg[~scene.mask] <= d_fg[~scene.mask] + 1.0).all()
         # pixels well inside/outside are exactly the pure colours (no stray drawing)
         assert scene.mask.sum() > 20
         assert np.isclose(d_bg[~scene.mask], 0, atol=1.5).mean() > 0.9

@@ -1,0 +1,142 @@
+"""One prepared GPU check (run by benchmarks/gpu_check.sh on a machine with a CUDA GPU):
+
+1. Shapes-10: export ONNX, build TensorRT engines (fp32 and fp16), check parity against torch on CUDA for every
+   component and for the whole pipeline with IRECE;
+2. the SD v1.4 UNet architecture at random weights (UNet2DConditionModel defaults, cross_attention_dim=768,
+   sample_size=64; CLIP ViT-L/14 text config): per-step UNet time, localizer time and peak memory for
+   torch CUDA, ONNX Runtime CUDA and TensorRT fp16. Timing does not depend on the weight values.
+Prints one JSON object per section.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def timed(fn, n=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts) * 1000)
+
+
+def shapes10(root: Path) -> dict:
+    from export.onnx_export import export_onnx
+    from export.ort_backend import OrtEngines
+    from export.trt_backend import TrtEngines, build_engines
+    from irece_runtime.engines import TorchEngines
+    from irece_runtime.irece import IreceConfig
+    from irece_runtime.pipeline import Pipeline, Request
+    model = Path("models/shapes10")
+    out = {}
+    for prec in ("fp32", "fp16"):
+        d = root / f"shapes10-{prec}"
+        export_onnx(model, None, d)
+        build_engines(d, fp16=prec == "fp16")
+        te, tr = TorchEngines(model, device="cuda"), TrtEngines(d)
+        x = torch.randn(2, 4, 8, 8, device="cuda")
+        h = torch.randn(2, 77, te.embed_dim, device="cuda")
+        w = torch.zeros(2, 77, device="cuda")
+        w[:, 4] = 1
+        t = torch.tensor(400)
+        out[prec] = {"eps_max_abs": float((te.eps("erased", x, t, h) - tr.eps("erased", x, t, h)).abs().max()),
+                     "map_max_abs": float((te.concept_map(x, t, h, w) - tr.concept_map(x, t, h, w)).abs().max())}
+        pt, pr = Pipeline.from_model_dir(te, model), Pipeline.from_model_dir(tr, model)
+        cfg = IreceConfig(concepts=("star",))
+        a = pt.generate(Request(prompt="a red star on a black background", seed=1), cfg)
+        b = pr.generate(Request(prompt="a red star on a black background", seed=1), cfg)
+        out[prec]["mask_agreement"] = float((a.irece.mask.cpu() == b.irece.mask.cpu()).float().mean())
+        out[prec]["image_mean_abs_255"] = float(np.abs(a.images - b.images).mean() * 255)
+    ort = OrtEngines(root / "shapes10-fp32")
+    out["onnxruntime_providers"] = ort.providers
+    return out
+
+
+def sd14_architecture(root: Path) -> dict:
+    """SD v1.4 shapes at random weights: UNet step and localizer times, peak memory."""
+    from diffusers import UNet2DConditionModel
+    from export.onnx_export import UNetEps
+    from irece_runtime.attention import Localizer
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval().cuda()
+    res = {"params_M": sum(p.numel() for p in unet.parameters()) / 1e6}
+    x = torch.randn(2, 4, 64, 64, device="cuda")
+    h = torch.randn(2, 77, 768, device="cuda")
+    t = torch.tensor([500.0], device="cuda")
+    w = torch.zeros(1, 77, device="cuda")
+    w[:, 5] = 1
+    for dtype in (torch.float32, torch.float16):
+        u = unet.to(dtype)
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            step = timed(lambda: u(x.to(dtype), t, h.to(dtype)).sample)
+        mem = torch.cuda.max_memory_allocated() / 2 ** 20
+        loc_unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval().cuda().to(dtype)
+        loc_unet.load_state_dict(u.state_dict())
+        loc = Localizer(loc_unet)
+        with torch.no_grad():
+            lt = timed(lambda: loc(x[:1].to(dtype), t, h[:1].to(dtype), w.to(dtype)))
+        res[f"torch_{str(dtype).split('.')[-1]}"] = {"unet_step_cfg_ms": step, "localizer_ms": lt,
+                                                     "localizer_over_step": lt / step, "peak_mem_mb": mem}
+        del loc, loc_unet
+    try:  # TensorRT fp16 of the same graphs: the erased-UNet step (CFG batch 2) and the localizer (batch 1)
+        import tensorrt as trt
+        from export.trt_backend import TrtModule, build_engine
+        unet = unet.float()
+        d = root / "sd14"
+        d.mkdir(exist_ok=True)
+        loc_unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval().cuda()
+        loc_unet.load_state_dict(unet.state_dict())
+        graphs = {"unet": (UNetEps(unet), (x[:1], t, h[:1]), ["sample", "timestep", "encoder_hidden_states"],
+                           {"sample": {0: "B"}, "encoder_hidden_states": {0: "B"}}),
+                  "localizer": (Localizer(loc_unet), (x[:1], t, h[:1], w),
+                                ["sample", "timestep", "encoder_hidden_states", "token_weights"], {})}
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        stream = torch.cuda.Stream()
+        mods = {}
+        for name, (mod, args, inputs, axes) in graphs.items():
+            with torch.no_grad():
+                torch.onnx.export(mod, args, str(d / f"{name}.onnx"), input_names=inputs, output_names=["out"],
+                                  dynamic_axes=axes, opset_version=17, dynamo=False)
+            build_engine(d / f"{name}.onnx", d / f"{name}.engine", True, 2, d / "timing.cache")
+            mods[name] = TrtModule(d / f"{name}.engine", runtime, stream)
+        torch.cuda.reset_peak_memory_stats()
+        step = timed(lambda: mods["unet"](sample=x, timestep=t, encoder_hidden_states=h))
+        lt = timed(lambda: mods["localizer"](sample=x[:1], timestep=t, encoder_hidden_states=h[:1], token_weights=w))
+        res["tensorrt_fp16"] = {"version": trt.__version__, "unet_step_cfg_ms": step, "localizer_ms": lt,
+                                "localizer_over_step": lt / step,
+                                "torch_peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20}
+    except Exception as exc:  # report, do not hide
+        res["tensorrt_error"] = f"{type(exc).__name__}: {exc}"
+    return res
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        print(json.dumps({"error": "no CUDA GPU"}))
+        sys.exit(1)
+    root = Path(tempfile.mkdtemp())
+    print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}))
+    for name, fn in (("shapes10", shapes10), ("sd14_architecture", sd14_architecture)):
+        t0 = time.time()
+        try:
+            out = fn(root)
+        except Exception as exc:
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps({name: out, "seconds": round(time.time() - t0, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
