@@ -25,8 +25,9 @@ def test_mask_matches_drawn_pixels(concept):
         d_fg = np.linalg.norm(img - fg, axis=-1)
         d_bg = np.linalg.norm(img - bg, axis=-1)
         # inside the mask the pixel is nearer the shape colour, outside nearer the background
-        assert (d_fg[scene.mask] <= d_bg[scene.mask] + 1.0).all()  # coverage >= 1/2, up to rounding
-        assert (d_bg[~scene.mask] <= d_fg[~scene.mask] + 1.0).all()
+        # coverage >= 1/2 inside; uint8 rounding moves each distance by up to sqrt(3)/2
+        assert (d_fg[scene.mask] <= d_bg[scene.mask] + 1.8).all()
+        assert (d_bg[~scene.mask] <= d_fg[~scene.mask] + 1.8).all()
         # pixels well inside/outside are exactly the pure colours (no stray drawing)
         assert scene.mask.sum() > 20
         assert np.isclose(d_bg[~scene.mask], 0, atol=1.5).mean() > 0.9
