@@ -16,8 +16,8 @@ from irece_runtime.world.judge import classify, load_judge
 from irece_runtime import batch as gen
 from .crr import BenchSettings, erased_unet, inverted
 
-T_STARS = (0.1, 0.2, 0.3, 0.4, 0.5)
-TAUS = (0.2, 0.3, 0.4, 0.5, 0.6)
+T_STARS = (0.1, 0.3, 0.5)
+TAUS = (0.3, 0.4, 0.6)
 
 
 def evaluate(pipe, judge, model_dir, erased, concept, s: BenchSettings, tau, t_star, n_preserve_concepts=3):
