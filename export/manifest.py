@@ -19,3 +19,45 @@ def read_manifest(engine_dir: str | Path) -> dict:
     if m.get("format") != "irece-engines/1":
         raise EngineMismatch(f"{path}: unknown engine format {m.get('format')!r}")
     return m
+
+
+class GraphEngines:
+    """The Engines interface over exported graphs named as in the manifest: subclasses provide `_run(component,
+    **inputs)` (one graph call) and the token-embedding table; the mapping onto the interface lives here."""
+
+    device = "cpu"
+    token_embedding = None
+
+    def _configure(self, manifest: dict) -> None:
+        cfg = manifest["config"]
+        self.embed_dim, self.latent_channels = cfg["embed_dim"], cfg["latent_channels"]
+        self.vae_scale_factor, self.scaling_factor = cfg["vae_scale_factor"], cfg["scaling_factor"]
+
+    def _run(self, component: str, **inputs):
+        raise NotImplementedError
+
+    def embed_tokens(self, input_ids):
+        return self.token_embedding[input_ids.to(self.token_embedding.device)]
+
+    def encode_text(self, token_embeds):
+        return self._run("text_encoder", token_embeds=token_embeds)
+
+    def eps(self, model, sample, timestep, hidden):
+        if model not in ("erased", "standard"):
+            raise ValueError(f"model must be 'erased' or 'standard', got {model!r}")
+        return self._run(f"unet_{model}", sample=sample, timestep=_timestep(timestep), encoder_hidden_states=hidden)
+
+    def concept_map(self, sample, timestep, hidden, token_weights):
+        return self._run("localizer", sample=sample, timestep=_timestep(timestep), encoder_hidden_states=hidden,
+                         token_weights=token_weights)
+
+    def vae_encode(self, images):
+        return self._run("vae_encoder", images=images)
+
+    def vae_decode(self, latents):
+        return self._run("vae_decoder", latents=latents)
+
+
+def _timestep(t):
+    import torch
+    return torch.as_tensor(t, dtype=torch.float32).reshape(1)  # the graphs take a 1-element float timestep

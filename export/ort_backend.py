@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .manifest import read_manifest
+from .manifest import GraphEngines, read_manifest
 
 
 def default_providers() -> list[str]:
@@ -20,14 +20,12 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-class OrtEngines:
+class OrtEngines(GraphEngines):
     def __init__(self, engine_dir: str | Path, providers: list[str] | None = None, threads: int | None = None):
         import onnxruntime as ort
         self.dir = Path(engine_dir)
         self.manifest = m = read_manifest(engine_dir)
-        cfg = m["config"]
-        self.embed_dim, self.latent_channels = cfg["embed_dim"], cfg["latent_channels"]
-        self.vae_scale_factor, self.scaling_factor = cfg["vae_scale_factor"], cfg["scaling_factor"]
+        self._configure(m)
         self.providers = providers or default_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         opts = ort.SessionOptions()
@@ -61,26 +59,3 @@ class OrtEngines:
         if self.device == "cuda":
             return torch.from_dlpack(out.to_dlpack()) if hasattr(out, "to_dlpack") else torch.from_numpy(out.numpy())
         return torch.from_numpy(out.numpy())
-
-    def embed_tokens(self, input_ids):
-        return self.token_embedding[input_ids.cpu()]
-
-    def encode_text(self, token_embeds):
-        return self._run("text_encoder", token_embeds=token_embeds)
-
-    def eps(self, model, sample, timestep, hidden):
-        if model not in ("erased", "standard"):
-            raise ValueError(f"model must be 'erased' or 'standard', got {model!r}")
-        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(1)
-        return self._run(f"unet_{model}", sample=sample, timestep=t, encoder_hidden_states=hidden)
-
-    def concept_map(self, sample, timestep, hidden, token_weights):
-        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(1)
-        return self._run("localizer", sample=sample, timestep=t, encoder_hidden_states=hidden,
-                         token_weights=token_weights)
-
-    def vae_encode(self, images):
-        return self._run("vae_encoder", images=images)
-
-    def vae_decode(self, latents):
-        return self._run("vae_decoder", latents=latents)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .manifest import EngineMismatch, read_manifest
+from .manifest import EngineMismatch, GraphEngines, read_manifest
 from .onnx_export import MANIFEST
 
 TIMING_CACHE = "timing.cache"
@@ -120,16 +120,14 @@ def check_engine_compat(info: dict | None, trt_version: str, gpu: str, where="en
     return info
 
 
-class TrtEngines:
+class TrtEngines(GraphEngines):
     def __init__(self, engine_dir: str | Path):
         trt = _trt()
         self.dir = Path(engine_dir)
         self.device = torch.device("cuda")
         m = read_manifest(engine_dir)
         info = check_engine_compat(m.get("tensorrt"), trt.__version__, torch.cuda.get_device_name(0), engine_dir)
-        cfg = m["config"]
-        self.embed_dim, self.latent_channels = cfg["embed_dim"], cfg["latent_channels"]
-        self.vae_scale_factor, self.scaling_factor = cfg["vae_scale_factor"], cfg["scaling_factor"]
+        self._configure(m)
         self.dtype = torch.float16 if info["precision"] == "fp16" else torch.float32
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.stream = torch.cuda.Stream()
@@ -142,24 +140,3 @@ class TrtEngines:
 
     def _run(self, component: str, **inputs: torch.Tensor) -> torch.Tensor:
         return self.modules[component](**inputs)
-
-    def embed_tokens(self, input_ids):
-        return self.token_embedding[input_ids.cuda()]
-
-    def encode_text(self, token_embeds):
-        return self._run("text_encoder", token_embeds=token_embeds)
-
-    def eps(self, model, sample, timestep, hidden):
-        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(1)
-        return self._run(f"unet_{model}", sample=sample, timestep=t, encoder_hidden_states=hidden)
-
-    def concept_map(self, sample, timestep, hidden, token_weights):
-        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(1)
-        return self._run("localizer", sample=sample, timestep=t, encoder_hidden_states=hidden,
-                         token_weights=token_weights)
-
-    def vae_encode(self, images):
-        return self._run("vae_encoder", images=images)
-
-    def vae_decode(self, latents):
-        return self._run("vae_decoder", latents=latents)
