@@ -90,7 +90,6 @@ def sd14_architecture(root: Path) -> dict:
             lt = timed(lambda: loc(x[:1].to(dtype), t, h[:1].to(dtype), w.to(dtype)))
         res[f"torch_{str(dtype).split('.')[-1]}"] = {"unet_step_cfg_ms": step, "localizer_ms": lt,
                                                      "localizer_over_step": lt / step, "peak_mem_mb": mem}
-        del loc, loc_unet
     try:  # TensorRT fp16 of the same graphs: the erased-UNet step (CFG batch 2) and the localizer (batch 1)
         import tensorrt as trt
         from export.trt_backend import TrtModule, build_engine

@@ -52,12 +52,9 @@ def available_backends(engines_dir: str | None) -> list[tuple[str, dict]]:
         out.append(("onnx", {"engines_dir": engines_dir}))
         if torch.cuda.is_available():
             out = [("torch-cuda", {"device": "cuda"})] + out
-            try:
-                import tensorrt  # noqa: F401
-                if "tensorrt" in (Path(engines_dir) / "manifest.json").read_text():
-                    out.append(("tensorrt", {"engines_dir": engines_dir}))
-            except ImportError:
-                pass
+            import importlib.util
+            if importlib.util.find_spec("tensorrt") and "tensorrt" in (Path(engines_dir) / "manifest.json").read_text():
+                out.append(("tensorrt", {"engines_dir": engines_dir}))
     return out
 
 

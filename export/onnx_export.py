@@ -168,7 +168,6 @@ def export_onnx(model_dir: str | Path, erased: str | Path | None, out: str | Pat
 
 def graph_stats(model) -> dict:
     """Node count and multiply-accumulate estimate of the graph's Conv/MatMul/Gemm nodes (shape-inferred)."""
-    import onnx
     from onnx import shape_inference
     g = shape_inference.infer_shapes(model).graph
     shapes = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]

@@ -23,7 +23,7 @@ def _save_png(array, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
-def _load_png(path) -> "np.ndarray":
+def _load_png(path):
     import numpy as np
     from PIL import Image
     return np.asarray(Image.open(path).convert("RGB"))

@@ -1,7 +1,6 @@
 """`irece client`: one request of any modality to a running server."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import grpc

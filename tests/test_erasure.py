@@ -1,5 +1,4 @@
 """Erasure methods: UCE's effect, ESD/Receler training wired through, and loading erased UNets as users bring them."""
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file

@@ -1,7 +1,6 @@
 """The gRPC service end to end over loopback: modalities, bad input, policy, overload, cancellation, seeds."""
 import io
 import socket
-import threading
 import time
 import urllib.request
 
@@ -15,7 +14,7 @@ from PIL import Image
 from protos.irece.v1 import generation_pb2 as pb
 from protos.irece.v1 import generation_pb2_grpc as pb_grpc
 from server.app import Server
-from server.client import build_request, tensor_to_wire
+from server.client import tensor_to_wire
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.service import GenerationService

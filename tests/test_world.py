@@ -1,7 +1,4 @@
 """The mini world: renderer truth, tokenizer, training code, committed model and judge."""
-import gzip
-import importlib.util
-import sys
 import types
 import zipfile
 
