@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OPEN_CLIP_WHEEL := .cache/wheels/open_clip_torch-3.3.0-py3-none-any.whl
 
-.PHONY: setup demo test protos tokenizer train clean
+.PHONY: setup demo test protos tokenizer train clean peers-env
 
 setup: $(STAMP) protos
 
@@ -28,10 +28,21 @@ $(OPEN_CLIP_WHEEL):
 tokenizer: $(STAMP) $(OPEN_CLIP_WHEEL)
 	$(PY) scripts/make_clip_tokenizer.py $(OPEN_CLIP_WHEEL) models/shapes10/tokenizer
 
+# A second environment for `irece bench peers` (optimum pins an older transformers than ours)
+PEERS_STAMP := .venv-peers/.installed
+$(PEERS_STAMP): requirements-peers.txt
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/pip install -q --upgrade pip
+	.venv-peers/bin/pip install -q torch==2.13.0
+	.venv-peers/bin/pip install -q -r requirements-peers.txt
+	touch $@
+
+peers-env: $(PEERS_STAMP)
+
 demo: setup
 	$(VENV)/bin/irece demo
 
-test: setup $(OPEN_CLIP_WHEEL)
+test: setup $(OPEN_CLIP_WHEEL) $(PEERS_STAMP)
 	$(VENV)/bin/pytest -q
 
 # Retrain the mini world from scratch (about an hour on 2 cores); resumes from .cache/world_train.
@@ -41,4 +52,4 @@ train: setup
 	$(VENV)/bin/irece world train --unet-steps 6500
 
 clean:
-	rm -rf $(VENV) .cache out
+	rm -rf $(VENV) .venv-peers .cache out

@@ -68,6 +68,20 @@ def cmd_latency(a):
     print(json.dumps(res, indent=1))
 
 
+def cmd_peers(a):
+    from . import peers
+    n, warmup, steps = (a.n or 10), 2, a.steps
+    if a.quick:
+        n, warmup = min(n, 3), 1
+    res = peers.run(a.model, a.erased, a.engines, steps=steps, n=n, warmup=warmup, device=a.device,
+                    peers_python=a.peers_python, systems=tuple(a.systems) if a.systems else None)
+    _write(res, a.json)
+    md = peers.markdown(res)
+    print(md)
+    if a.markdown:
+        Path(a.markdown).write_text(md)
+
+
 def cmd_localization(a):
     from . import localization
     n, pairs = (10, 2) if a.quick else (a.n or 100, 20)
@@ -114,6 +128,17 @@ def register(sub) -> None:
     p.add_argument("--modality", choices=("text", "inverted_latent"), default="text")
     p.add_argument("--server", action="store_true", help="also measure through the gRPC server (1, 4, 8 clients)")
     p.set_defaults(func=cmd_latency)
+
+    p = bsub.add_parser("peers", help="side by side with diffusers and optimum on the same model, interleaved")
+    common(p)
+    p.add_argument("--erased", help="erased UNet (UCE/ESD) for all systems; default: the model's own")
+    p.add_argument("--engines", help="our engine folder; default: exported once into .cache/bench")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--peers-python", default=None, help="python of the optimum virtualenv (default .venv-peers)")
+    p.add_argument("--systems", nargs="+", metavar="NAME", help="a subset: diffusers optimum irece-torch irece-onnx")
+    p.add_argument("--markdown", metavar="FILE")
+    p.set_defaults(func=cmd_peers)
 
     p = bsub.add_parser("localization", help="IRECE masks vs the renderer's ground truth; inversion PSNR")
     common(p)

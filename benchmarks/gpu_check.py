@@ -5,6 +5,9 @@
 2. the SD v1.4 UNet architecture at random weights (UNet2DConditionModel defaults, cross_attention_dim=768,
    sample_size=64; CLIP ViT-L/14 text config): per-step UNet time, localizer time and peak memory for
    torch CUDA, ONNX Runtime CUDA and TensorRT fp16. Timing does not depend on the weight values.
+3. peers (benchmarks/peers.py) on CUDA: Shapes-10 with every system; then a random-weights SD v1.4 folder
+   (full UNet, CLIP ViT-L/14 text encoder, VAE; our tokenizer) with diffusers and our torch backend, IRECE off
+   and on (our ONNX export of a >2 GB UNet needs external-data files, not attempted here), 25 steps, 512 px.
 Prints one JSON object per section.
 """
 from __future__ import annotations
@@ -122,13 +125,48 @@ def sd14_architecture(root: Path) -> dict:
     return res
 
 
+def random_sd14_folder(out: Path) -> Path:
+    """SD v1.4's architecture in diffusers folder layout at random weights (timing does not depend on them)."""
+    import shutil
+
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from irece_runtime.loading import DEFAULT_MODEL
+    from irece_runtime.world.train import text_encoder_sd_layout
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=64, cross_attention_dim=768).save_pretrained(out / "unet")
+    CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                 num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                                 hidden_act="quick_gelu")).save_pretrained(out / "text_encoder")
+    text_encoder_sd_layout(out / "text_encoder")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                  block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(out / "vae")
+    DDIMScheduler.from_pretrained(DEFAULT_MODEL / "scheduler").save_pretrained(out / "scheduler")
+    shutil.copytree(DEFAULT_MODEL / "tokenizer", out / "tokenizer")
+    idx = json.loads((DEFAULT_MODEL / "model_index.json").read_text())
+    (out / "model_index.json").write_text(json.dumps(idx))
+    return out
+
+
+def peers_cuda(root: Path) -> dict:
+    from benchmarks import peers
+    out = {"shapes10": peers.run(steps=25, n=10, device="cuda", out_dir=root / "peers-shapes10", progress=False)}
+    sd = random_sd14_folder(root / "sd14-random")
+    out["sd14_random"] = peers.run(sd, steps=25, n=5, device="cuda", out_dir=root / "peers-sd14", progress=False,
+                                   systems=("diffusers", "irece-torch"), concept="cat")
+    return out
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA GPU"}))
         sys.exit(1)
     root = Path(tempfile.mkdtemp())
     print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}))
-    for name, fn in (("shapes10", shapes10), ("sd14_architecture", sd14_architecture)):
+    for name, fn in (("shapes10", shapes10), ("sd14_architecture", sd14_architecture),
+                     ("peers", peers_cuda)):
         t0 = time.time()
         try:
             out = fn(root)

@@ -64,6 +64,7 @@ def crr_chart(res: dict, path: str | Path) -> None:
             ps = [pooled(rows, method=m, scenario=s, irece=on) for s in scen]
             y = np.array([p["crr"] for p in ps]) * 100
             err = np.array([[p["crr"] - p["ci95"][0], p["ci95"][1] - p["crr"]] for p in ps]).T * 100
+            err = np.clip(err, 0, None)  # Wilson bounds can round a hair past the estimate
             ax.bar(x + dx, y, 0.4, yerr=err, color=colour, label="IRECE on" if on else "IRECE off", capsize=2)
         ax.set_title(m)
         ax.set_xticks(x, scen, rotation=70, fontsize=7)

@@ -62,3 +62,36 @@ def test_every_scenario_and_method_wired_through(tmp_path, monkeypatch):
     # a rerun comes from the cache: same rows, no recomputation
     again = crr.run(concepts=["star"], s=s, log=lambda *a: None)
     assert again["rows"] == res["rows"] and again["seconds"] < res["seconds"]
+
+
+def test_text_encoder_checkpoint_in_sd_layout():
+    """SD v1.4's `text_model.` key layout: transformers 4.x (optimum's stack) would otherwise load random weights."""
+    from safetensors import safe_open
+
+    from .conftest import MODEL
+    with safe_open(str(MODEL / "text_encoder" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("text_model.") for k in keys)
+
+
+def test_peers_side_by_side_do_the_same_work(tmp_path):
+    """diffusers, optimum (when its virtualenv is there: `make test` builds it) and our backends, interleaved:
+    with IRECE off every system must draw diffusers' image from the same seed; IRECE on must change it."""
+    from benchmarks import peers
+
+    from .conftest import MODEL
+    res = peers.run(MODEL, steps=3, n=2, warmup=1, n_check=2, out_dir=tmp_path, progress=False)
+    rows = {r["system"]: r for r in res["rows"]}
+    expected = {"diffusers", "irece torch", "irece torch +IRECE", "irece onnx", "irece onnx +IRECE"}
+    if peers.PEERS_PYTHON.exists():
+        expected.add("optimum")
+        assert "irece_onnx_irece_on_over_optimum_p50" in res["verdict"]
+        assert res["versions"]["optimum"]["transformers"].startswith("4.")
+    assert set(rows) == expected
+    for name, r in rows.items():
+        assert r["n"] == 2 and r["p50_ms"] > 0 and r["peak_rss_mb"] > 50, name
+        if r["irece"]:
+            assert r["vs"] == name.removesuffix(" +IRECE") and r["mean_abs_diff_255"] > 1.0, name
+        else:
+            assert r["vs"] == "diffusers" and r["max_abs_diff_255"] <= 2.0, (name, r["max_abs_diff_255"])
+    assert rows["diffusers"]["p50_vs_diffusers"] == 1.0

@@ -77,6 +77,21 @@ def _save_stage(path: Path, tensors: dict, meta: dict):
               metadata={k: json.dumps(v) for k, v in meta.items()})
 
 
+def text_encoder_sd_layout(text_encoder_dir: Path) -> None:
+    """Rewrite a saved CLIPTextModel checkpoint with SD v1.4's `text_model.` key prefix. transformers 5 saves a
+    fresh model without it and reads both; transformers 4 (diffusers' and optimum's older stacks) silently
+    initialises random weights from the prefix-less layout. Atomic, so readers never see half a file."""
+    import os
+    path = Path(text_encoder_dir) / "model.safetensors"
+    state = load_file(str(path))
+    if all(k.startswith("text_model.") for k in state):
+        return
+    tmp = path.with_suffix(".tmp")
+    save_file({k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}, str(tmp),
+              metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
 def train_vae(work: Path, steps: int, batch: int, seed: int) -> torch.nn.Module:
     vae, _, _ = build_models()
     path = work / "vae.safetensors"
@@ -242,6 +257,7 @@ def train_world(out: Path, judge_out: Path, work: Path, quick: bool = False, see
                                    scheduler=DDIMScheduler(**sd_scheduler_config()), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
+    text_encoder_sd_layout(Path(out) / "text_encoder")
     for f in (Path(out) / "tokenizer").iterdir():
         f.unlink()
     for name, data in tok_files.items():
