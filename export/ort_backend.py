@@ -20,6 +20,25 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+_SHARED_POOL: bool | None = None
+
+
+def _shared_thread_pool(threads: int | None) -> bool:
+    """One intra-op thread pool for all of the process's sessions. ORT's default gives each session its own pool,
+    whose threads spin for a while after a run: the text encoder's and the localizer's pools then spin beside the
+    UNet's on the same cores and slow the steps after them (measured: BENCHMARKS.md, peers). Must precede the first
+    session of the process; returns False (per-session pools) if another session came first."""
+    global _SHARED_POOL
+    if _SHARED_POOL is None:
+        import onnxruntime as ort
+        try:
+            ort.set_global_thread_pool_sizes(threads or 0, 1)
+            _SHARED_POOL = True
+        except Exception:  # an environment already exists without global pools
+            _SHARED_POOL = False
+    return _SHARED_POOL
+
+
 class OrtEngines(GraphEngines):
     def __init__(self, engine_dir: str | Path, providers: list[str] | None = None, threads: int | None = None):
         import onnxruntime as ort
@@ -30,7 +49,10 @@ class OrtEngines(GraphEngines):
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
+        import os
+        if os.environ.get("IRECE_ORT_POOL", "shared") == "shared" and _shared_thread_pool(threads):
+            opts.use_per_session_threads = False
+        elif threads:
             opts.intra_op_num_threads = threads
         self.sessions = {}
         for name, comp in m["components"].items():

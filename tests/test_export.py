@@ -136,3 +136,13 @@ def test_tensorrt_refuses_foreign_engines():
         check_engine_compat(info, "10.9.0", "NVIDIA A10G")
     with pytest.raises(EngineMismatch, match="no TensorRT engines"):
         check_engine_compat(None, "10.9.0", "NVIDIA A10G")
+
+
+def test_onnx_runtime_sessions_share_one_thread_pool(both):
+    """A pool per session let the text encoder's and localizer's spinning threads slow the UNet steps after them
+    (ORT request 1.5x slower, IRECE overhead 1.13x vs floor 1.03x; BENCHMARKS.md). All sessions must share one."""
+    from export import ort_backend
+    _, ort_engines = both
+    assert ort_backend._SHARED_POOL is True
+    assert len(ort_engines.sessions) >= 4
+    assert all(not s.get_session_options().use_per_session_threads for s in ort_engines.sessions.values())
