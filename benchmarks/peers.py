@@ -2,8 +2,8 @@
 ORTStableDiffusionPipeline on the same model, prompts, seeds, DDIM steps and guidance, in one run.
 
 Every system is a worker process (benchmarks/peers_worker.py) holding its loaded pipeline; after a warm-up the
-orchestrator asks them for one image at a time, rotating the order every round (A B C.., B C.. A, ...), so drift
-and cache effects fall on all systems alike and no two ever run at once. Each worker times its own call
+orchestrator asks them for one image at a time, in a fresh random order every round with a pause between calls,
+so drift and neighbour effects fall on all systems alike and no two ever run at once. Each worker times its own call
 (prompt in, decoded image out) and reports its peak RSS. optimum-onnx pins transformers<4.58, older than ours,
 so its worker runs in a second virtualenv (`make peers-env` -> .venv-peers).
 """
@@ -115,7 +115,7 @@ def run(model_dir: str | Path = DEFAULT_MODEL, erased: str | Path | None = None,
         steps: int = 25, n: int = 10, warmup: int = 2, n_check: int = 4, concept: str = "star",
         prompt: str | None = None, guidance: float = 5.0, device: str = "cpu",
         peers_python: str | Path | None = PEERS_PYTHON, out_dir: str | Path | None = None,
-        systems: tuple[str, ...] | None = None, progress: bool = True) -> dict:
+        systems: tuple[str, ...] | None = None, progress: bool = True, gap_s: float = 0.1) -> dict:
     model_dir = Path(model_dir)
     erased = Path(erased) if erased else None
     prompt = prompt or f"a red {concept} on a black background"
@@ -156,15 +156,18 @@ def run(model_dir: str | Path = DEFAULT_MODEL, erased: str | Path | None = None,
                 raise RuntimeError(f"{s.name}: worker did not start")
         rounds = [(f"w{i}", 10_000 + i) for i in range(warmup)] + [(str(i), i) for i in range(n)]
         from tqdm import tqdm
-        for r, (tag, seed) in enumerate(tqdm(rounds, desc="peers rounds", disable=not progress)):
-            order = pool[r % len(pool):] + pool[:r % len(pool)]
+        shuffle = np.random.default_rng(0)
+        for tag, seed in tqdm(rounds, desc="peers rounds", disable=not progress):
+            # a fresh order each round: a system that leaves spinning threads behind (ORT's per-session pools)
+            # must not always slow the same neighbour
+            order = [pool[i] for i in shuffle.permutation(len(pool))]
             for s in order:
                 save = str(out_dir / f"{s.kind}{'_irece' if s.irece else ''}_{seed}.npy") \
                     if not tag.startswith("w") and seed < n_check else None
                 ms = s.ask({"cmd": "run", "seed": seed, "save": save})["ms"]
                 if not tag.startswith("w"):
                     s.ms.append(ms)
-                time.sleep(0.02)  # let the finished system's worker threads stop spinning
+                time.sleep(gap_s)  # let the finished system's worker threads stop spinning
         stats = {s.name: s.ask({"cmd": "stats"}) for s in pool}
     finally:
         for s in pool:
@@ -193,7 +196,7 @@ def run(model_dir: str | Path = DEFAULT_MODEL, erased: str | Path | None = None,
         verdict["irece_onnx_irece_off_over_optimum_p50"] = by["irece onnx"]["p50_ms"] / by["optimum"]["p50_ms"]
     return {"rows": rows, "verdict": verdict, "skipped": skipped, "steps": steps, "guidance": guidance,
             "prompt": prompt, "concept": concept, "device": device, "model": str(model_dir),
-            "erased": str(erased) if erased else None, "warmup": warmup,
+            "erased": str(erased) if erased else None, "warmup": warmup, "gap_s": gap_s,
             "versions": {s.name: stats[s.name]["versions"] for s in pool}}
 
 
