@@ -95,3 +95,29 @@ def test_peers_side_by_side_do_the_same_work(tmp_path):
         else:
             assert r["vs"] == "diffusers" and r["max_abs_diff_255"] <= 2.0, (name, r["max_abs_diff_255"])
     assert rows["diffusers"]["p50_vs_diffusers"] == 1.0
+
+
+def test_peers_erased_folder_is_the_erased_unet_for_diffusers(tmp_path, monkeypatch):
+    """diffusers and optimum get a model folder whose UNet is the erased one and whose other parts are ours."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from benchmarks import cache, peers
+    from irece_runtime.engines import ERASERS_FILE, load_unet
+    from irece_runtime.erasure import erase
+
+    from .conftest import MODEL
+    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path / "cache")
+    erased = tmp_path / "uce-star"
+    erase("uce", MODEL, "star", erased)
+    folder = peers.diffusers_folder(MODEL, erased)
+    assert (folder / "text_encoder").resolve() == (MODEL / "text_encoder").resolve()
+    got = UNet2DConditionModel.from_pretrained(folder / "unet").state_dict()
+    want, base = load_unet(erased, MODEL).state_dict(), load_unet(MODEL).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(want[k], base[k]) for k in want)  # and it is not the standard UNet
+    receler = tmp_path / "receler"
+    receler.mkdir()
+    (receler / ERASERS_FILE).write_bytes(b"")
+    with pytest.raises(ValueError, match="Receler"):
+        peers.diffusers_folder(MODEL, receler)
