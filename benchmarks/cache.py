@@ -13,9 +13,10 @@ CACHE_DIR = REPO_ROOT / ".cache" / "bench"
 
 @lru_cache(maxsize=None)
 def model_fingerprint(model_dir: str) -> str:
-    """Hash of a model folder's weights (file names, sizes and contents)."""
+    """Hash of a model folder's weights (file names and contents), or of one weights file."""
     h = hashlib.sha256()
-    for f in sorted(Path(model_dir).rglob("*.safetensors")):
+    path = Path(model_dir)
+    for f in [path] if path.is_file() else sorted(path.rglob("*.safetensors")):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]

@@ -9,7 +9,6 @@ so its worker runs in a second virtualenv (`make peers-env` -> .venv-peers).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -47,6 +46,9 @@ class System:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"),
                                      text=True, env=env, cwd=REPO_ROOT)
 
+    def image_path(self, out_dir: Path, seed: int) -> Path:
+        return out_dir / f"{self.kind}{'_irece' if self.irece else ''}_{seed}.npy"
+
     def ask(self, msg: dict) -> dict:
         self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
@@ -69,24 +71,17 @@ class System:
                 self.proc.kill()
 
 
-def _fingerprint(path: Path) -> str:
-    path = Path(path)
-    return cache.model_fingerprint(str(path)) if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def diffusers_folder(model_dir: Path, erased: Path | None) -> Path:
     """A diffusers folder that diffusers and optimum load as is: the model itself, or (with an erased UNet) the
     model's folders with that UNet in place of its own, cached by content."""
     if erased is None:
         return model_dir
-    from irece_runtime.engines import ERASERS_FILE, load_unet
-    erased = Path(erased)
-    erasers = (erased / "unet" if (erased / "unet").is_dir() else erased) / ERASERS_FILE if erased.is_dir() \
-        else erased.with_name(erased.stem + "." + ERASERS_FILE)
-    if erasers.exists():
+    from irece_runtime.engines import erasers_path, load_unet
+    if erasers_path(erased).exists():
         raise ValueError(f"--erased {erased}: Receler's erasers are our own modules; diffusers and optimum "
                          "cannot load them, so peers compares plain UNets only (UCE, ESD)")
-    out = cache.key("peers-model", model=_fingerprint(model_dir), erased=_fingerprint(erased))
+    out = cache.key("peers-model", model=cache.model_fingerprint(str(model_dir)),
+                    erased=cache.model_fingerprint(str(erased)))
     if not (out / "unet" / "config.json").exists():
         out.mkdir(parents=True, exist_ok=True)
         for item in model_dir.iterdir():
@@ -99,7 +94,8 @@ def diffusers_folder(model_dir: Path, erased: Path | None) -> Path:
 def our_engines(model_dir: Path, erased: Path | None) -> Path:
     """Our ONNX export of the model (+ erased UNet), built once and cached by content."""
     from export.onnx_export import MANIFEST, export_onnx
-    out = cache.key("peers-engines", model=_fingerprint(model_dir), erased=erased and _fingerprint(erased))
+    out = cache.key("peers-engines", model=cache.model_fingerprint(str(model_dir)),
+                    erased=erased and cache.model_fingerprint(str(erased)))
     if not (out / MANIFEST).exists():
         export_onnx(model_dir, erased, out)
     return out
@@ -123,49 +119,43 @@ def run(model_dir: str | Path = DEFAULT_MODEL, erased: str | Path | None = None,
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     sd_dir = diffusers_folder(model_dir, erased)
-
-    def wants(kind: str) -> bool:
-        return not systems or kind in systems or any(n.startswith(kind.replace("-", " ")) for n in systems)
-    if not engines and wants("irece-onnx"):
+    peers_python = peers_python or PEERS_PYTHON
+    pool = [System("diffusers", "diffusers"), System("optimum", "optimum", python=str(peers_python))]
+    pool += [System(f"irece {b}" + (" +IRECE" if on else ""), f"irece-{b}", irece=on)
+             for b in ("torch", "onnx") for on in (False, True)]
+    if systems:
+        pool = [s for s in pool if s.name in systems or s.kind in systems]
+    skipped = {}
+    for s in [s for s in pool if s.kind == "optimum"]:
+        if Path(peers_python).exists():
+            s.args = ["--optimum-dir", str(cache.key("peers-optimum", model=cache.model_fingerprint(str(sd_dir))))]
+        else:
+            skipped["optimum"] = f"no peers virtualenv at {peers_python} (run `make peers-env`)"
+            pool.remove(s)
+    if not engines and any(s.kind == "irece-onnx" for s in pool):
         engines = our_engines(model_dir, erased)
     sample_size = json.loads((model_dir / "unet" / "config.json").read_text())["sample_size"]
     common = ["--model", str(sd_dir), "--model-ours", str(model_dir), "--prompt", prompt, "--steps", str(steps),
               "--guidance", str(guidance), "--sample-size", str(sample_size), "--device", device,
               "--concept", concept] + (["--engines", str(engines)] if engines else []) + \
         (["--erased", str(erased)] if erased else [])
-    skipped = {}
-    peers_python = peers_python or PEERS_PYTHON
-    pool = [System("diffusers", "diffusers")]
-    if not wants("optimum"):
-        pass
-    elif Path(peers_python).exists():
-        optimum_dir = cache.key("peers-optimum", model=_fingerprint(sd_dir))
-        pool.append(System("optimum", "optimum", python=str(peers_python), args=["--optimum-dir", str(optimum_dir)]))
-    else:
-        skipped["optimum"] = f"no peers virtualenv at {peers_python} (run `make peers-env`)"
-    for backend in ("torch", "onnx"):
-        for on in (False, True):
-            pool.append(System(f"irece {backend}" + (" +IRECE" if on else ""), f"irece-{backend}", irece=on))
-    if systems:
-        pool = [s for s in pool if s.name in systems or s.kind in systems]
     for s in pool:
         s.start(out_dir, common)
     try:
         for s in pool:
             if not s._reply().get("ready"):
                 raise RuntimeError(f"{s.name}: worker did not start")
-        rounds = [(f"w{i}", 10_000 + i) for i in range(warmup)] + [(str(i), i) for i in range(n)]
+        rounds = [(False, 10_000 + i) for i in range(warmup)] + [(True, i) for i in range(n)]  # (measured, seed)
         from tqdm import tqdm
         shuffle = np.random.default_rng(0)
-        for tag, seed in tqdm(rounds, desc="peers rounds", disable=not progress):
+        for measured, seed in tqdm(rounds, desc="peers rounds", disable=not progress):
             # a fresh order each round: a system that leaves spinning threads behind (ORT's per-session pools)
             # must not always slow the same neighbour
             order = [pool[i] for i in shuffle.permutation(len(pool))]
             for s in order:
-                save = str(out_dir / f"{s.kind}{'_irece' if s.irece else ''}_{seed}.npy") \
-                    if not tag.startswith("w") and seed < n_check else None
+                save = str(s.image_path(out_dir, seed)) if measured and seed < n_check else None
                 ms = s.ask({"cmd": "run", "seed": seed, "save": save})["ms"]
-                if not tag.startswith("w"):
+                if measured:
                     s.ms.append(ms)
                 time.sleep(gap_s)  # let the finished system's worker threads stop spinning
         stats = {s.name: s.ask({"cmd": "stats"}) for s in pool}
@@ -173,19 +163,17 @@ def run(model_dir: str | Path = DEFAULT_MODEL, erased: str | Path | None = None,
         for s in pool:
             s.stop()
 
-    def images(s: System) -> np.ndarray:
-        return np.stack([np.load(out_dir / f"{s.kind}{'_irece' if s.irece else ''}_{i}.npy") for i in range(min(n, n_check))])
-
+    images = {s.name: np.stack([np.load(s.image_path(out_dir, i)) for i in range(min(n, n_check))]) for s in pool}
     ref = next((s for s in pool if s.kind == "diffusers"), None)
     rows = []
     for s in pool:
         row = {"system": s.name, "kind": s.kind, "irece": s.irece, **_stats(s.ms),
                "peak_rss_mb": stats[s.name]["peak_rss_mb"], "gpu_peak_mb": stats[s.name]["gpu_peak_mb"]}
         if ref is not None:
-            row["p50_vs_diffusers"] = row["p50_ms"] / _stats(ref.ms)["p50_ms"]
+            row["p50_vs_diffusers"] = row["p50_ms"] / float(np.percentile(ref.ms, 50))
             # same work? IRECE off must reproduce diffusers' image; IRECE on is compared with the same backend off
             base = ref if not s.irece else next(o for o in pool if o.kind == s.kind and not o.irece)
-            d = np.abs(images(s) - images(base)) * 255
+            d = np.abs(images[s.name] - images[base.name]) * 255
             row["vs"] = base.name
             row["max_abs_diff_255"], row["mean_abs_diff_255"] = float(d.max()), float(d.mean())
         rows.append(row)

@@ -5,6 +5,7 @@ Inputs and outputs go through IO binding, so on CUDA the tensors stay on the dev
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,6 @@ class OrtEngines(GraphEngines):
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        import os
         if os.environ.get("IRECE_ORT_POOL", "shared") == "shared" and _shared_thread_pool(threads):
             opts.use_per_session_threads = False
         elif threads:

@@ -57,6 +57,15 @@ def text_encoder_from_embeds(text_encoder, token_embeds: torch.Tensor) -> torch.
 ERASERS_FILE = "receler_erasers.safetensors"
 
 
+def erasers_path(path: str | Path) -> Path:
+    """Where Receler's erasers for a UNet live: beside the folder's weights, or `<stem>.receler_erasers...` beside
+    a bare state-dict file."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / "unet" if (path / "unet").is_dir() else path) / ERASERS_FILE
+    return path.with_name(path.stem + "." + ERASERS_FILE)
+
+
 def load_unet(path: str | Path, base_config_dir: str | Path | None = None, dtype=torch.float32):
     """An erased or standard UNet from a diffusers folder (model dir or its unet/), or a safetensors state dict
     of the SD UNet (then base_config_dir supplies the architecture). Receler erasers saved beside are installed."""
@@ -67,7 +76,6 @@ def load_unet(path: str | Path, base_config_dir: str | Path | None = None, dtype
         path = path / "unet"
     if path.is_dir():
         unet = UNet2DConditionModel.from_pretrained(path, torch_dtype=dtype)
-        erasers = path / ERASERS_FILE
     elif path.suffix == ".safetensors":
         if base_config_dir is None:
             raise ValueError(f"{path}: a bare UNet state dict needs the base model folder for its config")
@@ -80,9 +88,9 @@ def load_unet(path: str | Path, base_config_dir: str | Path | None = None, dtype
             raise ValueError(f"{path}: not a UNet2DConditionModel state dict for this architecture "
                              f"({len(missing)} missing keys, {len(unexpected)} unexpected, e.g. "
                              f"{(missing + unexpected)[:3]})")
-        erasers = path.with_name(path.stem + "." + ERASERS_FILE)
     else:
         raise ValueError(f"{path}: expected a diffusers UNet folder or a .safetensors file")
+    erasers = erasers_path(path)
     if erasers.exists():
         from .erasure import install_erasers
         install_erasers(unet, load_file(str(erasers)), json.loads(

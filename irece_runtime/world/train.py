@@ -7,6 +7,7 @@ judge. Every stage caches its result under --work, so an interrupted run resumes
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -81,7 +82,6 @@ def text_encoder_sd_layout(text_encoder_dir: Path) -> None:
     """Rewrite a saved CLIPTextModel checkpoint with SD v1.4's `text_model.` key prefix. transformers 5 saves a
     fresh model without it and reads both; transformers 4 (diffusers' and optimum's older stacks) silently
     initialises random weights from the prefix-less layout. Atomic, so readers never see half a file."""
-    import os
     path = Path(text_encoder_dir) / "model.safetensors"
     state = load_file(str(path))
     if all(k.startswith("text_model.") for k in state):
