@@ -26,7 +26,7 @@ $(OPEN_CLIP_WHEEL):
 	$(VENV)/bin/pip download -q --no-deps open_clip_torch==3.3.0 -d .cache/wheels
 
 tokenizer: $(STAMP) $(OPEN_CLIP_WHEEL)
-	$(PY) scripts/make_clip_tokenizer.py $(OPEN_CLIP_WHEEL) models/shapes10/tokenizer
+	$(PY) scripts/make_clip_tokenizer.py $(OPEN_CLIP_WHEEL) miniworld/models/shapes10/tokenizer
 
 # A second environment for `irece bench peers` (optimum pins an older transformers than ours)
 PEERS_STAMP := .venv-peers/.installed

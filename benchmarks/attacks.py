@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from irece_runtime.pipeline import Pipeline, image_to_tensor
-from irece_runtime.world import shapes
+from miniworld import shapes
 
 
 # -- Ring-A-Bell: concept vector from the text encoder, then a discrete token search ---------------------------

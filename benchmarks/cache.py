@@ -6,9 +6,9 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from irece_runtime.loading import REPO_ROOT
 
-CACHE_DIR = REPO_ROOT / ".cache" / "bench"
+
+CACHE_DIR = Path(".cache") / "bench"  # relative to where the benchmark runs
 
 
 @lru_cache(maxsize=None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from irece_runtime.loading import DEFAULT_MODEL
+from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 
 
 def _write(obj: dict, path: str | None) -> None:

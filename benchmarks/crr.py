@@ -23,12 +23,13 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from irece_runtime.irece import IreceConfig
-from irece_runtime.loading import DEFAULT_MODEL, load_pipeline
-from irece_runtime.world import shapes
-from irece_runtime.world.check import concept_prompts
-from irece_runtime.world.judge import classify, load_judge
+from irece_runtime.loading import load_pipeline
+from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
+from miniworld import shapes
+from benchmarks.world_check import concept_prompts
+from miniworld.judge import classify, load_judge
 
-from irece_runtime import batch as gen
+from benchmarks import batch as gen
 
 from . import attacks
 from .cache import key, model_fingerprint
@@ -56,7 +57,7 @@ class BenchSettings:
 def erased_unet(model_dir: str, method: str, concept: str, s: BenchSettings) -> str | None:
     if method == "standard":
         return None
-    from irece_runtime.erasure import ERASE_DEFAULTS, erase
+    from erasure.methods import ERASE_DEFAULTS, erase
     spec = dict(model=model_fingerprint(model_dir), method=method, concept=concept, steps=s.erase_steps,
                 hp=ERASE_DEFAULTS.get(method), seed=s.seed)
     out = key("erased", **spec)

@@ -42,7 +42,7 @@ def shapes10(root: Path) -> dict:
     from irece_runtime.engines import TorchEngines
     from irece_runtime.irece import IreceConfig
     from irece_runtime.pipeline import Pipeline, Request
-    model = Path("models/shapes10")
+    from miniworld.assets import MODEL_DIR as model
     out = {}
     for prec in ("fp32", "fp16"):
         d = root / f"shapes10-{prec}"
@@ -132,8 +132,8 @@ def random_sd14_folder(out: Path) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from irece_runtime.loading import DEFAULT_MODEL
-    from irece_runtime.world.train import text_encoder_sd_layout
+    from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
+    from miniworld.train import text_encoder_sd_layout
     torch.manual_seed(0)
     UNet2DConditionModel(sample_size=64, cross_attention_dim=768).save_pretrained(out / "unet")
     CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from irece_runtime.irece import IreceConfig
-from irece_runtime.loading import DEFAULT_MODEL, load_pipeline
+from irece_runtime.loading import load_pipeline
+from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 from irece_runtime.pipeline import Request
 
 
@@ -65,7 +66,7 @@ def _pipe(model_dir, erased, backend, kw):
 
 def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, engines_dir: str | None = None,
             concept: str = "star", steps: int = 25, n: int = 10, warmup: int = 2, modality: str = "text") -> dict:
-    from irece_runtime.world.shapes import render
+    from miniworld.shapes import render
     cfg = IreceConfig(concepts=(concept,))
     rows, overhead = [], {}
     req_of = {"text": lambda s: Request(prompt=f"a red {concept} on a black background", steps=steps, seed=s),

@@ -5,10 +5,11 @@ import numpy as np
 import torch
 
 from irece_runtime.irece import IreceConfig
-from irece_runtime.loading import DEFAULT_MODEL, load_pipeline
-from irece_runtime.world import shapes
+from irece_runtime.loading import load_pipeline
+from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
+from miniworld import shapes
 
-from irece_runtime import batch as gen
+from benchmarks import batch as gen
 from .stats import psnr
 
 LOC_SEED = 8_000_000

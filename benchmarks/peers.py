@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from irece_runtime.loading import DEFAULT_MODEL, REPO_ROOT
+from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the peers venv is a development tool of the checkout
 
 from . import cache
 
@@ -76,7 +78,8 @@ def diffusers_folder(model_dir: Path, erased: Path | None) -> Path:
     model's folders with that UNet in place of its own, cached by content."""
     if erased is None:
         return model_dir
-    from irece_runtime.engines import erasers_path, load_unet
+    from irece_runtime.engines import load_unet
+    from irece_runtime.erasers import erasers_path
     if erasers_path(erased).exists():
         raise ValueError(f"--erased {erased}: Receler's erasers are our own modules; diffusers and optimum "
                          "cannot load them, so peers compares plain UNets only (UCE, ESD)")

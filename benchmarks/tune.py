@@ -8,12 +8,13 @@ from dataclasses import replace
 import numpy as np
 
 from irece_runtime.irece import IreceConfig
-from irece_runtime.loading import DEFAULT_MODEL, load_pipeline
-from irece_runtime.world import shapes
-from irece_runtime.world.check import concept_prompts
-from irece_runtime.world.judge import classify, load_judge
+from irece_runtime.loading import load_pipeline
+from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
+from miniworld import shapes
+from benchmarks.world_check import concept_prompts
+from miniworld.judge import classify, load_judge
 
-from irece_runtime import batch as gen
+from benchmarks import batch as gen
 from .crr import BenchSettings, erased_unet, inverted
 
 T_STARS = (0.1, 0.3, 0.5)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from .attention import Localizer
+from .erasers import erasers_path, install_erasers
 
 MODELS = ("erased", "standard")
 
@@ -54,18 +55,6 @@ def text_encoder_from_embeds(text_encoder, token_embeds: torch.Tensor) -> torch.
     return tm.final_layer_norm(tm.encoder(inputs_embeds=h, attention_mask=causal).last_hidden_state)
 
 
-ERASERS_FILE = "receler_erasers.safetensors"
-
-
-def erasers_path(path: str | Path) -> Path:
-    """Where Receler's erasers for a UNet live: beside the folder's weights, or `<stem>.receler_erasers...` beside
-    a bare state-dict file."""
-    path = Path(path)
-    if path.is_dir():
-        return (path / "unet" if (path / "unet").is_dir() else path) / ERASERS_FILE
-    return path.with_name(path.stem + "." + ERASERS_FILE)
-
-
 def load_unet(path: str | Path, base_config_dir: str | Path | None = None, dtype=torch.float32):
     """An erased or standard UNet from a diffusers folder (model dir or its unet/), or a safetensors state dict
     of the SD UNet (then base_config_dir supplies the architecture). Receler erasers saved beside are installed."""
@@ -92,7 +81,6 @@ def load_unet(path: str | Path, base_config_dir: str | Path | None = None, dtype
         raise ValueError(f"{path}: expected a diffusers UNet folder or a .safetensors file")
     erasers = erasers_path(path)
     if erasers.exists():
-        from .erasure import install_erasers
         install_erasers(unet, load_file(str(erasers)), json.loads(
             (erasers.with_suffix(".json")).read_text()) if erasers.with_suffix(".json").exists() else {})
     return unet.eval()

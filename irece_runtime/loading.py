@@ -5,12 +5,10 @@ from pathlib import Path
 
 from .pipeline import Pipeline
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO_ROOT / "models" / "shapes10"
 BACKENDS = ("torch", "onnx", "tensorrt")
 
 
-def load_pipeline(model_dir: str | Path = DEFAULT_MODEL, erased: str | Path | None = None, backend: str = "torch",
+def load_pipeline(model_dir: str | Path, erased: str | Path | None = None, backend: str = "torch",
                   engines_dir: str | Path | None = None, layers: tuple[str, ...] | None = None,
                   device: str = "cpu") -> Pipeline:
     if backend == "torch":

@@ -4,7 +4,7 @@ The real CLIP vocabulary ships inside open_clip's wheel as `open_clip/bpe_simple
 Fetch it without installing open_clip (which drags torchvision in) and convert:
 
     pip download --no-deps open_clip_torch==3.3.0 -d .cache/wheels
-    python scripts/make_clip_tokenizer.py .cache/wheels/open_clip_torch-3.3.0-py3-none-any.whl models/shapes10/tokenizer
+    python scripts/make_clip_tokenizer.py .cache/wheels/open_clip_torch-3.3.0-py3-none-any.whl miniworld/models/shapes10/tokenizer
 
 The output (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json) is what
 transformers' CLIPTokenizer reads; it is byte-for-byte the layout of openai/clip-vit-large-patch14.

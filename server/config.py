@@ -10,10 +10,12 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from miniworld.assets import MODEL_DIR
+
 
 @dataclass
 class ServerConfig:
-    model: str = "models/shapes10"
+    model: str = str(MODEL_DIR)  # the mini world by default; a real SD v1.x folder in production
     erased: str | None = None
     backend: str = "torch"  # torch | onnx | tensorrt
     engines: str | None = None

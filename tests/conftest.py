@@ -4,10 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from miniworld.assets import JUDGE_PATH, MODEL_DIR
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = Path(os.environ.get("IRECE_TEST_MODEL", ROOT / "models" / "shapes10"))
-JUDGE = ROOT / "models" / "judge" / "judge.safetensors"
+MODEL = Path(os.environ.get("IRECE_TEST_MODEL", MODEL_DIR))
+JUDGE = JUDGE_PATH
 
 
 @pytest.fixture(scope="session")
@@ -18,5 +19,5 @@ def pipe():
 
 @pytest.fixture(scope="session")
 def judge():
-    from irece_runtime.world.judge import load_judge
+    from miniworld.judge import load_judge
     return load_judge(JUDGE)

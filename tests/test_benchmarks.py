@@ -103,8 +103,9 @@ def test_peers_erased_folder_is_the_erased_unet_for_diffusers(tmp_path, monkeypa
     from diffusers import UNet2DConditionModel
 
     from benchmarks import cache, peers
-    from irece_runtime.engines import ERASERS_FILE, load_unet
-    from irece_runtime.erasure import erase
+    from irece_runtime.engines import load_unet
+    from irece_runtime.erasers import ERASERS_FILE
+    from erasure.methods import erase
 
     from .conftest import MODEL
     monkeypatch.setattr(cache, "CACHE_DIR", tmp_path / "cache")

@@ -4,7 +4,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from irece_runtime.cli import main
+from irece_cli.main import main
 
 from .conftest import MODEL
 

@@ -3,13 +3,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from irece_runtime import batch
+from benchmarks import batch
 from irece_runtime.engines import load_unet
-from irece_runtime.erasure import erase
+from erasure.methods import erase
 from irece_runtime.loading import load_pipeline
-from irece_runtime.world.check import concept_prompts
-from irece_runtime.world.judge import classify
-from irece_runtime.world.shapes import CONCEPTS
+from benchmarks.world_check import concept_prompts
+from miniworld.judge import classify
+from miniworld.shapes import CONCEPTS
 
 from .conftest import MODEL
 

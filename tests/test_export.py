@@ -8,7 +8,7 @@ import torch
 from irece_runtime.engines import TorchEngines
 from irece_runtime.irece import IreceConfig
 from irece_runtime.pipeline import Pipeline, Request
-from irece_runtime.world import shapes
+from miniworld import shapes
 
 from .conftest import MODEL
 
@@ -16,7 +16,7 @@ from .conftest import MODEL
 @pytest.fixture(scope="module")
 def erased_dir(tmp_path_factory):
     """A UCE-erased UNet (closed form, seconds) so the erased and standard engines differ."""
-    from irece_runtime.erasure import erase
+    from erasure.methods import erase
     out = tmp_path_factory.mktemp("uce-star")
     erase("uce", MODEL, "star", out)
     return out
@@ -93,7 +93,7 @@ def test_whole_pipeline_with_irece_on_onnx_runtime_matches_torch(both):
 
 
 def test_cli_export_and_generate_on_onnx(engine_dir, erased_dir, tmp_path):
-    from irece_runtime.cli import main
+    from irece_cli.main import main
     out = tmp_path / "o.png"
     assert main(["generate", "--model", str(MODEL), "--backend", "onnx", "--engines", str(engine_dir),
                  "--image", str(_render_png(tmp_path)), "--irece", "star", "--steps", "10", "--out", str(out),

@@ -5,7 +5,7 @@ import torch
 
 from irece_runtime.irece import IreceConfig
 from irece_runtime.pipeline import Request, image_to_tensor
-from irece_runtime.world import shapes
+from miniworld import shapes
 
 from .conftest import MODEL
 

@@ -49,7 +49,7 @@ def served(pipe):
 
 
 def png_of(concept="star", seed=0) -> bytes:
-    from irece_runtime.world.shapes import render
+    from miniworld.shapes import render
     buf = io.BytesIO()
     Image.fromarray(render(concept, seed=seed).image).save(buf, format="PNG")
     return buf.getvalue()

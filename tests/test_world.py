@@ -1,15 +1,18 @@
 """The mini world: renderer truth, tokenizer, training code, committed model and judge."""
 import types
+from pathlib import Path
 import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from irece_runtime.world import shapes
-from irece_runtime.world.shapes import BACKGROUNDS, COLOURS, CONCEPTS
+from miniworld import shapes
+from miniworld.shapes import BACKGROUNDS, COLOURS, CONCEPTS
 
-from .conftest import MODEL, ROOT
+from .conftest import MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("concept", CONCEPTS)
@@ -94,7 +97,7 @@ def test_tokenizer_matches_open_clip():
 
 def test_quick_training_run_writes_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
-    from irece_runtime.world.train import train_world
+    from miniworld.train import train_world
     summary = train_world(tmp_path / "m", tmp_path / "judge.safetensors", tmp_path / "work", quick=True)
     assert summary["vae_scaling_factor"] > 0
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "m")
@@ -116,14 +119,14 @@ def test_committed_model_folder_is_sd_layout():
 
 
 def test_judge_accuracy_on_held_out_renders(judge):
-    from irece_runtime.world.check import judge_accuracy
+    from benchmarks.world_check import judge_accuracy
     assert judge_accuracy(judge, n=550) >= 0.98
 
 
 def test_diffusers_pipeline_images_are_accepted_by_the_judge(judge):
     """diffusers' own StableDiffusionPipeline on the committed folder draws what the prompt says."""
     from diffusers import StableDiffusionPipeline
-    from irece_runtime.world.judge import classify
+    from miniworld.judge import classify
     sd = StableDiffusionPipeline.from_pretrained(MODEL)
     sd.set_progress_bar_config(disable=True)
     prompts = [f"a white {c} on a black background" for c in CONCEPTS] * 2

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 from safetensors.torch import load_file
 
+from .assets import JUDGE_PATH
 from .shapes import CONCEPTS, NO_SHAPE
 
 LABELS = CONCEPTS + (NO_SHAPE,)
-DEFAULT_PATH = Path(__file__).resolve().parents[2] / "models" / "judge" / "judge.safetensors"
+DEFAULT_PATH = JUDGE_PATH
 
 
 class Judge(nn.Module):

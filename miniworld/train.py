@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import shapes
+from .assets import TOKENIZER_DIR
 from .judge import LABELS, Judge
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "models" / "shapes10" / "tokenizer"
+
 
 
 def sd_scheduler_config() -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .loading import DEFAULT_MODEL, REPO_ROOT
+from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 
 
 def _grid(rows: list[np.ndarray], scale: int = 3) -> Image.Image:
@@ -34,13 +34,13 @@ def _free_port() -> int:
 
 def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 16) -> dict:
     import torch
-    from . import batch as gen
-    from .erasure import erase
-    from .irece import IreceConfig
-    from .loading import load_pipeline
-    from .world import shapes
-    from .world.check import concept_prompts
-    from .world.judge import classify, load_judge
+    from benchmarks import batch as gen
+    from erasure.methods import erase
+    from irece_runtime.irece import IreceConfig
+    from irece_runtime.loading import load_pipeline
+    from miniworld import shapes
+    from benchmarks.world_check import concept_prompts
+    from miniworld.judge import classify, load_judge
 
     torch.set_num_threads(2)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,12 +95,12 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
     from prometheus_client.parser import text_string_to_metric_families
     from server.client import build_request, report_dict
     from protos.irece.v1 import generation_pb2_grpc as pb_grpc
-    from .embeddings import save_learned_embedding
+    from irece_runtime.embeddings import save_learned_embedding
 
     port, metrics_port = _free_port(), _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "irece_runtime.cli", "serve", "--model", str(DEFAULT_MODEL),
+    proc = subprocess.Popen([sys.executable, "-m", "irece_cli.main", "serve", "--model", str(DEFAULT_MODEL),
                              "--erased", str(erased), "--concept", concept, "--port", str(port),
-                             "--metrics-port", str(metrics_port)], cwd=REPO_ROOT)
+                             "--metrics-port", str(metrics_port)])
     try:
         target = f"127.0.0.1:{port}"
         with grpc.insecure_channel(target) as ch:
@@ -146,6 +146,3 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
         proc.terminate()
         proc.wait(timeout=60)
 
-
-def main(argv=None) -> None:
-    run(REPO_ROOT / "out" / "demo")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .irece import IreceConfig
-from .pipeline import Pipeline, image_to_tensor
+from irece_runtime.irece import IreceConfig
+from irece_runtime.pipeline import Pipeline, image_to_tensor
 
 
 def decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:

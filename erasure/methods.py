@@ -18,10 +18,11 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from .attention import cross_attention_layers
-from .engines import ERASERS_FILE, TorchEngines
-from .irece import concept_mask, token_weights
-from .pipeline import Pipeline
+from irece_runtime.attention import cross_attention_layers
+from irece_runtime.engines import TorchEngines
+from irece_runtime.erasers import ERASERS_FILE, install_erasers
+from irece_runtime.irece import concept_mask, token_weights
+from irece_runtime.pipeline import Pipeline
 
 METHODS = ("uce", "esd-x", "esd-u", "receler")
 # Iterations and learning rates: the references' values are for SD v1.4 (860 M parameters, 512 px);
@@ -39,7 +40,7 @@ ERASE_TEMPLATES = ("{concept}", "a {concept}", "an image of a {concept}", "a pho
 
 def erase_prompts(concept: str, n: int = 24, seed: int = 0) -> list[str]:
     """Varied prompts that name the concept: the erasure must hold across phrasings, not one string."""
-    from .world.shapes import BACKGROUNDS, COLOURS, legible
+    from miniworld.shapes import BACKGROUNDS, COLOURS, legible
 
     rng = np.random.default_rng(seed)
     out = [t.format(concept=concept) for t in ERASE_TEMPLATES[:4]]
@@ -88,62 +89,6 @@ def uce(unet: UNet2DConditionModel, pipe: Pipeline, concept: str, preserve: list
 
 
 # -- ESD and Receler: negative-guidance distillation ---------------------------------------------------------
-class Eraser(nn.Module):
-    """Receler's lightweight eraser: Linear(dim->rank) -> GELU -> Linear(rank->dim), up-projection zero-init."""
-
-    def __init__(self, dim: int, rank: int):
-        super().__init__()
-        self.down, self.up = nn.Linear(dim, rank), nn.Linear(rank, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x):
-        return self.up(F.gelu(self.down(x)))
-
-
-class EraserProcessor:
-    """attn2 output + eraser(attn2 output). While training, it also records the eraser's energy outside the
-    concept mask (Receler's concept-localized regularizer)."""
-
-    def __init__(self, base, eraser: Eraser, state: dict):
-        self.base, self.eraser, self.state = base, eraser, state
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if not self.state.get("enabled", True):
-            return out
-        delta = self.eraser(out)
-        mask = self.state.get("mask")  # (B, H, W) at latent resolution
-        if mask is not None:
-            b, n, _ = out.shape
-            H, W = mask.shape[-2:]
-            s = int(round((H * W / n) ** 0.5))
-            m = F.interpolate(mask[:, None], size=(H // s, W // s), mode="nearest").flatten(1)[..., None]
-            self.state.setdefault("reg", []).append((delta.pow(2) * (1 - m)).mean())
-        return out + delta
-
-
-def install_erasers(unet, state_dict: dict | None = None, meta: dict | None = None, rank: int = 16) -> dict:
-    """Wrap every attn2 with an eraser; returns the shared training state. Erasers live at unet.receler_erasers."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    rank = int((meta or {}).get("rank", rank))
-    names = cross_attention_layers(unet)
-    modules = dict(unet.named_modules())
-    erasers = nn.ModuleDict({n.replace(".", "_"): Eraser(modules[n[: -len(".processor")]].to_out[0].out_features,
-                                                         rank) for n in names})
-    if state_dict:
-        erasers.load_state_dict(state_dict)
-    unet.receler_erasers = erasers.to(unet.dtype)
-    shared: dict = {"enabled": True}
-    procs = dict(unet.attn_processors)
-    for n in names:
-        procs[n] = EraserProcessor(AttnProcessor2_0(), erasers[n.replace(".", "_")], shared)
-    unet.set_attn_processor(procs)
-    unet.receler_state = shared
-    return shared
-
-
 def _trainable(unet, method: str):
     if method == "esd-x":
         return [p for n, p in unet.named_parameters() if ".attn2." in n]
@@ -240,7 +185,7 @@ def erase(method: str, model_dir: str | Path, concept: str, out: str | Path, pre
     unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
     info: dict = {"method": method, "concept": concept, "seed": seed}
     if method == "uce":
-        from .world.shapes import CONCEPTS
+        from miniworld.shapes import CONCEPTS
         preserve = preserve if preserve is not None else [c for c in CONCEPTS if c != concept]
         uce(unet, pipe, concept, preserve)
         info["preserve"] = preserve

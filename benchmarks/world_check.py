@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import shapes
-from .judge import LABELS, classify, load_judge
+from miniworld import shapes
+from miniworld.judge import LABELS, classify, load_judge
 
 HELD_OUT_SEED = 9_000_000  # renders from this seed on were never used in training (training uses seeds 0..3)
 
@@ -35,7 +35,7 @@ def concept_prompts(concept: str, n: int, seed: int) -> list[str]:
 
 def text_accuracy(pipe, judge, concepts=shapes.CONCEPTS, n: int = 50, steps: int = 25, guidance: float = 5.0,
                   seed: int = 0, cfg=None) -> dict[str, float]:
-    from ..batch import from_prompts
+    from .batch import from_prompts
 
     acc = {}
     for i, concept in enumerate(concepts):

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .loading import DEFAULT_MODEL, REPO_ROOT
+from miniworld.assets import JUDGE_PATH, MODEL_DIR as DEFAULT_MODEL
 
 
 def _emit(obj: dict, as_json: bool) -> None:
@@ -31,7 +31,7 @@ def _load_png(path):
 
 # -- world ----------------------------------------------------------------------------------------------------
 def cmd_world_render(a):
-    from .world import shapes
+    from miniworld import shapes
     scene = shapes.render(a.concept, seed=a.seed) if a.concept != "pair" else shapes.render_pair(seed=a.seed)
     out = Path(a.out)
     _save_png(scene.image, out)
@@ -42,7 +42,7 @@ def cmd_world_render(a):
 
 def cmd_world_judge(a):
     import numpy as np
-    from .world.judge import classify, load_judge
+    from miniworld.judge import classify, load_judge
     judge = load_judge(a.judge) if a.judge else load_judge()
     images = np.stack([_load_png(f) for f in a.files])
     labels, p = classify(judge, images)
@@ -50,22 +50,22 @@ def cmd_world_judge(a):
 
 
 def cmd_world_check(a):
-    from .loading import load_pipeline
-    from .world.check import check
+    from irece_runtime.loading import load_pipeline
+    from benchmarks.world_check import check
     _emit(check(load_pipeline(a.model), a.judge, n=a.n, n_judge=a.n_judge), a.json)
 
 
 def cmd_world_train(a):
-    from .world.train import train_world
+    from miniworld.train import train_world
     out = Path(a.out) if a.out else DEFAULT_MODEL
-    judge = Path(a.judge_out) if a.judge_out else REPO_ROOT / "models" / "judge" / "judge.safetensors"
-    work = Path(a.work) if a.work else REPO_ROOT / ".cache" / ("world_quick" if a.quick else "world_train")
+    judge = Path(a.judge_out) if a.judge_out else JUDGE_PATH
+    work = Path(a.work) if a.work else Path(".cache") / ("world_quick" if a.quick else "world_train")
     _emit(train_world(out, judge, work, quick=a.quick, seed=a.seed, unet_steps=a.unet_steps), a.json)
 
 
 # -- generate ------------------------------------------------------------------------------------------------
 def irece_config_from_args(a):
-    from .irece import IreceConfig
+    from irece_runtime.irece import IreceConfig
     if not a.irece:
         return None
     t_star = float(a.t_star) if "." in a.t_star else int(a.t_star)
@@ -73,13 +73,13 @@ def irece_config_from_args(a):
 
 
 def cmd_generate(a):
-    from .loading import load_pipeline
-    from .pipeline import Request
+    from irece_runtime.loading import load_pipeline
+    from irece_runtime.pipeline import Request
     layers = tuple(a.localizer_layers) if a.localizer_layers else None
     pipe = load_pipeline(a.model, a.erased, a.backend, a.engines, layers=layers)
     learned = None
     if a.embedding:
-        from .embeddings import load_learned_embedding
+        from irece_runtime.embeddings import load_learned_embedding
         learned = load_learned_embedding(a.embedding, a.token)
     req = Request(prompt=a.prompt or "", negative_prompt=a.negative_prompt, learned=learned,
                   init_image=_load_png(a.image) if a.image else None, invert_with=a.invert_with,
@@ -92,7 +92,7 @@ def cmd_generate(a):
 
 
 def cmd_erase(a):
-    from .erasure import erase
+    from erasure.methods import erase
     _emit(erase(a.method, a.model, a.concept, a.out, preserve=a.preserve, steps=a.steps, seed=a.seed), a.json)
 
 
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_erase)
 
     p = sub.add_parser("demo", help="the mini world end to end: model, erasure, attack, IRECE, server")
-    p.add_argument("--out", default=str(REPO_ROOT / "out" / "demo"))
+    p.add_argument("--out", default="out/demo")
     p.add_argument("--concept", default="star")
     p.set_defaults(func=cmd_demo)
 
