@@ -1,6 +1,8 @@
 """The attacks of M-ErasureBench on our world: Ring-A-Bell prompts, textual inversion, perturbed references.
 
 All are ours, written from the papers' descriptions (../shared/reference/paper-and-erasure-methods.md §2).
+Ring-A-Bell and the reference perturbations run on any backend (the backend interface only); textual inversion
+differentiates through the text encoder and a UNet, so it needs the torch backend and refuses the others.
 """
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from irece_runtime.pipeline import Pipeline, image_to_tensor
+from irece_runtime.backends.torch_backend import require_torch
+from irece_runtime.components import text_encoder_from_embeds
+from irece_runtime.images import to_tensor
+from irece_runtime.pipeline import Pipeline
 from miniworld import shapes
 
 
@@ -38,12 +43,12 @@ def ring_a_bell(pipe: Pipeline, concept: str, n_tokens: int = 6, eta: float = 1.
     target = pipe.encode_prompt("an image of a") + eta * concept_vector(pipe, concept, seed=seed)
     tok = pipe.tokenizer
     banned = set(tok(concept, add_special_tokens=False).input_ids) | {tok.bos_token_id, tok.eos_token_id}
-    vocab = torch.tensor([i for i in range(min(len(tok), 49406)) if i not in banned])
-    e = pipe.engines
+    vocab = torch.tensor([i for i in range(len(tok)) if i not in banned])
+    e = pipe.backend
     pad = tok.pad_token_id
 
     def score(seqs: torch.Tensor) -> torch.Tensor:
-        ids = torch.full((len(seqs), 77), pad)
+        ids = torch.full((len(seqs), tok.model_max_length), pad)
         ids[:, 0] = tok.bos_token_id
         ids[:, 1:1 + n_tokens] = seqs
         ids[:, 1 + n_tokens] = tok.eos_token_id
@@ -71,22 +76,23 @@ def textual_inversion(pipe: Pipeline, model: str, concept: str, token: str = "<c
                       batch: int = 16, lr: float = 5e-3, n_images: int = 25, seed: int = 0) -> torch.Tensor:
     """Learn one vector for `token` from renders of the concept, through the chosen UNet ('erased' = white-box,
     'standard' = black-box). Torch backend only (needs gradients). Initialised from the word 'shape'."""
-    e = pipe.engines
+    e = require_torch(pipe.backend, "textual inversion")
     unet = e.unets[model]
     from diffusers import DDPMScheduler
     sched = DDPMScheduler.from_config(pipe.scheduler_config)
     rng = np.random.default_rng(seed)
     images = np.stack([shapes.render(concept, rng=rng).image for _ in range(n_images)])
     with torch.no_grad():
-        latents = torch.cat([e.vae_encode(image_to_tensor(im)) for im in images])
+        latents = e.vae_encode(to_tensor(images))
     init_ids = pipe.tokenizer("shape", add_special_tokens=False).input_ids
     vec = e.embed_tokens(torch.tensor([init_ids]))[0, :1].clone().requires_grad_(True)
     opt = torch.optim.AdamW([vec], lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     slots = [pipe.token_ids(t.format(token), {token: 1}) for t in TI_TEMPLATES]
+    n_tokens = pipe.tokenizer.model_max_length
     base = []
     for ids, sl in slots:
-        padded = torch.tensor([ids + [pipe.tokenizer.pad_token_id] * (77 - len(ids))])
+        padded = torch.tensor([ids + [pipe.tokenizer.pad_token_id] * (n_tokens - len(ids))])
         base.append((e.embed_tokens(padded)[0].detach(), sl[0][0]))
     for p in unet.parameters():
         p.requires_grad_(False)
@@ -94,11 +100,10 @@ def textual_inversion(pipe: Pipeline, model: str, concept: str, token: str = "<c
         idx = torch.randint(len(latents), (batch,), generator=g)
         tpl = torch.randint(len(base), (batch,), generator=g)
         emb = torch.stack([base[k][0] for k in tpl.tolist()])
-        mask = torch.zeros(batch, 77, 1)
+        mask = torch.zeros(batch, n_tokens, 1)
         for r, k in enumerate(tpl.tolist()):
             mask[r, base[k][1]] = 1.0
         emb = emb * (1 - mask) + mask * vec[None]
-        from irece_runtime.engines import text_encoder_from_embeds
         hidden = text_encoder_from_embeds(e.text_encoder, emb)
         t = torch.randint(0, 1000, (batch,), generator=g)
         n = torch.randn(latents[idx].shape, generator=g)

@@ -5,16 +5,16 @@ import numpy as np
 import torch
 
 from irece_runtime.irece import IreceConfig
-from irece_runtime.pipeline import Pipeline, image_to_tensor
+from irece_runtime.images import to_tensor, to_uint8, to_unit
+from irece_runtime.pipeline import Pipeline
 
 
 def decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:
-    img = (pipe.engines.vae_decode(x) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-    return (img * 255).round().astype(np.uint8)
+    return to_uint8(to_unit(pipe.backend.vae_decode(x)))
 
 
 def noise(pipe: Pipeline, seeds: list[int]) -> torch.Tensor:
-    e, side = pipe.engines, pipe.sample_size
+    e, side = pipe.backend, pipe.sample_size
     return torch.cat([torch.randn((1, e.latent_channels, side, side), generator=torch.Generator().manual_seed(s))
                       for s in seeds])
 
@@ -38,8 +38,8 @@ def invert_images(pipe: Pipeline, images: np.ndarray, invert_with: str, steps: i
     hidden = pipe.encode_prompt(inversion_prompt)
     out = []
     for s in range(0, len(images), batch):
-        x0 = torch.cat([image_to_tensor(im) for im in images[s:s + batch]])
-        out.append(pipe.invert(pipe.engines.vae_encode(x0), hidden, invert_with, steps))
+        x0 = to_tensor(images[s:s + batch])
+        out.append(pipe.invert(pipe.backend.vae_encode(x0), hidden, invert_with, steps))
     return torch.cat(out)
 
 

@@ -4,17 +4,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from irece_runtime.irece import IreceConfig, parse_t_star
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
+
+DEFAULTS = IreceConfig.defaults()
 
 
 def _write(obj: dict, path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(obj, indent=1))
-
-
-def _t_star(v: str):
-    return float(v) if "." in v else int(v)
 
 
 def cmd_crr(a):
@@ -60,7 +59,7 @@ def cmd_latency(a):
     steps, n = a.steps, a.n or 10
     if a.quick:
         n = min(n, 4)
-    res = latency.measure(a.model, a.erased, a.engines, steps=steps, n=n, modality=a.modality)
+    res = latency.measure(a.model, a.erased, a.graphs, steps=steps, n=n, modality=a.modality)
     if a.server:
         res["server"] = latency.measure_server(a.model, a.erased, steps=steps, per_client=2 if a.quick else 4,
                                                clients=(1, 2) if a.quick else (1, 4, 8))
@@ -73,7 +72,7 @@ def cmd_peers(a):
     n, warmup, steps = (a.n or 10), 2, a.steps
     if a.quick:
         n, warmup = min(n, 3), 1
-    res = peers.run(a.model, a.erased, a.engines, steps=steps, n=n, warmup=warmup, device=a.device,
+    res = peers.run(a.model, a.erased, a.graphs, steps=steps, n=n, warmup=warmup, device=a.device,
                     peers_python=a.peers_python, systems=tuple(a.systems) if a.systems else None)
     _write(res, a.json)
     md = peers.markdown(res)
@@ -87,6 +86,26 @@ def cmd_localization(a):
     n, pairs = (10, 2) if a.quick else (a.n or 100, 20)
     layers = tuple(a.localizer_layers) if a.localizer_layers else None
     res = localization.run(a.model, n=n, n_pairs=pairs, tau=a.tau, t_star=a.t_star, layers=layers)
+    _write(res, a.json)
+    print(json.dumps(res, indent=1))
+
+
+def cmd_presence(a):
+    from . import presence
+    res = presence.run(a.model, n=a.n or (12 if a.quick else 100), steps=10 if a.quick else 25, tau=a.tau,
+                       t_star=a.t_star)
+    _write(res, a.json)
+    print(json.dumps({k: v for k, v in res.items() if k != "by_concept"}, indent=1))
+
+
+def cmd_gate(a):
+    from . import gate
+    from .crr import BenchSettings
+    s = BenchSettings(n=a.n or (2 if a.quick else 16), seed=a.seed)
+    if a.quick:
+        s.steps, s.erase_steps = 10, 20
+    res = gate.run(a.model, concept=a.concept, wrong=a.wrong, methods=a.methods, n_pairs=4 if a.quick else 20,
+                   threshold=a.threshold, s=s)
     _write(res, a.json)
     print(json.dumps(res, indent=1))
 
@@ -106,8 +125,8 @@ def register(sub) -> None:
     common(p)
     p.add_argument("--concepts", nargs="+")
     p.add_argument("--methods", nargs="+", choices=("standard", "uce", "esd-x", "esd-u", "receler"))
-    p.add_argument("--tau", type=float, default=0.4)
-    p.add_argument("--t-star", type=_t_star, default=0.3)
+    p.add_argument("--tau", type=float, default=DEFAULTS.tau)
+    p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--markdown", metavar="FILE")
     p.add_argument("--chart", metavar="PNG")
     p.set_defaults(func=cmd_crr)
@@ -123,7 +142,7 @@ def register(sub) -> None:
     p = bsub.add_parser("latency", help="latency/throughput/memory, IRECE off vs on, per backend and via gRPC")
     common(p)
     p.add_argument("--erased")
-    p.add_argument("--engines", help="engine folder (adds the onnx / tensorrt backends)")
+    p.add_argument("--graphs", help="exported graph folder (adds the onnx / tensorrt backends)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--modality", choices=("text", "inverted_latent"), default="text")
     p.add_argument("--server", action="store_true", help="also measure through the gRPC server (1, 4, 8 clients)")
@@ -132,7 +151,7 @@ def register(sub) -> None:
     p = bsub.add_parser("peers", help="side by side with diffusers and optimum on the same model, interleaved")
     common(p)
     p.add_argument("--erased", help="erased UNet (UCE/ESD) for all systems; default: the model's own")
-    p.add_argument("--engines", help="our engine folder; default: exported once into .cache/bench")
+    p.add_argument("--graphs", help="our exported graph folder; default: exported once into .cache/bench")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--peers-python", default=None, help="python of the optimum virtualenv (default .venv-peers)")
@@ -142,7 +161,21 @@ def register(sub) -> None:
 
     p = bsub.add_parser("localization", help="IRECE masks vs the renderer's ground truth; inversion PSNR")
     common(p)
-    p.add_argument("--tau", type=float, default=0.4)
-    p.add_argument("--t-star", type=_t_star, default=0.3)
+    p.add_argument("--tau", type=float, default=DEFAULTS.tau)
+    p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--localizer-layers", nargs="+", metavar="NAME")
     p.set_defaults(func=cmd_localization)
+
+    p = bsub.add_parser("presence", help="contrastive gate: presence-score AUC and calibrated threshold")
+    common(p)
+    p.add_argument("--tau", type=float, default=DEFAULTS.tau)
+    p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
+    p.set_defaults(func=cmd_presence)
+
+    p = bsub.add_parser("gate", help="gate on vs off: wrong-concept control, benign requests, two-shape scenes")
+    common(p)
+    p.add_argument("--concept", default="star")
+    p.add_argument("--wrong", default="moon")
+    p.add_argument("--methods", nargs="+", default=["uce"], choices=("uce", "esd-x", "esd-u", "receler"))
+    p.add_argument("--threshold", type=float, help="presence threshold (default: IreceConfig's)")
+    p.set_defaults(func=cmd_gate)

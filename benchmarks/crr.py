@@ -24,14 +24,13 @@ from tqdm import tqdm
 
 from irece_runtime.irece import IreceConfig
 from irece_runtime.loading import load_pipeline
-from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 from miniworld import shapes
-from benchmarks.world_check import concept_prompts
+from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 from miniworld.judge import classify, load_judge
-
-from benchmarks import batch as gen
+from miniworld.prompts import concept_prompts, erase_prompts
 
 from . import attacks
+from . import batch as gen
 from .cache import key, model_fingerprint
 from .stats import crr, psnr, ssim, wilson
 
@@ -39,6 +38,7 @@ METHODS = ("standard", "uce", "esd-x", "esd-u", "receler")
 SCENARIOS = ("text", "adv_prompt", "ti_white", "ti_black", "inv_white_null", "inv_white_prompt",
              "inv_black_null", "inv_black_prompt")
 REFERENCE_SEED = 7_000_000  # renders used as inversion references (never used in training)
+DEFAULTS = IreceConfig.defaults()
 
 
 @dataclass
@@ -47,8 +47,8 @@ class BenchSettings:
     n_preserve: int = 4  # prompts per other concept for preservation
     steps: int = 25
     guidance: float = 5.0
-    tau: float = 0.4
-    t_star: float | int = 0.3
+    tau: float = DEFAULTS.tau
+    t_star: float | int = DEFAULTS.t_star
     erase_steps: int | None = None
     ti_steps: int = 200
     seed: int = 0
@@ -62,7 +62,7 @@ def erased_unet(model_dir: str, method: str, concept: str, s: BenchSettings) -> 
                 hp=ERASE_DEFAULTS.get(method), seed=s.seed)
     out = key("erased", **spec)
     if not (out / "config.json").exists():
-        erase(method, model_dir, concept, out, steps=s.erase_steps, seed=s.seed)
+        erase(method, model_dir, concept, out, steps=s.erase_steps, seed=s.seed, prompts=erase_prompts)
     return str(out)
 
 

@@ -37,9 +37,10 @@ def timed(fn, n=20, warmup=3):
 
 def shapes10(root: Path) -> dict:
     from export.onnx_export import export_onnx
-    from export.ort_backend import OrtEngines
-    from export.trt_backend import TrtEngines, build_engines
-    from irece_runtime.engines import TorchEngines
+    from irece_runtime.backends.onnxruntime_backend import OrtBackend
+    from export.tensorrt_build import build_engines
+    from irece_runtime.backends.tensorrt_backend import TrtBackend
+    from irece_runtime.backends.torch_backend import TorchBackend
     from irece_runtime.irece import IreceConfig
     from irece_runtime.pipeline import Pipeline, Request
     from miniworld.assets import MODEL_DIR as model
@@ -48,7 +49,7 @@ def shapes10(root: Path) -> dict:
         d = root / f"shapes10-{prec}"
         export_onnx(model, None, d)
         build_engines(d, fp16=prec == "fp16")
-        te, tr = TorchEngines(model, device="cuda"), TrtEngines(d)
+        te, tr = TorchBackend(model, device="cuda"), TrtBackend(d)
         x = torch.randn(2, 4, 8, 8, device="cuda")
         h = torch.randn(2, 77, te.embed_dim, device="cuda")
         w = torch.zeros(2, 77, device="cuda")
@@ -62,7 +63,7 @@ def shapes10(root: Path) -> dict:
         b = pr.generate(Request(prompt="a red star on a black background", seed=1), cfg)
         out[prec]["mask_agreement"] = float((a.irece.mask.cpu() == b.irece.mask.cpu()).float().mean())
         out[prec]["image_mean_abs_255"] = float(np.abs(a.images - b.images).mean() * 255)
-    ort = OrtEngines(root / "shapes10-fp32")
+    ort = OrtBackend(root / "shapes10-fp32")
     out["onnxruntime_providers"] = ort.providers
     return out
 
@@ -70,7 +71,7 @@ def shapes10(root: Path) -> dict:
 def sd14_architecture(root: Path) -> dict:
     """SD v1.4 shapes at random weights: UNet step and localizer times, peak memory."""
     from diffusers import UNet2DConditionModel
-    from export.onnx_export import UNetEps
+    from irece_runtime.components import UNetEps
     from irece_runtime.attention import Localizer
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval().cuda()
@@ -95,7 +96,8 @@ def sd14_architecture(root: Path) -> dict:
                                                      "localizer_over_step": lt / step, "peak_mem_mb": mem}
     try:  # TensorRT fp16 of the same graphs: the erased-UNet step (CFG batch 2) and the localizer (batch 1)
         import tensorrt as trt
-        from export.trt_backend import TrtModule, build_engine
+        from export.tensorrt_build import build_engine
+        from irece_runtime.backends.tensorrt_backend import TrtModule
         unet = unet.float()
         d = root / "sd14"
         d.mkdir(exist_ok=True)
@@ -125,8 +127,11 @@ def sd14_architecture(root: Path) -> dict:
     return res
 
 
-def random_sd14_folder(out: Path) -> Path:
-    """SD v1.4's architecture in diffusers folder layout at random weights (timing does not depend on them)."""
+def random_sd14_folder(out: Path, sample_size: int = 64, unet_channels=(320, 640, 1280, 1280), text_width: int = 768,
+                       text_layers: int = 12, vae_channels=(128, 256, 512, 512)) -> Path:
+    """SD v1.4's architecture in diffusers folder layout at random weights (timing does not depend on them). Smaller
+    widths keep the architecture (4 UNet levels with cross-attention, 8x VAE, CLIP text encoder) for a CPU run of
+    the model-agnostic tests: IRECE_TEST_MODEL=<folder> pytest."""
     import shutil
 
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -135,13 +140,16 @@ def random_sd14_folder(out: Path) -> Path:
     from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
     from miniworld.train import text_encoder_sd_layout
     torch.manual_seed(0)
-    UNet2DConditionModel(sample_size=64, cross_attention_dim=768).save_pretrained(out / "unet")
-    CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                 num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+    UNet2DConditionModel(sample_size=sample_size, cross_attention_dim=text_width,
+                         block_out_channels=tuple(unet_channels)).save_pretrained(out / "unet")
+    CLIPTextModel(CLIPTextConfig(hidden_size=text_width, intermediate_size=4 * text_width,
+                                 num_hidden_layers=text_layers, num_attention_heads=max(1, text_width // 64),
+                                 max_position_embeddings=77, projection_dim=text_width,
                                  hidden_act="quick_gelu")).save_pretrained(out / "text_encoder")
     text_encoder_sd_layout(out / "text_encoder")
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-                  block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                  sample_size=sample_size * 8, block_out_channels=tuple(vae_channels),
+                  down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(out / "vae")
     DDIMScheduler.from_pretrained(DEFAULT_MODEL / "scheduler").save_pretrained(out / "scheduler")
     shutil.copytree(DEFAULT_MODEL / "tokenizer", out / "tokenizer")

@@ -12,8 +12,8 @@ import torch
 
 from irece_runtime.irece import IreceConfig
 from irece_runtime.loading import load_pipeline
-from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 from irece_runtime.pipeline import Request
+from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 
 
 class PeakRSS:
@@ -47,31 +47,31 @@ class PeakRSS:
         self.gpu_peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
 
 
-def available_backends(engines_dir: str | None) -> list[tuple[str, dict]]:
+def available_backends(graphs_dir: str | None) -> list[tuple[str, dict]]:
     out = [("torch", {})]
-    if engines_dir:
-        out.append(("onnx", {"engines_dir": engines_dir}))
+    if graphs_dir:
+        out.append(("onnx", {"graphs_dir": graphs_dir}))
         if torch.cuda.is_available():
             out = [("torch-cuda", {"device": "cuda"})] + out
             import importlib.util
-            if importlib.util.find_spec("tensorrt") and "tensorrt" in (Path(engines_dir) / "manifest.json").read_text():
-                out.append(("tensorrt", {"engines_dir": engines_dir}))
+            if importlib.util.find_spec("tensorrt") and "tensorrt" in (Path(graphs_dir) / "manifest.json").read_text():
+                out.append(("tensorrt", {"graphs_dir": graphs_dir}))
     return out
 
 
 def _pipe(model_dir, erased, backend, kw):
     name = "torch" if backend.startswith("torch") else backend
-    return load_pipeline(model_dir, erased, name, kw.get("engines_dir"), device=kw.get("device", "cpu"))
+    return load_pipeline(model_dir, erased, name, kw.get("graphs_dir"), device=kw.get("device", "cpu"))
 
 
-def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, engines_dir: str | None = None,
+def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, graphs_dir: str | None = None,
             concept: str = "star", steps: int = 25, n: int = 10, warmup: int = 2, modality: str = "text") -> dict:
     from miniworld.shapes import render
     cfg = IreceConfig(concepts=(concept,))
     rows, overhead = [], {}
     req_of = {"text": lambda s: Request(prompt=f"a red {concept} on a black background", steps=steps, seed=s),
               "inverted_latent": lambda s: Request(init_image=render(concept, seed=s).image, steps=steps, seed=s)}
-    for backend, kw in available_backends(engines_dir):
+    for backend, kw in available_backends(graphs_dir):
         pipe = _pipe(model_dir, erased, backend, kw)
         for s in range(warmup):
             pipe.generate(req_of[modality](s), cfg)
@@ -90,7 +90,7 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, engi
                 lat[irece_on].append(time.perf_counter() - t0)
                 stage[irece_on].append(res.timings)
         # the floor: one localizer pass against the UNet calls of a request (CFG: `steps` calls at batch 2)
-        e = pipe.engines
+        e = pipe.backend
         x = torch.randn(1, e.latent_channels, pipe.sample_size, pipe.sample_size).to(e.device)
         h, w = pipe.localization(concept, cfg.template)
         t = torch.tensor(500)
@@ -120,7 +120,7 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, engi
 
 def measure_server(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, concept: str = "star",
                    clients=(1, 4, 8), per_client: int = 4, steps: int = 25, backend: str = "torch",
-                   engines_dir: str | None = None, workers: int = 2) -> list[dict]:
+                   graphs_dir: str | None = None, workers: int = 2) -> list[dict]:
     """Latency and throughput through the gRPC server on loopback at several concurrent clients."""
     import grpc
     from protos.irece.v1 import generation_pb2 as pb
@@ -129,7 +129,7 @@ def measure_server(model_dir: str = str(DEFAULT_MODEL), erased: str | None = Non
     from server.config import ServerConfig
     rows = []
     for irece_on in (False, True):
-        cfg = ServerConfig(model=model_dir, erased=erased, backend=backend, engines=engines_dir,
+        cfg = ServerConfig(model=model_dir, erased=erased, backend=backend, graphs=graphs_dir,
                            concepts=[concept] if irece_on else [], port=0, metrics_port=None, workers=workers,
                            queue_size=max(clients) * per_client, default_steps=steps)
         server = Server(cfg).start()

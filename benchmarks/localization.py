@@ -2,21 +2,24 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from irece_runtime.backends.torch_backend import require_torch
+from irece_runtime.images import to_tensor
 from irece_runtime.irece import IreceConfig
 from irece_runtime.loading import load_pipeline
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 from miniworld import shapes
 
-from benchmarks import batch as gen
+from . import batch as gen
 from .stats import psnr
 
 LOC_SEED = 8_000_000
+DEFAULTS = IreceConfig.defaults()
 
 
-def _pixels(mask: np.ndarray) -> np.ndarray:
-    f = shapes.SIZE // mask.shape[-1]
+def pixel_mask(mask: np.ndarray, side: int = shapes.SIZE) -> np.ndarray:
+    """A latent-resolution mask (h, w) as a boolean mask of the (side, side) image, nearest-neighbour upsampled."""
+    f = side // mask.shape[-1]
     return np.kron(mask, np.ones((f, f))) > 0.5
 
 
@@ -34,31 +37,31 @@ def masks_for(pipe, images: np.ndarray, concepts: list[str], tau: float, t_star,
     return np.stack(out)
 
 
-def run(model_dir: str = str(DEFAULT_MODEL), n: int = 100, n_pairs: int = 20, tau: float = 0.4, t_star=0.3,
-        steps: int = 25, layers: tuple[str, ...] | None = None) -> dict:
+def run(model_dir: str = str(DEFAULT_MODEL), n: int = 100, n_pairs: int = 20, tau: float = DEFAULTS.tau,
+        t_star=DEFAULTS.t_star, steps: int = 25, layers: tuple[str, ...] | None = None) -> dict:
     pipe = load_pipeline(model_dir, layers=layers)
+    localizer = require_torch(pipe.backend, "the localization benchmark (it reports the localizer's layers)").localizer
     rng = np.random.default_rng(LOC_SEED)
     scenes = [shapes.render(shapes.CONCEPTS[i % 10], rng=rng) for i in range(n)]
     images = np.stack([s.image for s in scenes])
     masks = masks_for(pipe, images, [s.label for s in scenes], tau, t_star, steps)
-    ious = [iou(_pixels(m), s.mask) for m, s in zip(masks, scenes)]
+    ious = [iou(pixel_mask(m), s.mask) for m, s in zip(masks, scenes)]
     # chance: the same masks scored against other images' shapes (a localizer that ignores the image)
-    chance = [iou(_pixels(m), s.mask) for m, s in zip(masks, scenes[7:] + scenes[:7])]
+    chance = [iou(pixel_mask(m), s.mask) for m, s in zip(masks, scenes[7:] + scenes[:7])]
     per_concept = {c: float(np.mean([v for v, s in zip(ious, scenes) if s.label == c])) for c in shapes.CONCEPTS}
     pairs = [shapes.render_pair(rng=rng) for _ in range(n_pairs)]
     own_cover, other_cover = [], []
     for p in pairs:
         for c in p.masks:
             other = next(o for o in p.masks if o != c)
-            m = _pixels(masks_for(pipe, p.image[None], [c], tau, t_star, steps)[0])
+            m = pixel_mask(masks_for(pipe, p.image[None], [c], tau, t_star, steps)[0])
             own_cover.append((m & p.masks[c]).sum() / p.masks[c].sum())
             other_cover.append((m & p.masks[other]).sum() / p.masks[other].sum())
     # inversion round trip (standard model, null prompt): reconstruction PSNR, and the VAE alone for reference
     x_T = gen.invert_images(pipe, images[:min(n, 50)], "standard", steps)
     recon, _ = gen.from_latents(pipe, x_T, "", None, steps=steps)
-    vae_only = gen.decode(pipe, pipe.engines.vae_encode(torch.cat([torch.from_numpy(
-        im.astype(np.float32)).permute(2, 0, 1)[None] / 127.5 - 1 for im in images[:50]])))
-    return {"n": n, "tau": tau, "t_star": t_star, "steps": steps, "layers": list(pipe.engines.localizer.layer_names),
+    vae_only = gen.decode(pipe, pipe.backend.vae_encode(to_tensor(images[:50])))
+    return {"n": n, "tau": tau, "t_star": t_star, "steps": steps, "layers": list(localizer.layer_names),
             "mean_iou": float(np.mean(ious)), "chance_iou": float(np.mean(chance)),
             "mask_area": float(masks.mean()),
             "iou_per_concept": per_concept, "pairs": n_pairs,

@@ -22,10 +22,9 @@ import numpy as np
 
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the peers venv is a development tool of the checkout
-
 from . import cache
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the peers venv is a development tool of the checkout
 PEERS_PYTHON = REPO_ROOT / ".venv-peers" / "bin" / "python"
 WORKER = Path(__file__).with_name("peers_worker.py")
 
@@ -78,7 +77,7 @@ def diffusers_folder(model_dir: Path, erased: Path | None) -> Path:
     model's folders with that UNet in place of its own, cached by content."""
     if erased is None:
         return model_dir
-    from irece_runtime.engines import load_unet
+    from irece_runtime.components import load_unet
     from irece_runtime.erasers import erasers_path
     if erasers_path(erased).exists():
         raise ValueError(f"--erased {erased}: Receler's erasers are our own modules; diffusers and optimum "
@@ -96,7 +95,8 @@ def diffusers_folder(model_dir: Path, erased: Path | None) -> Path:
 
 def our_engines(model_dir: Path, erased: Path | None) -> Path:
     """Our ONNX export of the model (+ erased UNet), built once and cached by content."""
-    from export.onnx_export import MANIFEST, export_onnx
+    from export.onnx_export import export_onnx
+    from irece_runtime.backends.graph import MANIFEST
     out = cache.key("peers-engines", model=cache.model_fingerprint(str(model_dir)),
                     erased=erased and cache.model_fingerprint(str(erased)))
     if not (out / MANIFEST).exists():
@@ -140,7 +140,7 @@ def run(model_dir: str | Path = DEFAULT_MODEL, erased: str | Path | None = None,
     sample_size = json.loads((model_dir / "unet" / "config.json").read_text())["sample_size"]
     common = ["--model", str(sd_dir), "--model-ours", str(model_dir), "--prompt", prompt, "--steps", str(steps),
               "--guidance", str(guidance), "--sample-size", str(sample_size), "--device", device,
-              "--concept", concept] + (["--engines", str(engines)] if engines else []) + \
+              "--concept", concept] + (["--graphs", str(engines)] if engines else []) + \
         (["--erased", str(erased)] if erased else [])
     for s in pool:
         s.start(out_dir, common)

@@ -66,7 +66,7 @@ class Ours:
         from irece_runtime.loading import load_pipeline
         from irece_runtime.pipeline import Request
         backend = a.system.removeprefix("irece-")
-        self.pipe = load_pipeline(a.model_ours, a.erased, backend, a.engines, device=a.device)
+        self.pipe = load_pipeline(a.model_ours, a.erased, backend, a.graphs, device=a.device)
         self.cfg = IreceConfig(concepts=(a.concept,)) if a.irece else None
         self.Request, self.a = Request, a
 
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", required=True, help="diffusers folder (with the erased UNet where one is compared)")
     p.add_argument("--model-ours", help="our pipeline's standard model folder")
     p.add_argument("--erased")
-    p.add_argument("--engines")
+    p.add_argument("--graphs")
     p.add_argument("--optimum-dir")
     p.add_argument("--irece", action="store_true")
     p.add_argument("--concept", default="star")

@@ -9,12 +9,12 @@ import numpy as np
 
 from irece_runtime.irece import IreceConfig
 from irece_runtime.loading import load_pipeline
-from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 from miniworld import shapes
-from benchmarks.world_check import concept_prompts
+from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 from miniworld.judge import classify, load_judge
+from miniworld.prompts import concept_prompts
 
-from benchmarks import batch as gen
+from . import batch as gen
 from .crr import BenchSettings, erased_unet, inverted
 
 T_STARS = (0.1, 0.3, 0.5)
@@ -42,11 +42,12 @@ def tune(model_dir: str = str(DEFAULT_MODEL), method: str = "uce", concepts=shap
     s = s or BenchSettings(n=10, n_preserve=2)
     calib, test = replace(s, seed=s.seed), replace(s, seed=s.seed + 1)  # disjoint references and prompts
     judge = load_judge()
+    paper = IreceConfig.defaults()  # the paper's setting, the baseline every choice is compared with
     out = {"method": method, "grid": {"t_star": list(t_stars), "tau": list(taus)}, "concepts": {}}
     for concept in concepts:
         erased = erased_unet(model_dir, method, concept, s)
         pipe = load_pipeline(model_dir, erased)
-        base_crr, base_pres = evaluate(pipe, judge, model_dir, erased, concept, calib, 0.4, 0.3)
+        base_crr, base_pres = evaluate(pipe, judge, model_dir, erased, concept, calib, paper.tau, paper.t_star)
         sweep = []
         for t_star in t_stars:
             for tau in taus:
@@ -55,7 +56,7 @@ def tune(model_dir: str = str(DEFAULT_MODEL), method: str = "uce", concepts=shap
         # the lowest CRR whose preservation stays within max_preservation_drop of the paper's setting
         ok = [p for p in sweep if p["preservation"] >= base_pres - max_preservation_drop] or sweep
         best = min(ok, key=lambda p: (p["crr"], -p["preservation"], -p["tau"]))
-        paper_test = evaluate(pipe, judge, model_dir, erased, concept, test, 0.4, 0.3)
+        paper_test = evaluate(pipe, judge, model_dir, erased, concept, test, paper.tau, paper.t_star)
         tuned_test = evaluate(pipe, judge, model_dir, erased, concept, test, best["tau"], best["t_star"])
         out["concepts"][concept] = {"chosen": {"tau": best["tau"], "t_star": best["t_star"]}, "sweep": sweep,
                                     "calibration": {"paper": [base_crr, base_pres], "tuned": [best["crr"], best["preservation"]]},

@@ -5,6 +5,7 @@ import numpy as np
 
 from miniworld import shapes
 from miniworld.judge import LABELS, classify, load_judge
+from miniworld.prompts import concept_prompts
 
 HELD_OUT_SEED = 9_000_000  # renders from this seed on were never used in training (training uses seeds 0..3)
 
@@ -19,18 +20,6 @@ def judge_accuracy(judge, n: int = 2000) -> float:
     images, labels = held_out_renders(n)
     pred, _ = classify(judge, images)
     return float(np.mean([p == t for p, t in zip(pred, labels)]))
-
-
-def concept_prompts(concept: str, n: int, seed: int) -> list[str]:
-    """'a {colour} {concept} on a {background} background' with legible random colour/background pairs."""
-    rng = np.random.default_rng(seed)
-    out = []
-    while len(out) < n:
-        c = list(shapes.COLOURS)[rng.integers(len(shapes.COLOURS))]
-        b = list(shapes.BACKGROUNDS)[rng.integers(len(shapes.BACKGROUNDS))]
-        if shapes.legible(c, b):
-            out.append(f"a {c} {concept} on a {b} background")
-    return out
 
 
 def text_accuracy(pipe, judge, concepts=shapes.CONCEPTS, n: int = 50, steps: int = 25, guidance: float = 5.0,

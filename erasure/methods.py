@@ -9,17 +9,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
-from torch import nn
 from tqdm import tqdm
 
-from irece_runtime.attention import cross_attention_layers
-from irece_runtime.engines import TorchEngines
+from irece_runtime.backends.torch_backend import TorchBackend
 from irece_runtime.erasers import ERASERS_FILE, install_erasers
 from irece_runtime.irece import concept_mask, token_weights
 from irece_runtime.pipeline import Pipeline
@@ -33,22 +31,16 @@ ERASE_DEFAULTS = {
     "receler": dict(steps=300, lr=1e-3, negative_guidance=1.0, start_guidance=3.0, batch=4, rank=16,
                     reg_weight=0.1, mask_thres=0.1),
 }
-ERASE_TEMPLATES = ("{concept}", "a {concept}", "an image of a {concept}", "a photo of a {concept}",
-                   "a {colour} {concept}", "a {concept} on a {background} background",
-                   "a {colour} {concept} on a {background} background")
+GENERIC_TEMPLATES = ("{concept}", "a {concept}", "an image of a {concept}", "a photo of a {concept}",
+                     "a picture of a {concept}", "a painting of a {concept}", "a drawing of a {concept}",
+                     "a close-up of a {concept}")
+PromptSet = Callable[[str, int, int], list[str]]  # (concept, n, seed) -> prompts that name the concept
 
 
-def erase_prompts(concept: str, n: int = 24, seed: int = 0) -> list[str]:
-    """Varied prompts that name the concept: the erasure must hold across phrasings, not one string."""
-    from miniworld.shapes import BACKGROUNDS, COLOURS, legible
-
-    rng = np.random.default_rng(seed)
-    out = [t.format(concept=concept) for t in ERASE_TEMPLATES[:4]]
-    while len(out) < n:
-        c, b = rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS))
-        if legible(c, b):
-            out.append(ERASE_TEMPLATES[4 + len(out) % 3].format(concept=concept, colour=c, background=b))
-    return out
+def generic_prompts(concept: str, n: int = 24, seed: int = 0) -> list[str]:
+    """Varied phrasings of any concept (the erasure must hold across phrasings, not one string). Worlds with
+    attributes of their own pass a richer set (miniworld.prompts.erase_prompts for Shapes-10)."""
+    return [GENERIC_TEMPLATES[(seed + i) % len(GENERIC_TEMPLATES)].format(concept=concept) for i in range(n)]
 
 
 # -- UCE ------------------------------------------------------------------------------------------------------
@@ -68,12 +60,13 @@ def _concept_rows(pipe: Pipeline, prompt: str, concept: str) -> tuple[torch.Tens
 
 @torch.no_grad()
 def uce(unet: UNet2DConditionModel, pipe: Pipeline, concept: str, preserve: list[str], lamb: float = 0.5,
-        erase_scale: float = 1.0, preserve_scale: float | None = None) -> UNet2DConditionModel:
+        erase_scale: float = 1.0, preserve_scale: float | None = None,
+        prompts: PromptSet = generic_prompts) -> UNet2DConditionModel:
     """Closed-form edit of every cross-attention to_k/to_v: W = (lamb W + sum_e v*_e c_e^T + sum_p W c_p c_p^T)
     (lamb I + sum_e c_e c_e^T + sum_p c_p c_p^T)^-1 with v*_e = W c_guide."""
-    erase_c, guide_c = zip(*(_concept_rows(pipe, p, concept) for p in erase_prompts(concept)))
+    erase_c, guide_c = zip(*(_concept_rows(pipe, p, concept) for p in prompts(concept, 24, 0)))
     erase_c, guide_c = torch.cat(erase_c), torch.cat(guide_c)
-    keep = [pipe.encode_prompt(p)[0] for q in preserve for p in erase_prompts(q, n=8)] + [pipe.encode_prompt("")[0]]
+    keep = [pipe.encode_prompt(p)[0] for q in preserve for p in prompts(q, 8, 0)] + [pipe.encode_prompt("")[0]]
     keep_c = torch.cat(keep)
     preserve_scale = preserve_scale if preserve_scale is not None else max(0.1, 1.0 / max(1, len(preserve)))
     for name, module in unet.named_modules():
@@ -111,7 +104,7 @@ def _sample_to(pipe: Pipeline, base, cond, uncond, guidance, t_index, n_steps, x
 
 def esd(unet, base, pipe: Pipeline, concept: str, method: str, steps: int, lr: float, negative_guidance: float,
         start_guidance: float, batch: int, seed: int = 0, rank: int = 16, reg_weight: float = 0.1,
-        mask_thres: float = 0.1, n_steps: int = 25):
+        mask_thres: float = 0.1, n_steps: int = 25, prompts: PromptSet = generic_prompts):
     """ESD: train eps_erased(x_t, c, t) -> eps(x_t, t) - eta (eps(x_t, c, t) - eps(x_t, t)) on the base model's
     own samples x_t. Receler: the same objective on erasers only, plus the mask-localized regularizer."""
     torch.manual_seed(seed)
@@ -123,16 +116,16 @@ def esd(unet, base, pipe: Pipeline, concept: str, method: str, steps: int, lr: f
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    prompts = erase_prompts(concept, n=64, seed=seed)
-    hidden = torch.cat([pipe.encode_prompt(p) for p in prompts])
+    texts = prompts(concept, 64, seed)
+    hidden = torch.cat([pipe.encode_prompt(p) for p in texts])
     cids = pipe.tokenizer(concept, add_special_tokens=False).input_ids
-    weights = torch.stack([token_weights(pipe.token_ids(p)[0], cids) for p in prompts])  # Receler's mask
+    weights = torch.stack([token_weights(pipe.token_ids(p)[0], cids) for p in texts])  # Receler's mask
     uncond = pipe.encode_prompt("")
-    e = pipe.engines
+    e = pipe.backend
     side = pipe.sample_size
     unet.train()
     for _ in (bar := tqdm(range(steps), desc=f"erase {method} {concept}", mininterval=5)):
-        pick = torch.randint(len(prompts), (batch,), generator=g)
+        pick = torch.randint(len(texts), (batch,), generator=g)
         cond = hidden[pick]
         t_index = int(torch.randint(1, n_steps, (1,), generator=g))
         x0 = torch.randn((batch, e.latent_channels, side, side), generator=g)
@@ -173,27 +166,28 @@ def save_erased(unet, out: str | Path, info: dict) -> None:
 
 
 def erase(method: str, model_dir: str | Path, concept: str, out: str | Path, preserve: list[str] | None = None,
-          steps: int | None = None, seed: int = 0) -> dict:
+          steps: int | None = None, seed: int = 0, prompts: PromptSet = generic_prompts) -> dict:
+    """Erase `concept` from the model folder's UNet with `method`, training on `prompts` (phrasings of a concept);
+    UCE also preserves `preserve` (default: the other concepts of the folder's concepts.json, if any)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     t0 = time.time()
-    engines = TorchEngines(model_dir)
-    pipe = Pipeline.from_model_dir(engines, model_dir)
+    backend = TorchBackend(model_dir)
+    pipe = Pipeline.from_model_dir(backend, model_dir)
     if concept not in pipe.tokenizer.get_vocab() and not pipe.tokenizer(concept, add_special_tokens=False).input_ids:
         raise ValueError(f"concept {concept!r} does not tokenize")
-    base = engines.unets["standard"]
+    base = backend.unets["standard"]
     unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
     info: dict = {"method": method, "concept": concept, "seed": seed}
     if method == "uce":
-        from miniworld.shapes import CONCEPTS
-        preserve = preserve if preserve is not None else [c for c in CONCEPTS if c != concept]
-        uce(unet, pipe, concept, preserve)
+        preserve = preserve if preserve is not None else [c for c in pipe.vocabulary if c != concept]
+        uce(unet, pipe, concept, preserve, prompts=prompts)
         info["preserve"] = preserve
     else:
         hp = dict(ERASE_DEFAULTS[method])
         if steps:
             hp["steps"] = steps
-        esd(unet, base, pipe, concept, method, seed=seed, **hp)
+        esd(unet, base, pipe, concept, method, seed=seed, prompts=prompts, **hp)
         info.update(hp)
     save_erased(unet, out, info)
     info["seconds"] = round(time.time() - t0, 1)

@@ -16,52 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from torch import nn
 from tqdm import tqdm
 
-from irece_runtime.attention import Localizer
-from irece_runtime.engines import load_unet, text_encoder_from_embeds
+from irece_runtime.backends.graph import FORMAT, MANIFEST
+from irece_runtime.components import COMPONENTS, build_components, component_io
 
 OPSET = 17
 EXPORTER = "torchscript"
-MANIFEST = "manifest.json"
-COMPONENTS = ("text_encoder", "vae_encoder", "vae_decoder", "unet_erased", "unet_standard", "localizer")
-
-
-class TextEncoder(nn.Module):
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.te = text_encoder
-
-    def forward(self, token_embeds):
-        return text_encoder_from_embeds(self.te, token_embeds)
-
-
-class VaeEncoder(nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, images):
-        return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
-
-
-class VaeDecoder(nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents):
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
-
-
-class UNetEps(nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states).sample
 
 
 def sha256(path: Path) -> str:
@@ -82,56 +43,13 @@ def model_hashes(model_dir: Path, erased: Path | None) -> dict:
     return out
 
 
-def example_inputs(name: str, b: int, cfg: dict) -> tuple[tuple, list[str], list[str], dict]:
-    D, C, h, w = cfg["embed_dim"], cfg["latent_channels"], cfg["latent_h"], cfg["latent_w"]
-    f = cfg["vae_scale_factor"]
-    t = torch.tensor([500.0])
-    lat = torch.randn(b, C, h, w)
-    hid = torch.randn(b, 77, D)
-    if name == "text_encoder":
-        return (hid,), ["token_embeds"], ["hidden_states"], {"token_embeds": {0: "B"}, "hidden_states": {0: "B"}}
-    if name == "vae_encoder":
-        return ((torch.rand(b, 3, h * f, w * f) * 2 - 1),), ["images"], ["latents"], {"images": {0: "B"}, "latents": {0: "B"}}
-    if name == "vae_decoder":
-        return (lat,), ["latents"], ["images"], {"latents": {0: "B"}, "images": {0: "B"}}
-    if name.startswith("unet"):
-        return ((lat, t, hid), ["sample", "timestep", "encoder_hidden_states"], ["noise_pred"],
-                {"sample": {0: "B"}, "encoder_hidden_states": {0: "B"}, "noise_pred": {0: "B"}})
-    if name == "localizer":
-        tw = torch.zeros(b, 77)
-        tw[:, 5] = 1.0
-        return ((lat, t, hid, tw), ["sample", "timestep", "encoder_hidden_states", "token_weights"], ["concept_map"],
-                {"sample": {0: "B"}, "encoder_hidden_states": {0: "B"}, "token_weights": {0: "B"},
-                 "concept_map": {0: "B"}})
-    raise ValueError(name)
-
-
-def build_modules(model_dir: Path, erased: Path | None, layers=None) -> tuple[dict, dict]:
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
-
-    te = CLIPTextModel.from_pretrained(model_dir / "text_encoder").eval()
-    vae = AutoencoderKL.from_pretrained(model_dir / "vae").eval()
-    standard = load_unet(model_dir)
-    erased_unet = load_unet(erased, model_dir) if erased else None
-    loc_unet = load_unet(model_dir)  # its own copy: the localizer swaps attention processors
-    modules = {"text_encoder": TextEncoder(te), "vae_encoder": VaeEncoder(vae), "vae_decoder": VaeDecoder(vae),
-               "unet_erased": UNetEps(erased_unet if erased_unet is not None else standard),
-               "unet_standard": UNetEps(standard), "localizer": Localizer(loc_unet, layers)}
-    sample_size = standard.config.sample_size
-    cfg = {"embed_dim": te.config.hidden_size, "latent_channels": vae.config.latent_channels,
-           "vae_scale_factor": 2 ** (len(vae.config.block_out_channels) - 1), "latent_h": sample_size,
-           "latent_w": sample_size, "scaling_factor": vae.config.scaling_factor}
-    return modules, cfg
-
-
 def export_onnx(model_dir: str | Path, erased: str | Path | None, out: str | Path, layers=None,
                 max_batch: int = 2) -> dict:
     """Export every component to out/*.onnx (fp32), the token-embedding table and the manifest."""
     model_dir, out = Path(model_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    modules, cfg = build_modules(model_dir, Path(erased) if erased else None, layers)
+    modules, cfg = build_components(model_dir, Path(erased) if erased else None, layers)
     te = modules["text_encoder"].te
     save_file({"weight": te.get_input_embeddings().weight.detach().contiguous()},
               str(out / "token_embedding.safetensors"))
@@ -141,7 +59,7 @@ def export_onnx(model_dir: str | Path, erased: str | Path | None, out: str | Pat
         if name == "unet_erased" and shared:
             components[name] = {"file": "unet_standard.onnx"}  # no erased model: one engine serves both
             continue
-        args, inputs, outputs, axes = example_inputs(name, 1, cfg)
+        args, inputs, outputs, axes = component_io(name, 1, cfg)
         path = out / f"{name}.onnx"
         with torch.no_grad():
             torch.onnx.export(modules[name], args, str(path), input_names=inputs, output_names=outputs,
@@ -151,7 +69,7 @@ def export_onnx(model_dir: str | Path, erased: str | Path | None, out: str | Pat
     stats = {n: graph_stats(onnx.load(str(out / components[n]["file"]), load_external_data=False))
              for n in ("unet_standard", "localizer")}
     manifest = {
-        "format": "irece-engines/1", "backend": "onnx", "precision": "fp32", "opset": OPSET, "exporter": EXPORTER,
+        "format": FORMAT, "backend": "onnx", "precision": "fp32", "opset": OPSET, "exporter": EXPORTER,
         "model_dir": str(model_dir), "erased": str(erased) if erased else None,
         "source_sha256": model_hashes(model_dir, Path(erased) if erased else None),
         "shapes": {"latent": [cfg["latent_channels"], cfg["latent_h"], cfg["latent_w"]], "tokens": 77,

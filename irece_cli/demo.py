@@ -39,8 +39,8 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     from irece_runtime.irece import IreceConfig
     from irece_runtime.loading import load_pipeline
     from miniworld import shapes
-    from benchmarks.world_check import concept_prompts
     from miniworld.judge import classify, load_judge
+    from miniworld.prompts import concept_prompts, erase_prompts
 
     torch.set_num_threads(2)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,8 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     print("1/3  the standard Shapes-10 model, one row per concept", flush=True)
     rows, acc = [], {}
     for i, c in enumerate(shapes.CONCEPTS):
-        imgs, _ = gen.from_prompts(pipe, concept_prompts(c, per_concept, i), list(range(100 * i, 100 * i + per_concept)), None)
+        seeds = list(range(100 * i, 100 * i + per_concept))
+        imgs, _ = gen.from_prompts(pipe, concept_prompts(c, per_concept, i), seeds, None)
         labels, _ = classify(judge, imgs)
         acc[c] = float(np.mean([lab == c for lab in labels]))
         rows.append(imgs)
@@ -62,7 +63,7 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
 
     print(f"2/3  erase '{concept}' with UCE, attack by white-box DDIM inversion, suppress with IRECE", flush=True)
     erased = out / f"uce-{concept}"
-    erase("uce", DEFAULT_MODEL, concept, erased)
+    erase("uce", DEFAULT_MODEL, concept, erased, prompts=erase_prompts)  # the mini world's phrasings
     epipe = load_pipeline(DEFAULT_MODEL, erased)
     text, _ = gen.from_prompts(epipe, [f"an image of a {concept}"] * n_attack, list(range(n_attack)), None)
     rng = np.random.default_rng(123)
@@ -91,11 +92,14 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
 
 def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray, pipe) -> dict:
     import grpc
+    import torch
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from prometheus_client.parser import text_string_to_metric_families
-    from server.client import build_request, report_dict
-    from protos.irece.v1 import generation_pb2_grpc as pb_grpc
+
     from irece_runtime.embeddings import save_learned_embedding
+    from protos.irece.v1 import generation_pb2_grpc as pb_grpc
+    from server import report
+    from server.client import build_request
 
     port, metrics_port = _free_port(), _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "irece_cli.main", "serve", "--model", str(DEFAULT_MODEL),
@@ -117,9 +121,8 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
                 time.sleep(0.5)
             Image.fromarray(reference).save(out / "reference.png")
             ids = pipe.tokenizer(concept, add_special_tokens=False).input_ids
-            import torch
             save_learned_embedding(out / "learned_embeds.safetensors",
-                                   {"<x>": pipe.engines.embed_tokens(torch.tensor([ids]))[0]})
+                                   {"<x>": pipe.backend.embed_tokens(torch.tensor([ids]))[0]})
             stub = pb_grpc.GenerationStub(ch)
             reports = {}
             for modality, req in (("text", build_request(f"a {concept} on a black background")),
@@ -128,7 +131,7 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
                                   ("inverted_latent", build_request("", image=str(out / "reference.png")))):
                 resp = stub.Generate(req, timeout=120)
                 (out / f"server_{modality}.png").write_bytes(resp.png)
-                reports[modality] = report_dict(resp)["irece"]
+                reports[modality] = report.to_dict(resp.irece)
                 print(f"     {modality:16s} intervened={resp.irece.intervened} mask_area={resp.irece.mask_area:.2f}",
                       flush=True)
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()

@@ -21,7 +21,7 @@ class MapStore(threading.local):
     Thread-local, so a request localizing never sees another thread's plain noise prediction (or maps)."""
 
     def __init__(self):
-        self.token_weights: torch.Tensor | None = None  # (B, 77)
+        self.token_weights: torch.Tensor | None = None  # (B, K, 77): K token sets (concepts) in one pass
         self.maps: list[torch.Tensor] = []
 
 
@@ -51,7 +51,7 @@ class ConceptMapProcessor:
         d = k.shape[-1] // attn.heads
         q, k, v = (t.view(b, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))
         probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (B, heads, h*w, 77)
-        self.store.maps.append((probs.mean(1) * w[:, None, :]).sum(-1))  # (B, h*w)
+        self.store.maps.append(probs.mean(1) @ w.transpose(1, 2))  # (B, h*w, K): mass on each weighted token set
         out = (probs @ v).transpose(1, 2).reshape(b, n, attn.heads * d)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -78,9 +78,12 @@ class Localizer(nn.Module):
         self.layer_names = sorted(names)
 
     def forward(self, sample, timestep, encoder_hidden_states, token_weights):
-        self.store.token_weights, self.store.maps = token_weights, []
+        """token_weights (B, 77) -> map (B, H, W); (B, K, 77) -> maps (B, K, H, W), all K from one UNet pass."""
+        single = token_weights.dim() == 2
+        self.store.token_weights, self.store.maps = (token_weights[:, None] if single else token_weights), []
         try:
             self.unet(sample, timestep, encoder_hidden_states)
-            return aggregate_maps(self.store.maps, tuple(sample.shape[-2:]))
+            maps = aggregate_maps(self.store.maps, tuple(sample.shape[-2:]))
+            return maps[:, 0] if single else maps
         finally:
             self.store.token_weights, self.store.maps = None, []

@@ -10,12 +10,14 @@ the denoising loop calls these at step t*.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 PERTURB_MODES = ("replace", "add")
+GATES = ("off", "contrastive")  # off: the paper's always-intervene; contrastive: concept tokens compete
 
 
 @dataclass(frozen=True)
@@ -26,15 +28,25 @@ class IreceConfig:
     mode: str = "replace"
     template: str = "a photo of a {concept}"  # the localization prompt c_tgt
     min_peak: float = 0.0  # presence gate on the raw map's peak; 0 = always intervene (the paper)
-    per_concept: dict = field(default_factory=dict)  # concept -> {"tau": .., "t_star": ..} (`irece bench tune`)
+    per_concept: dict = field(default_factory=dict)  # concept -> {"tau", "t_star", "threshold"} (`irece bench tune`)
+    gate: str = "off"  # "contrastive": intervene only where a concept is present (scores from competing tokens)
+    threshold: float = 0.5  # presence-score threshold of the contrastive gate (calibrated by `irece bench tune`)
+    vocabulary: tuple[str, ...] = ()  # competing concepts in the localization prompt, beside the model's own
 
     def __post_init__(self):
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau must be in [0, 1], got {self.tau}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if self.mode not in PERTURB_MODES:
             raise ValueError(f"mode must be one of {PERTURB_MODES}, got {self.mode!r}")
         if isinstance(self.t_star, float) and not 0.0 <= self.t_star < 1.0:
             raise ValueError(f"t_star as a fraction must be in [0, 1), got {self.t_star}")
+
+    @classmethod
+    def defaults(cls) -> "IreceConfig":
+        """The one source of IRECE's defaults: server config, CLI flags and benchmarks read them from here."""
+        return cls()
 
     def step_index(self, num_steps: int) -> int:
         """t* as an index into a schedule of num_steps denoising steps."""
@@ -44,31 +56,44 @@ class IreceConfig:
             return self.t_star
         return min(num_steps - 1, int(round(self.t_star * num_steps)))
 
-    def plan(self, num_steps: int) -> dict[int, list[tuple[str, float]]]:
-        """step index -> [(concept, tau)]: where each concept is localized, with its own settings if tuned."""
-        out: dict[int, list[tuple[str, float]]] = {}
+    def plan(self, num_steps: int) -> dict[int, list[tuple[str, float, float]]]:
+        """step index -> [(concept, tau, threshold)]: where each concept is localized, with its own settings if
+        tuned."""
+        out: dict[int, list[tuple[str, float, float]]] = {}
         for c in self.concepts:
             o = self.per_concept.get(c, {})
             step = replace(self, t_star=o.get("t_star", self.t_star), per_concept={}).step_index(num_steps)
-            out.setdefault(step, []).append((c, float(o.get("tau", self.tau))))
+            out.setdefault(step, []).append((c, float(o.get("tau", self.tau)),
+                                             float(o.get("threshold", self.threshold))))
         return out
 
 
+def parse_t_star(value: str | float | int) -> float | int:
+    """t* from a flag, config file or request: "0.3" (a fraction of the schedule) or "7" (a step index)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    try:
+        return float(text) if any(ch in text for ch in ".eE") else int(text)
+    except ValueError:
+        raise ValueError(f"t_star must be a fraction like 0.3 or a step index like 7, got {text!r}") from None
+
+
 def aggregate_maps(layer_maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Per-layer concept maps (B, h_l*w_l), already head-averaged and token-weighted -> (B, H, W).
+    """Per-layer concept maps (B, h_l*w_l, K), already head-averaged and token-weighted -> (B, K, H, W).
 
     Each layer's map is reshaped to its own grid (same aspect as the latent), bilinearly upsampled to the
     latent grid (H, W), and the layers are averaged with equal weight.
     """
     if not layer_maps:
         raise ValueError("no cross-attention maps were recorded")
-    H, W = int(size[0]), int(size[1])  # static under tracing; the batch stays dynamic
+    H, W = int(size[0]), int(size[1])  # static under tracing; batch and K stay dynamic
     out = 0.0
     for m in layer_maps:
         scale = int(round((H * W / int(m.shape[1])) ** 0.5))
-        grid = m.reshape(-1, 1, H // scale, W // scale)
+        grid = m.transpose(1, 2).reshape(m.shape[0], -1, H // scale, W // scale)
         out = out + F.interpolate(grid, size=(H, W), mode="bilinear", align_corners=False)
-    return (out / len(layer_maps))[:, 0]
+    return out / len(layer_maps)
 
 
 def minmax(concept_map: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -83,6 +108,33 @@ def concept_mask(concept_map: torch.Tensor, tau: float, min_peak: float = 0.0) -
     m = (minmax(concept_map) >= tau).to(concept_map.dtype)
     present = concept_map.flatten(1).max(1).values >= min_peak
     return m * present[:, None, None].to(m.dtype)
+
+
+def contrastive_masks(maps: torch.Tensor, tau: float) -> torch.Tensor:
+    """(B, K, H, W) maps of K competing concepts from one localization prompt -> binary masks (B, K, H, W).
+
+    A cell belongs to concept k where the concept tokens together draw attention (min-max of their summed map
+    >= tau, the paper's rule on the union) and k draws the most of it: concepts split the object region
+    between them instead of each claiming min-max's ~40% of the latent.
+    """
+    objects = minmax(maps.sum(1)) >= tau  # (B, H, W)
+    owner = F.one_hot(maps.argmax(1), maps.shape[1]).permute(0, 3, 1, 2).bool()  # (B, K, H, W)
+    return (owner & objects[:, None]).to(maps.dtype)
+
+
+def presence_scores(maps: torch.Tensor, tau: float, eps: float = 1e-12) -> torch.Tensor:
+    """(B, K, H, W) competing-concept maps -> (B, K) presence scores in [0, 1].
+
+    The score is concept k's peak local share of the concept tokens' attention inside the object region: the
+    share map maps_k / sum_j maps_j, averaged over the object cells of each 3x3 neighbourhood (one noisy cell is
+    not a shape), at its maximum over object cells (where the summed map passes tau). A concept that is drawn owns some region
+    (score near 1); an absent one only ever shares (score near 1/K)."""
+    share = maps / maps.sum(1, keepdim=True).clamp_min(eps)
+    objects = (minmax(maps.sum(1)) >= tau)[:, None].to(maps.dtype)
+    # mean share over the object cells of each 3x3 neighbourhood (background cells do not vote)
+    local = F.avg_pool2d(share * objects, 3, stride=1, padding=1) / F.avg_pool2d(objects, 3, stride=1,
+                                                                                 padding=1).clamp_min(eps)
+    return (local * objects).flatten(2).max(2).values
 
 
 def perturb(x: torch.Tensor, mask: torch.Tensor, xi: torch.Tensor, mode: str = "replace") -> torch.Tensor:
@@ -117,6 +169,15 @@ class ConceptReport:
     mask_area: float  # fraction of latent cells in the mask
     peak: float  # the raw map's maximum (attention probability mass)
     intervened: bool
+    score: float = float("nan")  # presence score of the concept at t* (NaN: no presence gate ran)
+    threshold: float = float("nan")  # the gate's threshold for this concept (NaN: always intervene, the paper)
+
+    def to_dict(self) -> dict:
+        """JSON form: NaN (no gate ran) becomes null, which strict JSON parsers accept."""
+        def num(v: float) -> float | None:
+            return None if math.isnan(v) else v
+        return {"concept": self.concept, "mask_area": self.mask_area, "peak": self.peak,
+                "intervened": self.intervened, "score": num(self.score), "threshold": num(self.threshold)}
 
 
 @dataclass
@@ -134,8 +195,13 @@ class IreceReport:
     def mask_area(self) -> float:
         return float(self.mask.mean()) if self.mask is not None else 0.0
 
+    def merge(self, other: "IreceReport") -> "IreceReport":
+        """Several intervention steps (tuned per-concept t*) make one report: first step, all concepts, union mask."""
+        self.concepts += other.concepts
+        self.mask = other.mask if self.mask is None else torch.maximum(self.mask, other.mask)
+        return self
+
     def to_dict(self) -> dict:
+        """The report's one JSON form (`irece generate --json`, the gRPC client, benchmarks)."""
         return {"intervened": self.intervened, "mask_area": self.mask_area, "step_index": self.step_index,
-                "timestep": self.timestep,
-                "concepts": [{"concept": c.concept, "mask_area": c.mask_area, "peak": c.peak,
-                              "intervened": c.intervened} for c in self.concepts]}
+                "timestep": self.timestep, "concepts": [c.to_dict() for c in self.concepts]}

@@ -1,4 +1,4 @@
-"""Build a Pipeline for a model folder on a chosen backend."""
+"""Build a Pipeline for a model folder on a chosen backend: the one place backends are picked."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,21 +8,23 @@ from .pipeline import Pipeline
 BACKENDS = ("torch", "onnx", "tensorrt")
 
 
-def load_pipeline(model_dir: str | Path, erased: str | Path | None = None, backend: str = "torch",
-                  engines_dir: str | Path | None = None, layers: tuple[str, ...] | None = None,
-                  device: str = "cpu") -> Pipeline:
+def load_backend(model_dir: str | Path, erased: str | Path | None = None, backend: str = "torch",
+                 graphs_dir: str | Path | None = None, layers: tuple[str, ...] | None = None, device: str = "cpu"):
     if backend == "torch":
-        from .engines import TorchEngines
-        engines = TorchEngines(model_dir, erased, layers=layers, device=device)
-    elif backend in ("onnx", "tensorrt"):
-        if engines_dir is None:
-            raise ValueError(f"backend {backend!r} needs --engines ENGINE_DIR (build it with `irece export`)")
+        from .backends.torch_backend import TorchBackend
+        return TorchBackend(model_dir, erased, layers=layers, device=device)
+    if backend in ("onnx", "tensorrt"):
+        if graphs_dir is None:
+            raise ValueError(f"backend {backend!r} needs --graphs DIR (build it with `irece export`)")
         if backend == "onnx":
-            from export.ort_backend import OrtEngines
-            engines = OrtEngines(engines_dir)
-        else:
-            from export.trt_backend import TrtEngines
-            engines = TrtEngines(engines_dir)
-    else:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return Pipeline.from_model_dir(engines, model_dir)
+            from .backends.onnxruntime_backend import OrtBackend
+            return OrtBackend(graphs_dir)
+        from .backends.tensorrt_backend import TrtBackend
+        return TrtBackend(graphs_dir)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def load_pipeline(model_dir: str | Path, erased: str | Path | None = None, backend: str = "torch",
+                  graphs_dir: str | Path | None = None, layers: tuple[str, ...] | None = None,
+                  device: str = "cpu") -> Pipeline:
+    return Pipeline.from_model_dir(load_backend(model_dir, erased, backend, graphs_dir, layers, device), model_dir)

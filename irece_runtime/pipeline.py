@@ -5,6 +5,7 @@ schedulers for the arithmetic, so it reproduces StableDiffusionPipeline step for
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,9 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from transformers import CLIPTokenizer
 
 from . import irece
-from .engines import Engines
+from .images import to_tensor, to_uint8, to_unit
+from .backends import Backend
 
-MODALITIES = ("text", "embedding", "inverted_latent")
 StepCallback = Callable[[str, int, int], None]
 
 
@@ -55,28 +56,28 @@ class Result:
     latents: torch.Tensor | None = None
 
     def uint8(self) -> np.ndarray:
-        return (self.images * 255).round().astype(np.uint8)
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
+        return to_uint8(self.images)
 
 
 class Pipeline:
-    def __init__(self, engines: Engines, tokenizer: CLIPTokenizer, scheduler_config: dict, sample_size: int):
-        self.engines = engines
+    def __init__(self, backend: Backend, tokenizer: CLIPTokenizer, scheduler_config: dict, sample_size: int,
+                 vocabulary: tuple[str, ...] = ()):
+        self.backend = backend
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
         self.sample_size = sample_size  # default latent side
+        self.vocabulary: tuple[str, ...] = tuple(vocabulary)  # the model's concepts (contrastive localization)
         self._loc_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_model_dir(cls, engines: Engines, model_dir: str | Path) -> "Pipeline":
+    def from_model_dir(cls, backend: Backend, model_dir: str | Path) -> "Pipeline":
+        """concepts.json in the folder (a list of names), when present, is the model's concept vocabulary."""
         model_dir = Path(model_dir)
-        import json
         unet_cfg = json.loads((model_dir / "unet" / "config.json").read_text())
-        return cls(engines, CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
-                   DDIMScheduler.load_config(model_dir / "scheduler"), unet_cfg["sample_size"])
+        vocab = model_dir / "concepts.json"
+        return cls(backend, CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
+                   DDIMScheduler.load_config(model_dir / "scheduler"), unet_cfg["sample_size"],
+                   tuple(json.loads(vocab.read_text())) if vocab.exists() else ())
 
     # -- text ------------------------------------------------------------------------------------------------
     def token_ids(self, prompt: str, placeholders: dict[str, int] | None = None) -> tuple[list[int], list[tuple[int, str, int]]]:
@@ -108,14 +109,14 @@ class Pipeline:
             raise ValueError(f"prompt {prompt!r} contains none of the placeholders {sorted(learned)}")
         max_len = self.tokenizer.model_max_length
         padded = torch.tensor([ids + [self.tokenizer.pad_token_id] * (max_len - len(ids))])
-        embeds = self.engines.embed_tokens(padded).clone()
+        embeds = self.backend.embed_tokens(padded).clone()
         for pos, ph, k in slots:
             vec = learned[ph][k]
             if vec.shape[-1] != embeds.shape[-1]:
                 raise ValueError(f"embedding for {ph!r} has width {vec.shape[-1]}, the text encoder expects "
                                  f"{embeds.shape[-1]}")
             embeds[0, pos] = vec.to(embeds.dtype)
-        return self.engines.encode_text(embeds)
+        return self.backend.encode_text(embeds)
 
     def localization(self, concept: str, template: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states of the localization prompt and the token weights of the concept in it (cached)."""
@@ -129,78 +130,95 @@ class Pipeline:
         return self._loc_cache[key]
 
     # -- schedules -------------------------------------------------------------------------------------------
-    def scheduler(self, steps: int) -> DDIMScheduler:
-        s = DDIMScheduler.from_config(self.scheduler_config)
+    def scheduler(self, steps: int, inverse: bool = False) -> DDIMScheduler | DDIMInverseScheduler:
+        """DDIM (or its inverse) on the model's noise schedule: the only sampler the loop is validated against."""
+        s = (DDIMInverseScheduler if inverse else DDIMScheduler).from_config(self.scheduler_config)
         s.set_timesteps(steps)
         return s
 
     def invert(self, latent: torch.Tensor, hidden: torch.Tensor, model: str, steps: int,
                callback: StepCallback | None = None) -> torch.Tensor:
         """Deterministic DDIM inversion x_0 -> x_T along the same timesteps the sampler then walks back."""
-        inv = DDIMInverseScheduler.from_config(self.scheduler_config)
-        inv.set_timesteps(steps)
-        x = latent.to(self.engines.device)
-        for i, t in enumerate(inv.timesteps):
-            if callback:
-                callback("inversion", i, steps)
-            x = inv.step(self.engines.eps(model, x, t, hidden.expand(x.shape[0], -1, -1)), t, x).prev_sample
-        return x
+        eps = guided_eps(self.backend, model, hidden, None, 1.0)
+        return sample(eps, latent.to(self.backend.device), self.scheduler(steps, inverse=True), (), callback,
+                      "inversion")
 
     # -- IRECE -----------------------------------------------------------------------------------------------
     def localize(self, x: torch.Tensor, t: torch.Tensor, cfg: irece.IreceConfig,
-                 targets: list[tuple[str, float]]) -> tuple[torch.Tensor, list]:
-        """Union mask (B, h, w) over the (concept, tau) targets and per-concept reports, from the standard UNet."""
+                 targets: list[tuple[str, float, float]]) -> tuple[torch.Tensor, list]:
+        """Union mask (B, h, w) over the (concept, tau, threshold) targets and per-concept reports, from the
+        standard UNet: the paper's per-concept min-max masks (gate "off"), or competing concepts (gate
+        "contrastive"), where a concept is masked only in images whose presence score reaches its threshold."""
+        if cfg.gate == "contrastive":
+            return self._localize_contrastive(x, t, cfg, targets)
         b = x.shape[0]
-        concepts = [c for c, _ in targets]
+        concepts = [c for c, _, _ in targets]
         hidden, weights = zip(*(self.localization(c, cfg.template) for c in concepts))
         n = len(concepts)
-        maps = self.engines.concept_map(x.repeat(n, 1, 1, 1), t, torch.cat(hidden).repeat_interleave(b, 0),
+        maps = self.backend.concept_map(x.repeat(n, 1, 1, 1), t, torch.cat(hidden).repeat_interleave(b, 0),
                                         torch.cat(weights).repeat_interleave(b, 0))
         maps = maps.view(n, b, *maps.shape[1:])
-        masks = torch.stack([irece.concept_mask(maps[i], tau, cfg.min_peak) for i, (_, tau) in enumerate(targets)])
+        masks = torch.stack([irece.concept_mask(maps[i], tau, cfg.min_peak) for i, (_, tau, _) in enumerate(targets)])
         peaks = maps.flatten(2).max(2).values
         reports = [irece.ConceptReport(c, float(masks[i].mean()), float(peaks[i].max()), bool(masks[i].any()))
                    for i, c in enumerate(concepts)]
         return masks.amax(0), reports
 
+    def contrast_set(self, cfg: irece.IreceConfig) -> tuple[str, ...]:
+        """The concepts that compete in the localization prompt: the operator's, then the configured
+        vocabulary, then the model folder's own concepts.json (if any), each once."""
+        return tuple(dict.fromkeys(tuple(cfg.concepts) + tuple(cfg.vocabulary) + self.vocabulary))
+
+    def contrastive_localization(self, concepts: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of "a c1 and a c2 and ..." and the (K, 77) token weights of each concept in it (cached)."""
+        key = ("contrastive", concepts)
+        if key not in self._loc_cache:
+            prompt = " and ".join(f"a {c}" for c in concepts)
+            ids, _ = self.token_ids(prompt)
+            n = self.tokenizer.model_max_length
+            w = torch.stack([irece.token_weights(ids, self.tokenizer(c, add_special_tokens=False).input_ids, n)
+                             for c in concepts])
+            self._loc_cache[key] = (self.encode_prompt(prompt), w)
+        return self._loc_cache[key]
+
+    def concept_maps(self, x: torch.Tensor, t: torch.Tensor, concepts: tuple[str, ...]) -> torch.Tensor:
+        """(B, K, h, w) maps of the competing concepts at x_t, from one pass of the standard UNet."""
+        hidden, w = self.contrastive_localization(concepts)
+        b = x.shape[0]
+        return self.backend.concept_map(x, t, hidden.expand(b, -1, -1), w[None].expand(b, -1, -1))
+
+    def _localize_contrastive(self, x, t, cfg, targets):
+        concepts = self.contrast_set(cfg)
+        maps = self.concept_maps(x, t, concepts)
+        scores = irece.presence_scores(maps, cfg.tau)
+        union = torch.zeros(maps.shape[0], *maps.shape[2:], dtype=maps.dtype, device=maps.device)
+        reports = []
+        for c, tau, threshold in targets:
+            k = concepts.index(c)
+            masks = irece.contrastive_masks(maps, tau)[:, k]
+            present = scores[:, k] >= threshold
+            masks = masks * present[:, None, None].to(masks.dtype)
+            union = torch.maximum(union, masks)
+            reports.append(irece.ConceptReport(c, float(masks.mean()), float(maps[:, k].max()), bool(masks.any()),
+                                               float(scores[:, k].max()), threshold))
+        return union, reports
+
     # -- the loop --------------------------------------------------------------------------------------------
     def denoise(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float,
                 steps: int, cfg: irece.IreceConfig | None = None, seed: int = 0,
-                timings: dict | None = None, callback: StepCallback | None = None
-                ) -> tuple[torch.Tensor, irece.IreceReport | None]:
-        """DDIM with classifier-free guidance on the erased UNet; IRECE perturbs x once, at step t*."""
-        sched = self.scheduler(steps)
-        x = x.to(self.engines.device)
-        b = x.shape[0]
-        # a null prompt on both branches makes guidance a no-op: one UNet pass per step instead of two
-        guided = uncond is not None and guidance != 1.0 and not torch.equal(cond, uncond)
-        hidden = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)]) if guided else cond.expand(b, -1, -1)
-        report = None
-        plan = cfg.plan(steps) if cfg and cfg.concepts else {}
-        timings = timings if timings is not None else {}
+                timings: dict | None = None, callback: StepCallback | None = None,
+                scheduler: DDIMScheduler | None = None) -> tuple[torch.Tensor, irece.IreceReport | None]:
+        """DDIM with classifier-free guidance on the erased UNet; IRECE perturbs x at step t*."""
+        scheduler = scheduler or self.scheduler(steps)
+        hook = IreceStep(self, cfg, len(scheduler.timesteps), seed) if cfg and cfg.concepts else None
         t0 = time.perf_counter()
-        for i, t in enumerate(sched.timesteps):
-            if callback:
-                callback("denoising", i, steps)
-            if i in plan:
-                tl = time.perf_counter()
-                mask, concepts = self.localize(x, t, cfg, plan[i])
-                xi = torch.randn(x.shape, generator=torch.Generator().manual_seed((seed + 1_000_003 + i) % 2**63)).to(x)
-                x = irece.perturb(x, mask.to(x), xi, cfg.mode)
-                if report is None:
-                    report = irece.IreceReport(i, int(t), concepts, mask)
-                else:  # tuned per-concept t*: several intervention steps, one report
-                    report.concepts += concepts
-                    report.mask = torch.maximum(report.mask, mask)
-                timings["localization"] = timings.get("localization", 0.0) + time.perf_counter() - tl
-            if guided:
-                e_u, e_c = self.engines.eps("erased", torch.cat([x, x]), t, hidden).chunk(2)
-                e = e_u + guidance * (e_c - e_u)
-            else:
-                e = self.engines.eps("erased", x, t, hidden)
-            x = sched.step(e, t, x).prev_sample
+        x = sample(guided_eps(self.backend, "erased", cond, uncond, guidance), x.to(self.backend.device), scheduler,
+                   (hook,) if hook else (), callback)
+        timings = timings if timings is not None else {}
+        if hook:
+            timings["localization"] = hook.seconds
         timings["denoising"] = time.perf_counter() - t0 - timings.get("localization", 0.0)
-        return x, report
+        return x, hook.report if hook else None
 
     def generate(self, req: Request, cfg: irece.IreceConfig | None = None,
                  callback: StepCallback | None = None) -> Result:
@@ -210,26 +228,85 @@ class Pipeline:
         cond = self.encode_prompt(req.prompt, req.learned)
         uncond = self.encode_prompt(req.negative_prompt)
         timings["text_encoding"] = time.perf_counter() - t0
-        e = self.engines
+        e = self.backend
         if req.modality == "inverted_latent":
             t1 = time.perf_counter()
             if req.init_latent is not None:
                 latent = req.init_latent[None] if req.init_latent.ndim == 3 else req.init_latent
             else:
-                latent = e.vae_encode(image_to_tensor(req.init_image))
+                latent = e.vae_encode(to_tensor(req.init_image))
+            e.limits.check(req.batch, *latent.shape[-2:])
             inv_hidden = self.encode_prompt(req.inversion_prompt)
             x = self.invert(latent.repeat(req.batch, 1, 1, 1), inv_hidden, req.invert_with, req.steps, callback)
             timings["inversion"] = time.perf_counter() - t1
         else:
             h = (req.height or self.sample_size * e.vae_scale_factor) // e.vae_scale_factor
             w = (req.width or self.sample_size * e.vae_scale_factor) // e.vae_scale_factor
+            e.limits.check(req.batch, h, w)
             gen = torch.Generator().manual_seed(req.seed)
             x = torch.randn((req.batch, e.latent_channels, h, w), generator=gen)
         x, report = self.denoise(x, cond, uncond, req.guidance, req.steps, cfg, req.seed, timings, callback)
         t2 = time.perf_counter()
-        images = (e.vae_decode(x) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        images = to_unit(e.vae_decode(x))
         timings["decoding"] = time.perf_counter() - t2
         return Result(images, report, timings, x)
+
+
+# -- the recipe's parts: a sampler over a noise-prediction callable, guidance as a wrapper, IRECE as a hook ----
+Eps = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> predicted noise
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (step index, t, x_t) -> x_t
+
+
+def sample(eps: Eps, x: torch.Tensor, scheduler, hooks: tuple[StepHook, ...] = (),
+           callback: StepCallback | None = None, stage: str = "denoising") -> torch.Tensor:
+    """The one loop: every step, callback (may raise to abort), hooks may rewrite x_t, then one scheduler step."""
+    n = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        if callback:
+            callback(stage, i, n)
+        for hook in hooks:
+            x = hook(i, t, x)
+        x = scheduler.step(eps(x, t), t, x).prev_sample
+    return x
+
+
+def guided_eps(backend: Backend, model: str, cond: torch.Tensor, uncond: torch.Tensor | None,
+               guidance: float) -> Eps:
+    """Classifier-free guidance as a noise-prediction wrapper: eps_u + w (eps_c - eps_u), one batched call.
+    A null prompt on both branches (or w = 1) makes guidance a no-op: one UNet pass per step instead of two."""
+    if uncond is None or guidance == 1.0 or torch.equal(cond, uncond):
+        return lambda x, t: backend.eps(model, x, t, cond.expand(x.shape[0], -1, -1))
+
+    def eps(x, t):
+        b = x.shape[0]
+        e_u, e_c = backend.eps(model, torch.cat([x, x]), t,
+                               torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])).chunk(2)
+        return e_u + guidance * (e_c - e_u)
+    return eps
+
+
+class IreceStep:
+    """IRECE as a step hook: at each planned step (t*, or each concept's tuned t*) the standard UNet localizes
+    the concepts and the masked latent is replaced by seeded noise. Owns the request's report."""
+
+    def __init__(self, pipe: "Pipeline", cfg: irece.IreceConfig, steps: int, seed: int):
+        self.pipe, self.cfg, self.seed = pipe, cfg, seed
+        self.plan = cfg.plan(steps)
+        self.report: irece.IreceReport | None = None
+        self.seconds = 0.0
+
+    def __call__(self, i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if i not in self.plan:
+            return x
+        t0 = time.perf_counter()
+        mask, concepts = self.pipe.localize(x, t, self.cfg, self.plan[i])
+        # noise seeded per request and step: the same request gives the same image alone or beside others
+        xi = torch.randn(x.shape, generator=torch.Generator().manual_seed((self.seed + 1_000_003 + i) % 2**63)).to(x)
+        x = irece.perturb(x, mask.to(x), xi, self.cfg.mode)
+        step = irece.IreceReport(i, int(t), concepts, mask)
+        self.report = step if self.report is None else self.report.merge(step)
+        self.seconds += time.perf_counter() - t0
+        return x
 
 
 def _split_keep(text: str, sep: str) -> list[str]:

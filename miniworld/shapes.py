@@ -102,12 +102,17 @@ class Scene:
     def label(self) -> str:
         return self.shapes[0].concept if self.shapes else NO_SHAPE
 
-    def prompt(self, template: str = "a {colour} {concept} on a {background} background") -> str:
-        if len(self.shapes) == 2:
-            a, b = self.shapes
-            return f"a {a.colour} {a.concept} and a {b.colour} {b.concept} on a {self.background} background"
-        s = self.shapes[0]
-        return template.format(colour=s.colour, concept=s.concept, background=self.background)
+    def prompt(self, template: str = "a {colour} {concept} on a {background} background",
+               order: list[int] | None = None, colours: bool = True, background: bool = True) -> str:
+        """The caption: one shape through `template`; several as "a red star and a blue heart [and ...] on a
+        white background", in `order` (default: as drawn), with or without colours and background."""
+        if len(self.shapes) == 1 and order is None:
+            s = self.shapes[0]
+            return template.format(colour=s.colour, concept=s.concept, background=self.background)
+        order = list(range(len(self.shapes))) if order is None else order
+        named = " and ".join(f"a {self.shapes[k].colour} {self.shapes[k].concept}" if colours
+                             else f"a {self.shapes[k].concept}" for k in order)
+        return f"{named} on a {self.background} background" if background else named
 
 
 def compose(shapes: list[Shape], background: str, rng: np.random.Generator | None = None,
@@ -146,6 +151,29 @@ def render(concept: str | None = None, seed: int | None = None, rng: np.random.G
     return compose([Shape(concept, colour, cx, cy, r)], background)
 
 
+def render_scene(concepts: tuple[str, ...] | int | None = None, seed: int | None = None,
+                 rng: np.random.Generator | None = None, background: str | None = None) -> Scene:
+    """Two or three different shapes (or the named concepts) in distinct colours, placed without overlap.
+    concepts: the shapes to draw, or how many random ones (default 2)."""
+    rng = rng if rng is not None else np.random.default_rng(seed)
+    if concepts is None or isinstance(concepts, int):
+        k = concepts or 2
+        concepts = tuple(CONCEPTS[i] for i in rng.choice(len(CONCEPTS), k, replace=False))
+    if len(set(concepts)) != len(concepts) or not 1 <= len(concepts) <= 3:
+        raise ValueError(f"a scene holds one to three different shapes, got {concepts}")
+    background = background or list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    lo, hi = {1: (6.0, 11.0), 2: (4.5, 7.0), 3: (4.0, 5.5)}[len(concepts)]
+    while True:  # rejection sampling: discs around the shapes (plus a pixel) must not touch
+        r = rng.uniform(lo, hi, size=len(concepts))
+        c = np.stack([rng.uniform(k + 1, SIZE - k - 1, size=2) for k in r])
+        if all(np.hypot(*(c[i] - c[j])) > r[i] + r[j] + 1 for i in range(len(r)) for j in range(i)):
+            break
+    colours: list[str] = []
+    for _ in concepts:
+        colours.append(_pick_colour(rng, background, exclude=tuple(colours)))
+    return compose([Shape(n, col, x, y, rad) for n, col, (x, y), rad in zip(concepts, colours, c, r)], background)
+
+
 def render_pair(concepts: tuple[str, str] | None = None, seed: int | None = None,
                 rng: np.random.Generator | None = None) -> Scene:
     """Two different shapes side by side (left/right or top/bottom), not overlapping."""
@@ -176,12 +204,13 @@ TEXT_TEMPLATES = (
 
 
 def random_prompt(scene: Scene, rng: np.random.Generator) -> str:
-    """The training caption of a scene: a template chosen at random, so every prompt form is learned."""
-    if len(scene.shapes) != 1:
-        return scene.prompt()
-    return scene.prompt(TEXT_TEMPLATES[rng.integers(len(TEXT_TEMPLATES))])
-
-
-def to_tensor_range(image: np.ndarray) -> np.ndarray:
-    """uint8 HWC -> float32 CHW in [-1, 1] (the VAE's input range)."""
-    return image.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    """The training caption of a scene. One shape: a template chosen at random, so every prompt form is
+    learned. Several: every shape named, in a random order (so no word position stands for a place), usually
+    with colours and background, sometimes without (so "a star and a heart" binds each word to its shape)."""
+    if len(scene.shapes) == 1:
+        return scene.prompt(TEXT_TEMPLATES[rng.integers(len(TEXT_TEMPLATES))])
+    if not scene.shapes:
+        return f"a plain {scene.background} background"
+    order = list(rng.permutation(len(scene.shapes)))
+    u = rng.random()
+    return scene.prompt(order=order, colours=u < 0.75, background=u < 0.6 or u >= 0.85)

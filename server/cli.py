@@ -4,13 +4,17 @@ from __future__ import annotations
 import json
 import sys
 
+from irece_runtime.irece import GATES, IreceConfig, parse_t_star
+
+DEFAULTS = IreceConfig.defaults()
+
 
 def cmd_serve(a):
     from .app import serve
     from .config import ServerConfig
     cfg = ServerConfig.load(a.config) if a.config else ServerConfig()
-    for key in ("model", "erased", "backend", "engines", "port", "metrics_port", "host", "workers", "queue_size",
-                "tau", "t_star", "device"):
+    for key in ("model", "erased", "backend", "graphs", "port", "metrics_port", "host", "workers", "queue_size",
+                "tau", "t_star", "gate", "threshold", "device"):
         v = getattr(a, key)
         if v is not None:
             setattr(cfg, key, v)
@@ -31,10 +35,6 @@ def cmd_client(a):
     print(json.dumps(out) if a.json else f"wrote {out['output']} (irece: {out['irece']})")
 
 
-def _t_star(v: str):
-    return float(v) if "." in v else int(v)
-
-
 def register(sub) -> None:
     p = sub.add_parser("serve", help="run the gRPC generation server")
     p.add_argument("--config", help="TOML or JSON server config (flags below override it)")
@@ -42,15 +42,18 @@ def register(sub) -> None:
     p.add_argument("--erased")
     p.add_argument("--concept", action="append", help="operator concept, always suppressed (repeatable)")
     p.add_argument("--backend", choices=("torch", "onnx", "tensorrt"))
-    p.add_argument("--engines")
+    p.add_argument("--graphs", help="exported graph folder from `irece export` (onnx/tensorrt backends)")
     p.add_argument("--device")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--metrics-port", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--queue-size", type=int)
-    p.add_argument("--tau", type=float)
-    p.add_argument("--t-star", type=_t_star)
+    p.add_argument("--tau", type=float, help=f"localization threshold (default {DEFAULTS.tau})")
+    p.add_argument("--t-star", type=parse_t_star,
+                   help=f"intervention step: a fraction or a step index (default {DEFAULTS.t_star})")
+    p.add_argument("--gate", choices=GATES, help=f"presence gate (default {DEFAULTS.gate!r}: always intervene)")
+    p.add_argument("--threshold", type=float, help=f"contrastive gate's presence threshold (default {DEFAULTS.threshold})")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("client", help="send one generation request to a server")

@@ -9,6 +9,8 @@ import numpy as np
 from protos.irece.v1 import generation_pb2 as pb
 from protos.irece.v1 import generation_pb2_grpc as pb_grpc
 
+from . import report
+
 
 def tensor_to_wire(arr: np.ndarray) -> pb.Tensor:
     arr = np.ascontiguousarray(arr, dtype="<f4")
@@ -34,15 +36,6 @@ def build_request(prompt: str = "", embedding: str | None = None, token: str | N
     return req
 
 
-def report_dict(resp: pb.GenerateResponse) -> dict:
-    r = resp.irece
-    return {"modality": resp.modality, "seed": resp.seed,
-            "irece": {"intervened": r.intervened, "mask_area": r.mask_area, "step_index": r.step_index,
-                      "concepts": [{"concept": c.concept, "intervened": c.intervened, "mask_area": c.mask_area,
-                                    "peak": c.peak} for c in r.concepts]},
-            "timings_s": dict(resp.timings_s)}
-
-
 def channel(target: str, tls_ca: str | None = None) -> grpc.Channel:
     if tls_ca:
         return grpc.secure_channel(target, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
@@ -57,4 +50,5 @@ def run_client(a) -> dict:
         resp = pb_grpc.GenerationStub(ch).Generate(req, timeout=a.timeout, metadata=metadata)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_bytes(resp.png)
-    return {"output": a.out, **report_dict(resp)}
+    return {"output": a.out, "modality": resp.modality, "seed": resp.seed, "irece": report.to_dict(resp.irece),
+            "timings_s": dict(resp.timings_s)}

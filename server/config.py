@@ -10,7 +10,10 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from irece_runtime.irece import IreceConfig, parse_t_star
 from miniworld.assets import MODEL_DIR
+
+IRECE = IreceConfig.defaults()  # the operator policy's defaults are IRECE's own
 
 
 @dataclass
@@ -18,17 +21,20 @@ class ServerConfig:
     model: str = str(MODEL_DIR)  # the mini world by default; a real SD v1.x folder in production
     erased: str | None = None
     backend: str = "torch"  # torch | onnx | tensorrt
-    engines: str | None = None
+    graphs: str | None = None  # exported graph folder (onnx/tensorrt backends)
     device: str = "cpu"
     localizer_layers: list[str] | None = None  # torch backend: attention layers the localizer averages (None = all)
     # operator policy
     concepts: list[str] = field(default_factory=list)  # always suppressed with IRECE
-    tau: float = 0.4
-    t_star: float | int = 0.3
-    mode: str = "replace"
-    template: str = "a photo of a {concept}"
-    min_peak: float = 0.0
-    per_concept: dict = field(default_factory=dict)  # concept -> {"tau": .., "t_star": ..} (`irece bench tune`)
+    tau: float = IRECE.tau
+    t_star: float | int = IRECE.t_star  # a fraction of the schedule (0.3) or a step index (7)
+    mode: str = IRECE.mode
+    template: str = IRECE.template
+    min_peak: float = IRECE.min_peak
+    per_concept: dict = field(default_factory=dict)  # concept -> {"tau", "t_star", "threshold"} (`irece bench tune`)
+    gate: str = IRECE.gate  # "off": always intervene (the paper); "contrastive": only where the concept is present
+    threshold: float = IRECE.threshold  # the contrastive gate's presence threshold (`irece bench tune`)
+    vocabulary: list[str] = field(default_factory=list)  # competing concepts beside the model's concepts.json
     allowed_concepts: list[str] | None = None  # what requests may add; None = model's concepts.json + operator's
     # serving
     host: str = "127.0.0.1"
@@ -56,6 +62,8 @@ class ServerConfig:
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        if "t_star" in raw:
+            raw["t_star"] = parse_t_star(raw["t_star"])
         return cls(**raw)
 
     def to_dict(self) -> dict:

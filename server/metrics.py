@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-STAGES = ("queue", "text_encoding", "inversion", "localization", "denoising", "decoding")
-
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
@@ -17,10 +15,14 @@ class Metrics:
                                      "Requests in which IRECE's mask for a concept was non-empty", ["concept"],
                                      registry=r)
         self.suppression = Gauge("irece_suppression_ratio",
-                                 "Share of localized requests in which the concept's mask was non-empty",
+                                 "Interventions / localizations: share of localized requests in which IRECE "
+                                 "re-noised part of the latent for the concept (1.0 without a presence gate)",
                                  ["concept"], registry=r)
         self.mask_area = Histogram("irece_mask_area_ratio", "Fraction of latent cells IRECE masked, per concept",
                                    ["concept"], buckets=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r)
+        self.presence = Histogram("irece_presence_score", "Presence score of each localized concept at t* "
+                                  "(contrastive gate); compare with the gate's threshold", ["concept"],
+                                  buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
         self.stage_seconds = Histogram("irece_stage_duration_seconds", "Time per request stage", ["stage"],
                                        buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60),
                                        registry=r)
@@ -36,6 +38,8 @@ class Metrics:
             if c.intervened:
                 self.interventions.labels(c.concept).inc()
             self.mask_area.labels(c.concept).observe(c.mask_area)
+            if c.score == c.score:  # NaN: no presence gate ran for this request
+                self.presence.labels(c.concept).observe(c.score)
             done = self.localizations.labels(c.concept)._value.get()
             hit = self.interventions.labels(c.concept)._value.get()
             self.suppression.labels(c.concept).set(hit / done if done else 0.0)

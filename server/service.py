@@ -20,6 +20,7 @@ from irece_runtime.pipeline import Pipeline, Request
 from protos.irece.v1 import generation_pb2 as pb
 from protos.irece.v1 import generation_pb2_grpc as pb_grpc
 
+from . import report
 from .config import ServerConfig
 from .metrics import Metrics
 from .validation import Limits, RequestError, irece_config, to_pipeline_request
@@ -88,17 +89,19 @@ class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, cfg: ServerConfig, metrics: Metrics, pipe: Pipeline | None = None):
         self.cfg = cfg
         self.metrics = metrics
-        self.pipe = pipe or load_pipeline(cfg.model, cfg.erased, cfg.backend, cfg.engines, device=cfg.device,
+        self.pipe = pipe or load_pipeline(cfg.model, cfg.erased, cfg.backend, cfg.graphs, device=cfg.device,
                                           layers=tuple(cfg.localizer_layers) if cfg.localizer_layers else None)
-        e = self.pipe.engines
+        e = self.pipe.backend
         self.limits = Limits(embed_dim=e.embed_dim, latent_channels=e.latent_channels,
                              vae_scale_factor=e.vae_scale_factor,
                              default_side=self.pipe.sample_size * e.vae_scale_factor,
                              default_steps=cfg.default_steps, max_steps=cfg.max_steps,
                              default_guidance=cfg.default_guidance, max_side=cfg.max_side,
-                             max_image_bytes=cfg.max_image_bytes, max_image_pixels=cfg.max_image_pixels)
+                             max_image_bytes=cfg.max_image_bytes, max_image_pixels=cfg.max_image_pixels,
+                             backend=e.limits)
         self.operator = IreceConfig(concepts=tuple(cfg.concepts), tau=cfg.tau, t_star=cfg.t_star, mode=cfg.mode,
-                                    template=cfg.template, min_peak=cfg.min_peak, per_concept=cfg.per_concept)
+                                    template=cfg.template, min_peak=cfg.min_peak, per_concept=cfg.per_concept,
+                                    gate=cfg.gate, threshold=cfg.threshold, vocabulary=tuple(cfg.vocabulary))
         self.allowed = concept_catalogue(cfg)
         self.admission = Admission(cfg.workers, cfg.queue_size, metrics)
 
@@ -130,11 +133,11 @@ class GenerationService(pb_grpc.GenerationServicer):
             context.abort(exc.code, str(exc))
 
         def alive():
-            if not context.is_active():
-                raise Aborted(grpc.StatusCode.CANCELLED, "client cancelled")
-            remaining = context.time_remaining()
+            remaining = context.time_remaining()  # first: an expired call is also no longer active
             if remaining is not None and remaining <= 0:
                 raise Aborted(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            if not context.is_active():
+                raise Aborted(grpc.StatusCode.CANCELLED, "client cancelled")
 
         events: queue.Queue = queue.Queue()
 
@@ -186,14 +189,6 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     @staticmethod
     def _response(req: Request, res) -> pb.GenerateResponse:
-        rep = pb.IreceReport()
-        if res.irece is not None:
-            d = res.irece
-            rep = pb.IreceReport(intervened=d.intervened, mask_area=d.mask_area, step_index=d.step_index,
-                                 timestep=d.timestep,
-                                 concepts=[pb.ConceptReport(concept=c.concept, intervened=c.intervened,
-                                                            mask_area=c.mask_area, peak=c.peak)
-                                           for c in d.concepts])
         return pb.GenerateResponse(png=png_bytes(res.uint8()[0]), seed=req.seed, modality=req.modality,
-                                   timings_s=res.timings, irece=rep,
+                                   timings_s=res.timings, irece=report.to_proto(res.irece),
                                    finish_reason=pb.FINISH_REASON_COMPLETED)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field, replace
 
 import grpc
 import numpy as np
 import torch
 from PIL import Image
 
+from irece_runtime.backends import BackendLimits
 from irece_runtime.irece import IreceConfig
 from irece_runtime.pipeline import Request
 from protos.irece.v1 import generation_pb2 as pb
@@ -45,6 +46,15 @@ class Limits:
     max_side: int
     max_image_bytes: int
     max_image_pixels: int
+    backend: BackendLimits = dataclass_field(default_factory=BackendLimits)  # what the backend can run at all
+
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of a request that names none: the size exported graphs were built for, else
+        the model's own."""
+        fixed = self.backend.latent_size
+        if fixed is None:
+            return self.default_side, self.default_side
+        return fixed[0] * self.vae_scale_factor, fixed[1] * self.vae_scale_factor
 
 
 def _prompt(text: str, field: str) -> str:
@@ -107,15 +117,23 @@ def to_pipeline_request(msg: pb.GenerateRequest, limits: Limits) -> Request:
     if not math.isfinite(guidance) or not 1.0 <= guidance <= 30.0:
         raise invalid("params.guidance", f"must be in [1, 30], got {guidance}")
     sides = []
-    for name, v in (("params.height", p.height), ("params.width", p.width)):
-        v = v or limits.default_side
+    fixed = limits.backend.latent_size
+    for axis, (name, v) in enumerate((("params.height", p.height), ("params.width", p.width))):
+        v = v or limits.default_size()[axis]
         unit = limits.vae_scale_factor * 2  # the UNet halves the latent once more
+        if fixed is not None and v != fixed[axis] * limits.vae_scale_factor:
+            h, w = (n * limits.vae_scale_factor for n in fixed)
+            raise invalid(name, f"must be {fixed[axis] * limits.vae_scale_factor}: this backend's graphs were built "
+                                f"for {h}x{w} pixels (height x width), got {v}")
         if v % unit or not unit * 2 <= v <= limits.max_side:
             raise invalid(name, f"must be a multiple of {unit} in {unit * 2}..{limits.max_side}, got {v}")
         sides.append(v)
     req = Request(steps=steps, guidance=float(guidance), seed=int(p.seed),
                   negative_prompt=_prompt(p.negative_prompt, "params.negative_prompt"),
                   height=sides[0], width=sides[1])
+    if limits.backend.max_batch is not None and req.batch > limits.backend.max_batch:
+        raise invalid("params", f"{req.batch} image(s) per request exceed this backend's maximum batch of "
+                                f"{limits.backend.max_batch}")
     kind = msg.WhichOneof("input")
     if kind is None:
         raise invalid("input", "one of text, embedding or inverted_latent is required")
@@ -159,7 +177,8 @@ def to_pipeline_request(msg: pb.GenerateRequest, limits: Limits) -> Request:
             arr = arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr
             want = [limits.latent_channels, req.height // limits.vae_scale_factor, req.width // limits.vae_scale_factor]
             if list(arr.shape) != want:
-                raise invalid("inverted_latent.latent.shape", f"must be {want} (or [1, ...]), got {list(inv.latent.shape)}")
+                raise invalid("inverted_latent.latent.shape",
+                              f"must be {want} (or [1, ...]), got {list(inv.latent.shape)}")
             req.init_latent = torch.from_numpy(arr.copy())
     return req
 
@@ -191,5 +210,4 @@ def irece_config(msg: pb.GenerateRequest, operator: IreceConfig, allowed: set[st
     # a stricter request tau applies to every concept, tuned ones included (never loosening them)
     per_concept = {c: ({**o, "tau": min(o.get("tau", tau), stricter)} if stricter is not None else o)
                    for c, o in operator.per_concept.items()}
-    return IreceConfig(concepts=concepts, tau=tau, t_star=operator.t_star, mode=operator.mode,
-                       template=operator.template, min_peak=operator.min_peak, per_concept=per_concept)
+    return replace(operator, concepts=concepts, tau=tau, per_concept=per_concept)

@@ -2,11 +2,14 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from irece_cli.main import main
+from irece_runtime.irece import IreceReport
+from miniworld.shapes import SIZE
 
-from .conftest import MODEL
+from .conftest import MODEL, image_side, model_image
 
 
 def run_json(capsys, argv) -> dict:
@@ -19,7 +22,7 @@ def test_world_render_and_judge(tmp_path, capsys):
                             "--json"])
     assert out["label"] == "moon"
     mask = np.asarray(Image.open(out["mask"]))
-    assert mask.shape == (32, 32) and 20 < (mask > 0).sum() < 600
+    assert mask.shape == (SIZE, SIZE) and 20 < (mask > 0).sum() < 600
     run_json(capsys, ["world", "render", "--concept", "heart", "--seed", "1", "--out", str(tmp_path / "h.png"),
                       "--json"])
     res = run_json(capsys, ["world", "judge", str(tmp_path / "m.png"), str(tmp_path / "h.png"), "--json"])
@@ -27,16 +30,30 @@ def test_world_render_and_judge(tmp_path, capsys):
     assert all(0.5 < r["p"] <= 1 for r in res["results"])
 
 
-def test_generate_inverted_latent_with_irece(tmp_path, capsys):
-    run_json(capsys, ["world", "render", "--concept", "star", "--seed", "2", "--out", str(tmp_path / "s.png"), "--json"])
+def test_generate_inverted_latent_with_irece(tmp_path, capsys, pipe):
+    Image.fromarray(model_image(pipe, "star", seed=2)).save(tmp_path / "s.png")
     res = run_json(capsys, ["generate", "--model", str(MODEL), "--image", str(tmp_path / "s.png"), "--irece", "star",
-                            "--steps", "10", "--out", str(tmp_path / "o.png"), "--json"])
+                            "--steps", "10", "--t-star", "4", "--out", str(tmp_path / "o.png"), "--json"])
     assert res["modality"] == "inverted_latent" and res["irece"]["intervened"]
     assert 0 < res["irece"]["mask_area"] < 1
-    assert np.asarray(Image.open(tmp_path / "o.png")).shape == (32, 32, 3)
+    # the report's one JSON form (IreceReport.to_dict), t* given as a step index
+    assert list(res["irece"]) == list(IreceReport().to_dict()) and res["irece"]["step_index"] == 4
+    assert list(res["irece"]["concepts"][0]) == ["concept", "mask_area", "peak", "intervened", "score", "threshold"]
+    side = image_side(pipe)
+    assert np.asarray(Image.open(tmp_path / "o.png")).shape == (side, side, 3)
+
+
+def test_generate_without_irece_prints_the_empty_report(tmp_path, capsys):
+    res = run_json(capsys, ["generate", "--model", str(MODEL), "--prompt", "a star", "--steps", "2",
+                            "--out", str(tmp_path / "o.png"), "--json"])
+    assert res["modality"] == "text" and res["irece"] == IreceReport().to_dict()
 
 
 def test_generate_bad_input_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "--model", str(MODEL), "--prompt", "a star", "--irece", "star", "--tau", "3",
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "tau" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses a t* that is neither a fraction nor an index
+        main(["generate", "--prompt", "a star", "--irece", "star", "--t-star", "0.3x",
+              "--out", str(tmp_path / "x.png")])
+    assert exit_.value.code == 2 and "--t-star" in capsys.readouterr().err

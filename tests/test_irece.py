@@ -33,21 +33,31 @@ def test_minmax_and_threshold():
 
 
 def test_aggregate_upsamples_and_averages_layers():
-    a = torch.zeros(1, 16)  # a 4x4 layer with its mass top-left
+    a = torch.zeros(1, 16, 1)  # a 4x4 layer with its mass top-left
     a[0, 0] = 1.0
-    b = torch.zeros(1, 64)  # an 8x8 layer with its mass bottom-right
+    b = torch.zeros(1, 64, 1)  # an 8x8 layer with its mass bottom-right
     b[0, 63] = 1.0
-    out = irece.aggregate_maps([a, b], (8, 8))
+    out = irece.aggregate_maps([a, b], (8, 8))[:, 0]
     assert out.shape == (1, 8, 8)
     assert out[0, :2, :2].mean() > out[0, 2:6, 2:6].mean()  # top-left survives upsampling
     assert out[0, 7, 7] == pytest.approx(0.5)  # the 8x8 layer's peak, halved by the average of 2 layers
     single = irece.aggregate_maps([b], (8, 8))
-    assert torch.equal(single[0].flatten(), b[0])  # same-resolution layer: identity
+    assert torch.equal(single[0, 0].flatten(), b[0, :, 0])  # same-resolution layer: identity
+
+
+def test_aggregate_keeps_each_token_set_apart():
+    m = torch.zeros(2, 16, 3)  # batch 2, three token sets, each with its mass in another cell
+    for k in range(3):
+        m[:, 5 * k, k] = 1.0
+    out = irece.aggregate_maps([m], (4, 4))
+    assert out.shape == (2, 3, 4, 4)
+    for k in range(3):
+        assert out[:, k].flatten(1).argmax(1).tolist() == [5 * k, 5 * k]
 
 
 def test_aggregate_non_square_latent():
-    m = torch.arange(8.0)[None]  # a 2x4 map in a 4x8 latent
-    assert irece.aggregate_maps([m], (4, 8)).shape == (1, 4, 8)
+    m = torch.arange(8.0)[None, :, None]  # a 2x4 map in a 4x8 latent
+    assert irece.aggregate_maps([m], (4, 8)).shape == (1, 1, 4, 8)
 
 
 def test_token_weights_cover_every_occurrence():
@@ -55,7 +65,7 @@ def test_token_weights_cover_every_occurrence():
     assert w[5] == 1.0 and w.sum() == 1.0
     w = irece.token_weights([49406, 10, 11, 5, 10, 11], [10, 11])
     assert torch.allclose(w[[1, 2, 4, 5]], torch.full((4,), 0.25))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"concept tokens \[3\] not found"):
         irece.token_weights([49406, 1, 2], [3])
 
 
@@ -63,15 +73,60 @@ def test_config_validation_and_t_star():
     assert irece.IreceConfig(t_star=0.3).step_index(25) == 8  # round(7.5) = 8
     assert irece.IreceConfig(t_star=5).step_index(25) == 5
     assert irece.IreceConfig(t_star=0.0).step_index(10) == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="t_star index 30 outside 0..24"):
         irece.IreceConfig(t_star=30).step_index(25)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="tau must be in"):
         irece.IreceConfig(tau=1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mode must be one of"):
         irece.IreceConfig(mode="zero")
+    with pytest.raises(ValueError, match="t_star as a fraction"):
+        irece.IreceConfig(t_star=1.0)
 
 
 def test_plan_groups_concepts_by_their_tuned_step():
     cfg = irece.IreceConfig(concepts=("star", "moon", "ring"), tau=0.4, t_star=0.2,
                             per_concept={"moon": {"tau": 0.3, "t_star": 10}, "ring": {"tau": 0.5}})
-    assert cfg.plan(25) == {5: [("star", 0.4), ("ring", 0.5)], 10: [("moon", 0.3)]}
+    assert cfg.plan(25) == {5: [("star", 0.4, 0.5), ("ring", 0.5, 0.5)], 10: [("moon", 0.3, 0.5)]}
+
+
+def _two_concept_maps():
+    """Batch of 1, K = 3 concepts on a 6x6 latent: concept 0 owns the top-left blob, concept 1 the bottom-right
+    one, concept 2 only ever shares (a diffuse 0.2 everywhere); the background draws little attention."""
+    maps = torch.full((1, 3, 6, 6), 0.02)
+    maps[0, 2] = 0.05
+    maps[0, 0, :2, :2] = 0.8
+    maps[0, 1, 4:, 4:] = 0.7
+    maps[0, 2, :2, :2] = maps[0, 2, 4:, 4:] = 0.2
+    return maps
+
+
+def test_contrastive_masks_split_the_object_region_between_concepts():
+    m = irece.contrastive_masks(_two_concept_maps(), 0.4)
+    assert m.shape == (1, 3, 6, 6)
+    assert m[0, 0].nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert m[0, 1].nonzero().tolist() == [[4, 4], [4, 5], [5, 4], [5, 5]]
+    assert m[0, 2].sum() == 0  # never the largest share: no region of its own
+    assert (m.sum(1) <= 1).all()  # a cell belongs to one concept at most
+
+
+def test_presence_scores_tell_owners_from_sharers():
+    s = irece.presence_scores(_two_concept_maps(), 0.4)[0]
+    assert s[0] > 0.7 and s[1] > 0.7  # each owns a region
+    assert s[2] < 0.25  # present in every cell but owns none
+    # scale-free: multiplying the maps (stronger attention overall) leaves the scores unchanged
+    assert torch.allclose(irece.presence_scores(_two_concept_maps() * 5, 0.4)[0], s)
+
+
+def test_contrastive_gate_is_validated():
+    with pytest.raises(ValueError, match="gate must be one of"):
+        irece.IreceConfig(gate="sometimes")
+    plan = irece.IreceConfig(concepts=("star", "moon"), threshold=0.6,
+                             per_concept={"moon": {"threshold": 0.8, "t_star": 2}}).plan(10)
+    assert plan == {3: [("star", 0.4, 0.6)], 2: [("moon", 0.4, 0.8)]}
+
+
+def test_parse_t_star():
+    assert irece.parse_t_star("0.3") == 0.3 and isinstance(irece.parse_t_star("7"), int)
+    assert irece.parse_t_star(5) == 5
+    with pytest.raises(ValueError, match="t_star must be"):
+        irece.parse_t_star("soon")

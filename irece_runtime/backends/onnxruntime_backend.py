@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: the Engines interface over the exported ONNX graphs.
+"""ONNX Runtime backend: the backend interface over the exported ONNX graphs.
 
 CPU execution provider everywhere; CUDA (and TensorRT) providers are used when onnxruntime-gpu offers them.
 Inputs and outputs go through IO binding, so on CUDA the tensors stay on the device between calls.
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .manifest import GraphEngines, read_manifest
+from .graph import GraphBackend, read_manifest
 
 
 def default_providers() -> list[str]:
@@ -40,17 +40,18 @@ def _shared_thread_pool(threads: int | None) -> bool:
     return _SHARED_POOL
 
 
-class OrtEngines(GraphEngines):
-    def __init__(self, engine_dir: str | Path, providers: list[str] | None = None, threads: int | None = None):
+class OrtBackend(GraphBackend):
+    def __init__(self, graphs_dir: str | Path, providers: list[str] | None = None, threads: int | None = None):
         import onnxruntime as ort
-        self.dir = Path(engine_dir)
-        self.manifest = m = read_manifest(engine_dir)
+        self.dir = Path(graphs_dir)
+        self.manifest = m = read_manifest(graphs_dir)
         self._configure(m)
         self.providers = providers or default_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if os.environ.get("IRECE_ORT_POOL", "shared") == "shared" and _shared_thread_pool(threads):
+        # once the process has a global pool, ORT refuses per-session pools: every later session joins it
+        if (os.environ.get("IRECE_ORT_POOL", "shared") == "shared" or _SHARED_POOL) and _shared_thread_pool(threads):
             opts.use_per_session_threads = False
         elif threads:
             opts.intra_op_num_threads = threads

@@ -1,0 +1,120 @@
+"""`irece bench gate`: what the contrastive gate changes, on Shapes-10 (issue: concept-aware IRECE).
+
+- wrong-concept control: white-box DDIM inversion of renders of the erased concept, null prompt, on every
+  erasure method: IRECE aimed at the right concept should remove it; aimed at a wrong one, leave it;
+- benign requests: with the erased concept as the operator's, requests showing other concepts (text prompts and
+  inverted renders) should come back bit-identical to IRECE off;
+- two-shape scenes: IRECE aimed at one shape of a pair (standard model, inverted render, null prompt) should
+  remove that shape and keep the other, changing little outside its mask (PSNR).
+Every figure is given for the gate on (`contrastive`) and off (the paper's always-intervene).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from irece_runtime.irece import IreceConfig
+from irece_runtime.loading import load_pipeline
+from miniworld import shapes
+from miniworld.judge import classify, load_judge
+from miniworld.prompts import concept_prompts
+
+from . import batch as gen
+from .crr import BenchSettings, erased_unet, inverted, outside_mask_change
+
+GATES = ("off", "contrastive")
+PAIR_SEED = 7_300_000
+
+
+def _shows(judge, images, concept: str) -> np.ndarray:
+    """Whether the judge's top label is the concept, per image (the judge is single-label)."""
+    return np.array([lab == concept for lab in classify(judge, images)[0]])
+
+
+def wrong_concept(pipe_for, judge, model_dir, concept: str, wrong: str, methods, s: BenchSettings,
+                  cfg: IreceConfig) -> list[dict]:
+    rows = []
+    for method in methods:
+        erased = erased_unet(model_dir, method, concept, s)
+        pipe = pipe_for(erased)
+        x_T = inverted(pipe, model_dir, erased, concept, "erased", False, s)
+        for gate in GATES:
+            for aim in (concept, wrong):
+                c = replace(cfg, concepts=(aim,), gate=gate)
+                imgs, _ = gen.from_latents(pipe, x_T, "", c, seed=s.seed, steps=s.steps, guidance=s.guidance)
+                rows.append({"method": method, "concept": concept, "aimed_at": aim, "gate": gate, "n": len(imgs),
+                             "crr": float(_shows(judge, imgs, concept).mean())})
+    return rows
+
+
+def benign(pipe, concept: str, others: list[str], s: BenchSettings, cfg: IreceConfig) -> list[dict]:
+    """Share of requests showing another concept whose image is bit-identical with the operator's IRECE on."""
+    rows = []
+    for gate in GATES:
+        c = replace(cfg, concepts=(concept,), gate=gate)
+        same_text, same_inv, n = 0, 0, 0
+        for o in others:
+            prompts = concept_prompts(o, s.n, s.seed + 11)
+            seeds = [s.seed + 1000 * shapes.CONCEPTS.index(o) + k for k in range(s.n)]
+            off, _ = gen.from_prompts(pipe, prompts, seeds, None, steps=s.steps, guidance=s.guidance)
+            on, _ = gen.from_prompts(pipe, prompts, seeds, c, steps=s.steps, guidance=s.guidance)
+            same_text += int(sum(np.array_equal(a, b) for a, b in zip(off, on)))
+            refs = np.stack([shapes.render(o, seed=s.seed + 77 + k).image for k in range(s.n)])
+            x_T = gen.invert_images(pipe, refs, "erased", s.steps)
+            off, _ = gen.from_latents(pipe, x_T, "", None, seed=s.seed, steps=s.steps, guidance=s.guidance)
+            on, _ = gen.from_latents(pipe, x_T, "", c, seed=s.seed, steps=s.steps, guidance=s.guidance)
+            same_inv += int(sum(np.array_equal(a, b) for a, b in zip(off, on)))
+            n += s.n
+        rows.append({"concept": concept, "gate": gate, "n_text": n, "n_inverted": n,
+                     "identical_text": same_text / n, "identical_inverted": same_inv / n})
+    return rows
+
+
+def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig) -> list[dict]:
+    """Two-shape renders, inverted with the standard model and regenerated (null prompt) with IRECE aimed at
+    one of the shapes: target removed, other kept, PSNR outside the mask."""
+    rng = np.random.default_rng(PAIR_SEED + s.seed)
+    scenes = [shapes.render_pair(rng=rng) for _ in range(n)]
+    x_T = gen.invert_images(pipe, np.stack([sc.image for sc in scenes]), "standard", s.steps)
+    off, _ = gen.from_latents(pipe, x_T, "", None, seed=s.seed, steps=s.steps, guidance=s.guidance)
+    rows = []
+    for gate in GATES:
+        removed, kept, both, psnrs, intervened = [], [], [], [], 0
+        for k, sc in enumerate(scenes):
+            target, other = sc.shapes[0].concept, sc.shapes[1].concept
+            c = replace(cfg, concepts=(target,), gate=gate)
+            on, masks = gen.from_latents(pipe, x_T[k:k + 1], "", c, seed=s.seed, steps=s.steps, guidance=s.guidance)
+            r, o = bool(~_shows(judge, on, target)[0]), bool(_shows(judge, on, other)[0])
+            removed.append(r)
+            kept.append(o)
+            both.append(r and o)
+            if masks is not None and masks.any():
+                intervened += 1
+                psnrs.append(outside_mask_change(off[k:k + 1], on, masks)[0])
+        rows.append({"gate": gate, "n": n, "target_removed": float(np.mean(removed)),
+                     "other_kept": float(np.mean(kept)), "removed_and_kept": float(np.mean(both)),
+                     "intervened": intervened / n,
+                     "psnr_outside_mask_db": float(np.mean(psnrs)) if psnrs else float("nan")})
+    return rows
+
+
+def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",), n: int = 16, n_pairs: int = 20,
+        threshold: float | None = None, s: BenchSettings | None = None) -> dict:
+    s = s or BenchSettings(n=n)
+    judge = load_judge()
+    d = IreceConfig.defaults()
+    cfg = IreceConfig(tau=s.tau, t_star=s.t_star, threshold=d.threshold if threshold is None else threshold)
+    cache: dict = {}
+
+    def pipe_for(erased):
+        if erased not in cache:
+            cache[erased] = load_pipeline(model_dir, erased)
+        return cache[erased]
+    others = [c for c in shapes.CONCEPTS if c != concept][:3]
+    uce = erased_unet(model_dir, "uce", concept, s)
+    return {"settings": {"n": s.n, "steps": s.steps, "tau": cfg.tau, "t_star": cfg.t_star,
+                         "threshold": cfg.threshold, "concept": concept, "wrong": wrong},
+            "wrong_concept": wrong_concept(pipe_for, judge, model_dir, concept, wrong, methods, s, cfg),
+            "benign": benign(pipe_for(uce), concept, others, s, cfg),
+            "pairs": pairs(pipe_for(None), judge, n_pairs, s, cfg)}

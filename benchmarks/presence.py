@@ -1,0 +1,134 @@
+"""`irece bench presence`: does the contrastive gate tell a concept that is there from one that is not?
+
+At t*, on the standard model's own trajectory (text prompts, and renders inverted with the null prompt), the
+localizer scores every concept of the vocabulary (irece.presence_scores). Scores of concepts a scene shows are
+positives, of the others negatives. Reported: ROC AUC (all, per source, per concept) on held-out seeds, and the
+threshold calibrated on a separate calibration split (Youden's J), with its held-out true/false positive rates.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from irece_runtime.irece import IreceConfig, presence_scores
+from irece_runtime.pipeline import guided_eps, sample
+from miniworld import shapes
+
+from . import batch as gen
+
+CALIBRATION_SEED, HELD_OUT_SEED = 7_100_000, 7_200_000  # neither is used to train the mini world
+
+
+def auc(labels, scores) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney) statistic; ties count half."""
+    y, s = np.asarray(labels, bool), np.asarray(scores, float)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if not n1 or not n0:
+        return float("nan")
+    r = rankdata(s)
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def youden_threshold(labels, scores) -> float:
+    """The threshold that maximises TPR - FPR (midpoint between neighbouring scores)."""
+    y, s = np.asarray(labels, bool), np.asarray(scores, float)
+    cands = np.unique(s)
+    cuts = np.concatenate([[cands[0] - 1e-6], (cands[1:] + cands[:-1]) / 2, [cands[-1] + 1e-6]])
+    j = [(s[y] >= c).mean() - (s[~y] >= c).mean() for c in cuts]
+    return float(cuts[int(np.argmax(j))])
+
+
+class _Stop(Exception):
+    pass
+
+
+def latents_at(pipe, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, steps: int,
+               step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the standard model's sampler from x up to schedule index `step`; returns (x_t, t) there."""
+    seen = {}
+
+    def capture(i, t, x_t):
+        if i == step:
+            seen["x"], seen["t"] = x_t, t
+            raise _Stop
+        return x_t
+    try:
+        sample(guided_eps(pipe.backend, "standard", cond, uncond, guidance), x, pipe.scheduler(steps), (capture,))
+    except _Stop:
+        pass
+    return seen["x"], seen["t"]
+
+
+def scenes(n: int, seed: int, pair_share: float = 0.4) -> list:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        if rng.random() < pair_share:
+            out.append(shapes.render_pair(rng=rng))
+        else:
+            out.append(shapes.render(shapes.CONCEPTS[i % len(shapes.CONCEPTS)], rng=rng))
+    return out
+
+
+def score_scenes(pipe, items: list, source: str, cfg: IreceConfig, steps: int, guidance: float, seed: int,
+                 batch: int = 32) -> list[dict]:
+    """Presence scores of every vocabulary concept for each scene, from a text prompt naming its shapes
+    ("text") or its render inverted with the standard model and the null prompt ("inverted")."""
+    concepts = pipe.contrast_set(cfg)
+    step = cfg.step_index(steps)
+    uncond = pipe.encode_prompt("")
+    rows = []
+    for s in range(0, len(items), batch):
+        chunk = items[s:s + batch]
+        if source == "text":
+            cond = torch.cat([pipe.encode_prompt(sc.prompt()) for sc in chunk])
+            x = gen.noise(pipe, [seed + s + k for k in range(len(chunk))])
+            x_t, t = latents_at(pipe, x, cond, uncond, guidance, steps, step)
+        else:
+            x = gen.invert_images(pipe, np.stack([sc.image for sc in chunk]), "standard", steps)
+            x_t, t = latents_at(pipe, x, uncond, uncond, guidance, steps, step)
+        sc_ = presence_scores(pipe.concept_maps(x_t, t, concepts), cfg.tau).cpu().numpy()
+        for k, scene in enumerate(chunk):
+            shown = {sh.concept for sh in scene.shapes}
+            for j, c in enumerate(concepts):
+                rows.append({"source": source, "shapes": len(shown), "concept": c, "present": c in shown,
+                             "score": float(sc_[k, j])})
+    return rows
+
+
+def summarize(rows: list[dict], threshold: float | None = None) -> dict:
+    y = [r["present"] for r in rows]
+    s = [r["score"] for r in rows]
+    out = {"auc": auc(y, s), "n_pos": int(sum(y)), "n_neg": len(y) - int(sum(y))}
+    if threshold is not None:
+        y_, s_ = np.asarray(y, bool), np.asarray(s)
+        out["tpr"] = float((s_[y_] >= threshold).mean()) if y_.any() else float("nan")
+        out["fpr"] = float((s_[~y_] >= threshold).mean()) if (~y_).any() else float("nan")
+    return out
+
+
+def run(model_dir, n: int = 100, steps: int = 25, guidance: float = 5.0, tau: float | None = None,
+        t_star=None, layers=None) -> dict:
+    from irece_runtime.loading import load_pipeline
+
+    pipe = load_pipeline(model_dir, layers=layers)
+    d = IreceConfig.defaults()
+    cfg = IreceConfig(concepts=(), gate="contrastive", tau=d.tau if tau is None else tau,
+                      t_star=d.t_star if t_star is None else t_star)
+    split = {}
+    for name, seed in (("calibration", CALIBRATION_SEED), ("held_out", HELD_OUT_SEED)):
+        items = scenes(n, seed)
+        split[name] = score_scenes(pipe, items, "text", cfg, steps, guidance, seed) + \
+            score_scenes(pipe, items, "inverted", cfg, steps, guidance, seed)
+    threshold = youden_threshold([r["present"] for r in split["calibration"]],
+                                 [r["score"] for r in split["calibration"]])
+    held = split["held_out"]
+    res = {"n_scenes": n, "steps": steps, "tau": cfg.tau, "t_star": cfg.t_star, "threshold": threshold,
+           "held_out": summarize(held, threshold),
+           "by_source": {src: summarize([r for r in held if r["source"] == src], threshold)
+                         for src in ("text", "inverted")},
+           "by_scene": {str(k): summarize([r for r in held if r["shapes"] == k], threshold) for k in (1, 2)},
+           "by_concept": {c: summarize([r for r in held if r["concept"] == c], threshold)
+                          for c in pipe.contrast_set(cfg)}}
+    return res

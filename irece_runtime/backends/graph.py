@@ -1,0 +1,68 @@
+"""Exported-graph folders (`irece export`): the manifest, and the backend interface mapped onto named graphs,
+shared by the ONNX Runtime and TensorRT backends."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import BackendLimits, check_model
+
+MANIFEST = "manifest.json"
+FORMAT = "irece-engines/1"
+
+
+class GraphMismatch(RuntimeError):
+    """The graph folder was built for another runtime version, GPU or format."""
+
+
+def read_manifest(graphs_dir: str | Path) -> dict:
+    path = Path(graphs_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{graphs_dir}: no {MANIFEST}; build it with `irece export`")
+    m = json.loads(path.read_text())
+    if m.get("format") != FORMAT:
+        raise GraphMismatch(f"{path}: unknown graph-folder format {m.get('format')!r}")
+    return m
+
+
+class GraphBackend:
+    """The backend interface over exported graphs named as in the manifest: subclasses provide `_run(component,
+    **inputs)` (one graph call) and the token-embedding table; the mapping onto the interface lives here."""
+
+    device = "cpu"
+    token_embedding = None
+
+    def _configure(self, manifest: dict) -> None:
+        cfg = manifest["config"]
+        self.embed_dim, self.latent_channels = cfg["embed_dim"], cfg["latent_channels"]
+        self.vae_scale_factor, self.scaling_factor = cfg["vae_scale_factor"], cfg["scaling_factor"]
+        self.limits = BackendLimits(None, (cfg["latent_h"], cfg["latent_w"]))  # spatial size is static per folder
+
+    def _run(self, component: str, **inputs):
+        raise NotImplementedError
+
+    def embed_tokens(self, input_ids):
+        return self.token_embedding[input_ids.to(self.token_embedding.device)]
+
+    def encode_text(self, token_embeds):
+        return self._run("text_encoder", token_embeds=token_embeds)
+
+    def eps(self, model, sample, timestep, hidden):
+        return self._run(f"unet_{check_model(model)}", sample=sample, timestep=_timestep(timestep), encoder_hidden_states=hidden)
+
+    def concept_map(self, sample, timestep, hidden, token_weights):
+        single = token_weights.dim() == 2  # the graph takes K token sets: (B, K, 77) -> (B, K, H, W)
+        maps = self._run("localizer", sample=sample, timestep=_timestep(timestep), encoder_hidden_states=hidden,
+                         token_weights=token_weights[:, None] if single else token_weights)
+        return maps[:, 0] if single else maps
+
+    def vae_encode(self, images):
+        return self._run("vae_encoder", images=images)
+
+    def vae_decode(self, latents):
+        return self._run("vae_decoder", latents=latents)
+
+
+def _timestep(t):
+    import torch
+    return torch.as_tensor(t, dtype=torch.float32).reshape(1)  # the graphs take a 1-element float timestep

@@ -1,0 +1,59 @@
+"""`irece world render | judge | train`: the mini world's verbs (`world check` comes from benchmarks/)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from irece_cli.output import emit, load_png, save_png
+
+from .assets import JUDGE_PATH, MODEL_DIR
+
+
+def cmd_render(a):
+    from . import shapes
+    scene = shapes.render(a.concept, seed=a.seed) if a.concept != "pair" else shapes.render_pair(seed=a.seed)
+    out = Path(a.out)
+    save_png(scene.image, out)
+    mask_path = out.with_name(out.stem + ".mask.png")
+    save_png((scene.mask * 255).astype("uint8"), mask_path)
+    emit({"image": str(out), "mask": str(mask_path), "label": scene.label, "prompt": scene.prompt()}, a.json)
+
+
+def cmd_judge(a):
+    import numpy as np
+    from .judge import classify, load_judge
+    judge = load_judge(a.judge) if a.judge else load_judge()
+    images = np.stack([load_png(f) for f in a.files])
+    labels, p = classify(judge, images)
+    emit({"results": [{"file": f, "label": lab, "p": float(q)} for f, lab, q in zip(a.files, labels, p)]}, a.json)
+
+
+def cmd_train(a):
+    from .train import train_world
+    out = Path(a.out) if a.out else MODEL_DIR
+    judge = Path(a.judge_out) if a.judge_out else JUDGE_PATH
+    work = Path(a.work) if a.work else Path(".cache") / ("world_quick" if a.quick else "world_train")
+    emit(train_world(out, judge, work, quick=a.quick, seed=a.seed, unet_steps=a.unet_steps), a.json)
+
+
+def register_world(world) -> None:
+    """Adds render, judge and train to the `irece world` group."""
+    p = world.add_parser("render", help="render one scene (and its mask beside it)")
+    p.add_argument("--concept", required=True, help="a Shapes-10 concept, 'none' or 'pair'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_render)
+    p = world.add_parser("judge", help="classify PNG files with the judge")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--judge", help="judge weights (default: the committed judge)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_judge)
+    p = world.add_parser("train", help="train the Shapes-10 model and judge from scratch")
+    p.add_argument("--quick", action="store_true", help="a few steps of each stage (smoke run)")
+    p.add_argument("--out", help="model folder (default: the committed miniworld/models/shapes10)")
+    p.add_argument("--judge-out")
+    p.add_argument("--work", help="cache folder for resumable stages (default .cache/world_train)")
+    p.add_argument("--unet-steps", type=int, help="UNet steps (a larger value than a finished run's continues it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)

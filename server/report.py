@@ -1,0 +1,27 @@
+"""The IRECE report's one conversion: runtime IreceReport -> wire (pb.IreceReport) -> JSON form.
+
+The JSON form is the runtime's own `IreceReport.to_dict()` (what `irece generate --json` prints); the service
+sends `to_proto(report)`, and the client (`irece client --json`, the demo) turns what arrives back into the same
+dict with `to_dict(msg)`. Field names are shared, so a field added on one side and not the other fails loudly.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+
+from irece_runtime.irece import ConceptReport, IreceReport
+from protos.irece.v1 import generation_pb2 as pb
+
+
+def to_proto(report: IreceReport | None) -> pb.IreceReport:
+    """None (no concept to suppress, IRECE did not run) is the empty report: step_index and timestep -1."""
+    r = report if report is not None else IreceReport()
+    return pb.IreceReport(intervened=r.intervened, mask_area=r.mask_area, step_index=r.step_index,
+                          timestep=r.timestep, concepts=[pb.ConceptReport(**asdict(c)) for c in r.concepts])
+
+
+def to_dict(msg: pb.IreceReport) -> dict:
+    """The wire report as `IreceReport.to_dict()` gives it (floats as float32, the wire's precision)."""
+    concepts = [ConceptReport(**{f.name: getattr(c, f.name) for f in fields(ConceptReport)}) for c in msg.concepts]
+    d = IreceReport(step_index=msg.step_index, timestep=msg.timestep, concepts=concepts).to_dict()
+    d.update(intervened=msg.intervened, mask_area=msg.mask_area)  # the union mask stays on the server; its area travels
+    return d

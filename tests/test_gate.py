@@ -1,0 +1,48 @@
+"""The contrastive presence gate inside the pipeline (model-agnostic: any SD v1.x folder with a vocabulary)."""
+import numpy as np
+import pytest
+import torch
+
+from irece_runtime import irece
+from irece_runtime.irece import IreceConfig
+from irece_runtime.pipeline import Request
+
+
+@pytest.fixture(scope="module")
+def vocab(pipe):
+    if len(pipe.vocabulary) < 2:
+        pytest.skip("the model folder has no concepts.json with two or more concepts to contrast")
+    return pipe.vocabulary
+
+
+def test_gate_below_threshold_leaves_the_image_bit_identical(pipe, vocab):
+    req = Request(prompt=f"a {vocab[1]}", steps=6, seed=3)
+    off = pipe.generate(req)
+    gated = pipe.generate(req, IreceConfig(concepts=(vocab[0],), gate="contrastive", threshold=1.01, t_star=2))
+    assert np.array_equal(off.uint8(), gated.uint8())
+    (c,) = gated.irece.concepts
+    assert not c.intervened and c.mask_area == 0.0
+    assert 0.0 <= c.score <= 1.0 and c.threshold == pytest.approx(1.01)
+
+
+def test_gate_at_zero_threshold_masks_exactly_the_object_region_split_by_owner(pipe, vocab):
+    cfg = IreceConfig(concepts=tuple(vocab), gate="contrastive", threshold=0.0)
+    x = torch.randn(2, pipe.backend.latent_channels, pipe.sample_size, pipe.sample_size,
+                    generator=torch.Generator().manual_seed(0))
+    t = pipe.scheduler(6).timesteps[2]
+    maps = pipe.concept_maps(x, t, pipe.contrast_set(cfg))
+    assert maps.shape == (2, len(vocab), pipe.sample_size, pipe.sample_size)
+    union, reports = pipe.localize(x, t, cfg, [(c, cfg.tau, 0.0) for c in vocab])
+    objects = irece.minmax(maps.sum(1)) >= cfg.tau
+    assert torch.equal(union.bool(), objects)  # every object cell has exactly one owner among the concepts
+    assert sum(r.mask_area for r in reports) == pytest.approx(float(objects.float().mean()))
+    # a threshold above every score: nothing is masked, whatever the maps say
+    union, reports = pipe.localize(x, t, cfg, [(c, cfg.tau, 1.01) for c in vocab])
+    assert union.sum() == 0 and not any(r.intervened for r in reports)
+
+
+def test_contrast_set_puts_operator_concepts_first_without_repeats(pipe, vocab):
+    cfg = IreceConfig(concepts=(vocab[-1], "dragon"), vocabulary=("castle", vocab[-1]))
+    s = pipe.contrast_set(cfg)
+    assert s[:3] == (vocab[-1], "dragon", "castle")
+    assert len(s) == len(set(s)) and set(vocab) <= set(s)

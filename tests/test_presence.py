@@ -1,0 +1,37 @@
+"""The presence benchmark's statistics (known values) and its wiring on the model under test."""
+import json
+
+import numpy as np
+import pytest
+
+from .conftest import MODEL
+
+from benchmarks.presence import auc, summarize, youden_threshold
+
+
+def test_auc_known_values():
+    assert auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5  # ties count half
+    assert auc([0, 0, 1, 1], [0.1, 0.6, 0.4, 0.9]) == 0.75  # 3 of the 4 positive/negative pairs ordered
+    assert np.isnan(auc([1, 1], [0.2, 0.3]))
+
+
+def test_youden_threshold_separates_and_summarize_reports_rates():
+    y, s = [0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.3, 0.6, 0.7, 0.8]
+    t = youden_threshold(y, s)
+    assert 0.3 < t < 0.6
+    rows = [{"present": bool(a), "score": b} for a, b in zip(y, s)]
+    out = summarize(rows, t)
+    assert out["tpr"] == 1.0 and out["fpr"] == 0.0 and out["auc"] == 1.0 and out["n_pos"] == 3
+
+
+@pytest.mark.shapes10_only  # its scenes are Shapes-10 renders
+def test_bench_presence_quick_writes_every_figure(tmp_path, pipe):
+    from irece_cli.main import main
+    out = tmp_path / "presence.json"
+    assert main(["bench", "presence", "--model", str(MODEL), "--quick", "--n", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert 0.0 <= res["held_out"]["auc"] <= 1.0
+    assert res["held_out"]["n_pos"] >= 4 and res["held_out"]["n_neg"] > res["held_out"]["n_pos"]
+    assert set(res["by_source"]) == {"text", "inverted"} and set(res["by_concept"]) == set(pipe.vocabulary)
