@@ -277,10 +277,13 @@ def guided_eps(backend: Backend, model: str, cond: torch.Tensor, uncond: torch.T
     if uncond is None or guidance == 1.0 or torch.equal(cond, uncond):
         return lambda x, t: backend.eps(model, x, t, cond.expand(x.shape[0], -1, -1))
 
+    pairs: dict[int, torch.Tensor] = {}  # batch size -> [uncond; cond] hidden states, built once per request
+
     def eps(x, t):
         b = x.shape[0]
-        e_u, e_c = backend.eps(model, torch.cat([x, x]), t,
-                               torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])).chunk(2)
+        if b not in pairs:
+            pairs[b] = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
+        e_u, e_c = backend.eps(model, torch.cat([x, x]), t, pairs[b]).chunk(2)
         return e_u + guidance * (e_c - e_u)
     return eps
 
