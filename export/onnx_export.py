@@ -61,9 +61,7 @@ def export_onnx(model_dir: str | Path, erased: str | Path | None, out: str | Pat
             continue
         args, inputs, outputs, axes = component_io(name, 1, cfg)
         path = out / f"{name}.onnx"
-        with torch.no_grad():
-            torch.onnx.export(modules[name], args, str(path), input_names=inputs, output_names=outputs,
-                              dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        _export_one(modules[name], args, inputs, outputs, axes, path)
         components[name] = {"file": path.name, "inputs": inputs, "outputs": outputs}
     import onnx
     stats = {n: graph_stats(onnx.load(str(out / components[n]["file"]), load_external_data=False))
@@ -82,6 +80,28 @@ def export_onnx(model_dir: str | Path, erased: str | Path | None, out: str | Pat
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _export_one(module, args, inputs, outputs, axes, path: Path) -> None:
+    """One graph to `path`. A graph over protobuf's 2 GB (SD v1.4's UNet in fp32) keeps its weights outside;
+    the exporter names those files after the initializers, which collide between graphs of one folder, so it
+    exports into a folder of its own and the weights are re-saved as one `<name>.onnx.data` beside the graph."""
+    import shutil
+    import tempfile
+
+    import onnx
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        with torch.no_grad():
+            torch.onnx.export(module, args, str(staged), input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        data = path.with_name(path.name + ".data")
+        data.unlink(missing_ok=True)
+        if len(list(Path(tmp).iterdir())) == 1:  # small graph: weights inside
+            shutil.move(str(staged), path)
+        else:
+            onnx.save_model(onnx.load(str(staged)), str(path), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
 
 
 def graph_stats(model) -> dict:
