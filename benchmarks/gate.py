@@ -17,7 +17,7 @@ import numpy as np
 from irece_runtime.irece import IreceConfig
 from irece_runtime.loading import load_pipeline
 from miniworld import shapes
-from miniworld.judge import classify, load_judge
+from miniworld.judge import load_judge, shows
 from miniworld.prompts import concept_prompts
 
 from . import batch as gen
@@ -25,11 +25,6 @@ from .crr import BenchSettings, erased_unet, inverted, outside_mask_change
 
 GATES = ("off", "contrastive")
 PAIR_SEED = 7_300_000
-
-
-def _shows(judge, images, concept: str) -> np.ndarray:
-    """Whether the judge's top label is the concept, per image (the judge is single-label)."""
-    return np.array([lab == concept for lab in classify(judge, images)[0]])
 
 
 def wrong_concept(pipe_for, judge, model_dir, concept: str, wrong: str, methods, s: BenchSettings,
@@ -44,7 +39,7 @@ def wrong_concept(pipe_for, judge, model_dir, concept: str, wrong: str, methods,
                 c = replace(cfg, concepts=(aim,), gate=gate)
                 imgs, _ = gen.from_latents(pipe, x_T, "", c, seed=s.seed, steps=s.steps, guidance=s.guidance)
                 rows.append({"method": method, "concept": concept, "aimed_at": aim, "gate": gate, "n": len(imgs),
-                             "crr": float(_shows(judge, imgs, concept).mean())})
+                             "crr": float(shows(judge, imgs, concept).mean())})
     return rows
 
 
@@ -85,7 +80,7 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig) -> list[dict]
             target, other = sc.shapes[0].concept, sc.shapes[1].concept
             c = replace(cfg, concepts=(target,), gate=gate)
             on, masks = gen.from_latents(pipe, x_T[k:k + 1], "", c, seed=s.seed, steps=s.steps, guidance=s.guidance)
-            r, o = bool(~_shows(judge, on, target)[0]), bool(_shows(judge, on, other)[0])
+            r, o = bool(~shows(judge, on, target)[0]), bool(shows(judge, on, other)[0])
             removed.append(r)
             kept.append(o)
             both.append(r and o)

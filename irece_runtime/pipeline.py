@@ -192,10 +192,12 @@ class Pipeline:
         maps = self.concept_maps(x, t, concepts)
         scores = irece.presence_scores(maps, cfg.tau)
         union = torch.zeros(maps.shape[0], *maps.shape[2:], dtype=maps.dtype, device=maps.device)
-        reports = []
+        reports, by_tau = [], {}
         for c, tau, threshold in targets:
             k = concepts.index(c)
-            masks = irece.contrastive_masks(maps, tau)[:, k]
+            if tau not in by_tau:  # one split of the object region per tau, shared by the concepts using it
+                by_tau[tau] = irece.contrastive_masks(maps, tau)
+            masks = by_tau[tau][:, k]
             present = scores[:, k] >= threshold
             masks = masks * present[:, None, None].to(masks.dtype)
             union = torch.maximum(union, masks)

@@ -35,3 +35,18 @@ def test_bench_presence_quick_writes_every_figure(tmp_path, pipe):
     assert 0.0 <= res["held_out"]["auc"] <= 1.0
     assert res["held_out"]["n_pos"] >= 4 and res["held_out"]["n_neg"] > res["held_out"]["n_pos"]
     assert set(res["by_source"]) == {"text", "inverted"} and set(res["by_concept"]) == set(pipe.vocabulary)
+
+
+@pytest.mark.shapes10_only  # Shapes-10 renders, judge and concept names
+def test_bench_gate_quick_reports_both_gates_for_every_study(tmp_path):
+    from irece_cli.main import main
+    out = tmp_path / "gate.json"
+    assert main(["bench", "gate", "--model", str(MODEL), "--quick", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for study in ("wrong_concept", "benign", "pairs"):
+        assert {r["gate"] for r in res[study]} == {"off", "contrastive"}
+    # the paper's always-intervene re-noises every benign request: none comes back bit-identical
+    off = next(r for r in res["benign"] if r["gate"] == "off")
+    assert off["identical_text"] == 0.0 and off["identical_inverted"] == 0.0
+    aims = {(r["aimed_at"], r["gate"]) for r in res["wrong_concept"]}
+    assert aims == {("star", "off"), ("moon", "off"), ("star", "contrastive"), ("moon", "contrastive")}
