@@ -2,7 +2,7 @@
 # Build:  docker build -t irece .
 # Run:    docker run --gpus all -p 50051:50051 -p 9464:9464 -v /models/sd14:/models/sd14:ro \
 #           -v /models/erased:/models/erased:ro -v irece-engines:/engines irece \
-#           --model /models/sd14 --erased /models/erased --concept "cat" --backend tensorrt --engines /engines
+#           --model /models/sd14 --erased /models/erased --concept "cat" --backend tensorrt --graphs /engines
 # Engines are built at start when /engines has none for this GPU and TensorRT version (docker/entrypoint.sh),
 # or mounted prebuilt.
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
@@ -13,8 +13,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
 
 RUN useradd --create-home --uid 10001 irece
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY irece_runtime irece_runtime
+COPY irece_cli irece_cli
+COPY miniworld miniworld
+COPY erasure erasure
 COPY export export
 COPY server server
 COPY benchmarks benchmarks
@@ -24,7 +27,6 @@ COPY docker/entrypoint.sh /entrypoint.sh
 # torch==2.13.0 from PyPI is the CUDA build; the gpu extra adds onnxruntime-gpu, tensorrt and nvidia-ml-py
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --upgrade pip \
     && /opt/venv/bin/pip install '.[gpu]' \
-    && /opt/venv/bin/python -m protos.build \
     && mkdir -p /engines && chown irece /engines && chmod +x /entrypoint.sh
 ENV PATH=/opt/venv/bin:$PATH
 

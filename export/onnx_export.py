@@ -1,5 +1,5 @@
 """`irece export`: the text encoder (from token embeddings), VAE encoder/decoder, erased UNet, standard UNet
-and the standard UNet as IRECE's localizer, to ONNX (and on to TensorRT engines, see trt_backend.py).
+and the standard UNet as IRECE's localizer, to ONNX (and on to TensorRT engines, see tensorrt_build.py).
 
 Exporter: the TorchScript exporter (`dynamo=False`) at opset 17, chosen explicitly (torch >= 2.9 defaults to
 dynamo): it traces diffusers' UNet, SDPA included, with dynamic batch and no graph breaks. Spatial sizes are
