@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from irece_runtime.irece import IreceConfig, parse_t_star
+from irece_runtime.irece import GATES, IreceConfig, parse_t_star
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 
 DEFAULTS = IreceConfig.defaults()
@@ -85,7 +85,8 @@ def cmd_localization(a):
     from . import localization
     n, pairs = (10, 2) if a.quick else (a.n or 100, 20)
     layers = tuple(a.localizer_layers) if a.localizer_layers else None
-    res = localization.run(a.model, n=n, n_pairs=pairs, tau=a.tau, t_star=a.t_star, layers=layers)
+    res = localization.run(a.model, n=n, n_pairs=pairs, tau=a.tau, t_star=a.t_star, layers=layers, gate=a.gate,
+                           threshold=a.threshold)
     _write(res, a.json)
     print(json.dumps(res, indent=1))
 
@@ -164,6 +165,8 @@ def register(sub) -> None:
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--localizer-layers", nargs="+", metavar="NAME")
+    p.add_argument("--gate", choices=GATES, default=DEFAULTS.gate, help="masks of the paper (off) or contrastive")
+    p.add_argument("--threshold", type=float, default=DEFAULTS.threshold)
     p.set_defaults(func=cmd_localization)
 
     p = bsub.add_parser("presence", help="contrastive gate: presence-score AUC and calibrated threshold")

@@ -70,7 +70,7 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig) -> list[dict]
     """Two-shape renders, inverted with the standard model and regenerated (null prompt) with IRECE aimed at
     one of the shapes: target removed, other kept, PSNR outside the mask."""
     rng = np.random.default_rng(PAIR_SEED + s.seed)
-    scenes = [shapes.render_pair(rng=rng) for _ in range(n)]
+    scenes = [shapes.render_scene(2, rng=rng) for _ in range(n)]
     x_T = gen.invert_images(pipe, np.stack([sc.image for sc in scenes]), "standard", s.steps)
     off, _ = gen.from_latents(pipe, x_T, "", None, seed=s.seed, steps=s.steps, guidance=s.guidance)
     rows = []

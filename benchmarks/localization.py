@@ -27,41 +27,49 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
-def masks_for(pipe, images: np.ndarray, concepts: list[str], tau: float, t_star, steps: int) -> np.ndarray:
-    """Invert with the standard model (null prompt), localize each image's concept at t*: (N, h, w) masks."""
+def masks_for(pipe, images: np.ndarray, concepts: list[str], tau: float, t_star, steps: int, gate: str = "off",
+              threshold: float = DEFAULTS.threshold) -> np.ndarray:
+    """Invert with the standard model (null prompt), localize each image's concept at t*: (N, h, w) masks
+    (images grouped by concept, one batch each)."""
     x_T = gen.invert_images(pipe, images, "standard", steps)
-    out = []
-    for x, c in zip(x_T, concepts):
-        _, m = gen.from_latents(pipe, x[None], "", IreceConfig(concepts=(c,), tau=tau, t_star=t_star), steps=steps)
-        out.append(m[0])
+    out: list = [None] * len(concepts)
+    for c in dict.fromkeys(concepts):
+        idx = [k for k, ck in enumerate(concepts) if ck == c]
+        cfg = IreceConfig(concepts=(c,), tau=tau, t_star=t_star, gate=gate, threshold=threshold)
+        _, m = gen.from_latents(pipe, x_T[idx], "", cfg, steps=steps)
+        for k, mk in zip(idx, m):
+            out[k] = mk
     return np.stack(out)
 
 
 def run(model_dir: str = str(DEFAULT_MODEL), n: int = 100, n_pairs: int = 20, tau: float = DEFAULTS.tau,
-        t_star=DEFAULTS.t_star, steps: int = 25, layers: tuple[str, ...] | None = None) -> dict:
+        t_star=DEFAULTS.t_star, steps: int = 25, layers: tuple[str, ...] | None = None, gate: str = "off",
+        threshold: float = DEFAULTS.threshold) -> dict:
     pipe = load_pipeline(model_dir, layers=layers)
     localizer = require_torch(pipe.backend, "the localization benchmark (it reports the localizer's layers)").localizer
     rng = np.random.default_rng(LOC_SEED)
     scenes = [shapes.render(shapes.CONCEPTS[i % 10], rng=rng) for i in range(n)]
     images = np.stack([s.image for s in scenes])
-    masks = masks_for(pipe, images, [s.label for s in scenes], tau, t_star, steps)
+    masks = masks_for(pipe, images, [s.label for s in scenes], tau, t_star, steps, gate, threshold)
     ious = [iou(pixel_mask(m), s.mask) for m, s in zip(masks, scenes)]
     # chance: the same masks scored against other images' shapes (a localizer that ignores the image)
     chance = [iou(pixel_mask(m), s.mask) for m, s in zip(masks, scenes[7:] + scenes[:7])]
     per_concept = {c: float(np.mean([v for v, s in zip(ious, scenes) if s.label == c])) for c in shapes.CONCEPTS}
-    pairs = [shapes.render_pair(rng=rng) for _ in range(n_pairs)]
+    pairs = [shapes.render_scene(2, rng=rng) for _ in range(n_pairs)]
     own_cover, other_cover = [], []
-    for p in pairs:
-        for c in p.masks:
-            other = next(o for o in p.masks if o != c)
-            m = pixel_mask(masks_for(pipe, p.image[None], [c], tau, t_star, steps)[0])
+    for k in range(2):  # each shape of each pair as the target in turn
+        targets = [p.shapes[k].concept for p in pairs]
+        pm = masks_for(pipe, np.stack([p.image for p in pairs]), targets, tau, t_star, steps, gate, threshold)
+        for p, c, m in zip(pairs, targets, pm):
+            other = p.shapes[1 - k].concept
+            m = pixel_mask(m)
             own_cover.append((m & p.masks[c]).sum() / p.masks[c].sum())
             other_cover.append((m & p.masks[other]).sum() / p.masks[other].sum())
     # inversion round trip (standard model, null prompt): reconstruction PSNR, and the VAE alone for reference
     x_T = gen.invert_images(pipe, images[:min(n, 50)], "standard", steps)
     recon, _ = gen.from_latents(pipe, x_T, "", None, steps=steps)
     vae_only = gen.decode(pipe, pipe.backend.vae_encode(to_tensor(images[:50])))
-    return {"n": n, "tau": tau, "t_star": t_star, "steps": steps, "layers": list(localizer.layer_names),
+    return {"n": n, "tau": tau, "t_star": t_star, "steps": steps, "gate": gate, "layers": list(localizer.layer_names),
             "mean_iou": float(np.mean(ious)), "chance_iou": float(np.mean(chance)),
             "mask_area": float(masks.mean()),
             "iou_per_concept": per_concept, "pairs": n_pairs,

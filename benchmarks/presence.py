@@ -65,7 +65,7 @@ def scenes(n: int, seed: int, pair_share: float = 0.4) -> list:
     out = []
     for i in range(n):
         if rng.random() < pair_share:
-            out.append(shapes.render_pair(rng=rng))
+            out.append(shapes.render_scene(2, rng=rng))
         else:
             out.append(shapes.render(shapes.CONCEPTS[i % len(shapes.CONCEPTS)], rng=rng))
     return out

@@ -19,8 +19,19 @@ from irece_runtime.backends.tensorrt_backend import tensorrt_module
 TIMING_CACHE = "timing.cache"
 
 
+MAX_CONCEPTS = 32  # competing concepts in one localization prompt (the operator's plus the vocabulary)
+
+
+def dynamic_dim_names(onnx_path: Path) -> dict[tuple[str, int], str]:
+    """(input name, axis) -> the axis' symbolic name in the ONNX graph ("B", "K")."""
+    import onnx
+    g = onnx.load(str(onnx_path), load_external_data=False).graph
+    return {(i.name, d): dim.dim_param for i in g.input for d, dim in enumerate(i.type.tensor_type.shape.dim)
+            if dim.dim_param}
+
+
 def build_engine(onnx_path: Path, engine_path: Path, fp16: bool, max_batch: int, cache_path: Path,
-                 workspace_gb: float = 8.0) -> None:
+                 workspace_gb: float = 8.0, max_concepts: int = MAX_CONCEPTS) -> None:
     """One ONNX graph -> one serialized engine: optional fp16, a batch profile 1..max_batch, a timing cache."""
     trt = tensorrt_module()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -37,11 +48,14 @@ def build_engine(onnx_path: Path, engine_path: Path, fp16: bool, max_batch: int,
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     profile = builder.create_optimization_profile()
+    names = dynamic_dim_names(onnx_path)
     for i in range(network.num_inputs):
         inp = network.get_input(i)
         shape = list(inp.shape)
-        profile.set_shape(inp.name, [1 if s == -1 else s for s in shape], [max_batch if s == -1 else s for s in shape],
-                          [max_batch if s == -1 else s for s in shape])
+        # dynamic axes by their ONNX name: B (batch) up to max_batch, K (competing concepts) up to max_concepts
+        top = [({"K": max_concepts}.get(names.get((inp.name, d)), max_batch) if s == -1 else s)
+               for d, s in enumerate(shape)]
+        profile.set_shape(inp.name, [1 if s == -1 else s for s in shape], top, top)
     config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None:

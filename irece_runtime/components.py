@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from . import irece
 from .attention import Localizer
 from .erasers import erasers_path, install_erasers
 
@@ -97,6 +98,20 @@ class UNetEps(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states).sample
 
 
+class GatedLocalizer(nn.Module):
+    """The localizer graph: concept maps of K token sets, then the contrastive presence gate on them (per-concept
+    tau and threshold as inputs), so an exported folder gates exactly as the torch backend does."""
+
+    def __init__(self, localizer: Localizer):
+        super().__init__()
+        self.localizer = localizer
+
+    def forward(self, sample, timestep, encoder_hidden_states, token_weights, tau, threshold):
+        maps = self.localizer(sample, timestep, encoder_hidden_states, token_weights)
+        scores, masks = irece.gate(maps, tau, threshold)
+        return maps, scores, masks
+
+
 def component_io(name: str, b: int, cfg: dict) -> tuple[tuple, list[str], list[str], dict]:
     D, C, h, w = cfg["embed_dim"], cfg["latent_channels"], cfg["latent_h"], cfg["latent_w"]
     f = cfg["vae_scale_factor"]
@@ -115,9 +130,13 @@ def component_io(name: str, b: int, cfg: dict) -> tuple[tuple, list[str], list[s
     if name == "localizer":
         tw = torch.zeros(b, 2, 77)  # K = 2 token sets at export; K is a dynamic axis
         tw[:, 0, 5] = tw[:, 1, 7] = 1.0
-        return ((lat, t, hid, tw), ["sample", "timestep", "encoder_hidden_states", "token_weights"], ["concept_map"],
+        tau, threshold = torch.full((2,), 0.4), torch.full((2,), 0.5)
+        return ((lat, t, hid, tw, tau, threshold),
+                ["sample", "timestep", "encoder_hidden_states", "token_weights", "tau", "threshold"],
+                ["concept_map", "presence", "masks"],
                 {"sample": {0: "B"}, "encoder_hidden_states": {0: "B"}, "token_weights": {0: "B", 1: "K"},
-                 "concept_map": {0: "B", 1: "K"}})
+                 "tau": {0: "K"}, "threshold": {0: "K"}, "concept_map": {0: "B", 1: "K"}, "presence": {0: "B", 1: "K"},
+                 "masks": {0: "B", 1: "K"}})
     raise ValueError(name)
 
 
@@ -137,7 +156,7 @@ def build_components(model_dir: str | Path, erased: str | Path | None = None, la
     loc_unet = load_unet(model_dir, dtype=dtype) if separate_localizer else standard
     modules = {"text_encoder": TextEncoder(te), "vae_encoder": VaeEncoder(vae), "vae_decoder": VaeDecoder(vae),
                "unet_erased": UNetEps(erased_unet), "unet_standard": UNetEps(standard),
-               "localizer": Localizer(loc_unet, layers)}
+               "localizer": GatedLocalizer(Localizer(loc_unet, layers))}
     sample_size = standard.config.sample_size
     cfg = {"embed_dim": te.config.hidden_size, "latent_channels": vae.config.latent_channels,
            "vae_scale_factor": 2 ** (len(vae.config.block_out_channels) - 1), "latent_h": sample_size,

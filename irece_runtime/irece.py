@@ -110,31 +110,49 @@ def concept_mask(concept_map: torch.Tensor, tau: float, min_peak: float = 0.0) -
     return m * present[:, None, None].to(m.dtype)
 
 
-def contrastive_masks(maps: torch.Tensor, tau: float) -> torch.Tensor:
+def object_region(maps: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) competing-concept maps -> bool (B, 1 or K, H, W): where the concept tokens together draw
+    attention, min-max of their summed map >= tau (the paper's rule on the union). tau: one value, or one per
+    concept as a (K,) tensor (tuned per-concept settings; an input of the exported localizer graph)."""
+    tau = torch.as_tensor(tau, dtype=maps.dtype, device=maps.device).reshape(1, -1, 1, 1)
+    return minmax(maps.sum(1))[:, None] >= tau
+
+
+def contrastive_masks(maps: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
     """(B, K, H, W) maps of K competing concepts from one localization prompt -> binary masks (B, K, H, W).
 
-    A cell belongs to concept k where the concept tokens together draw attention (min-max of their summed map
-    >= tau, the paper's rule on the union) and k draws the most of it: concepts split the object region
-    between them instead of each claiming min-max's ~40% of the latent.
+    A cell belongs to concept k where it lies in the object region and k draws the most of the concept tokens'
+    attention there: concepts split the object region between them instead of each claiming min-max's ~40% of
+    the latent.
     """
-    objects = minmax(maps.sum(1)) >= tau  # (B, H, W)
     owner = F.one_hot(maps.argmax(1), maps.shape[1]).permute(0, 3, 1, 2).bool()  # (B, K, H, W)
-    return (owner & objects[:, None]).to(maps.dtype)
+    return (owner & object_region(maps, tau)).to(maps.dtype)
 
 
-def presence_scores(maps: torch.Tensor, tau: float, eps: float = 1e-12) -> torch.Tensor:
+def presence_scores(maps: torch.Tensor, tau: float | torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """(B, K, H, W) competing-concept maps -> (B, K) presence scores in [0, 1].
 
     The score is concept k's peak local share of the concept tokens' attention inside the object region: the
     share map maps_k / sum_j maps_j, averaged over the object cells of each 3x3 neighbourhood (one noisy cell is
-    not a shape), at its maximum over object cells (where the summed map passes tau). A concept that is drawn owns some region
-    (score near 1); an absent one only ever shares (score near 1/K)."""
+    not a shape), at its maximum over object cells. A concept that is drawn owns some region (score near 1); an
+    absent one only ever shares (score near 1/K)."""
     share = maps / maps.sum(1, keepdim=True).clamp_min(eps)
-    objects = (minmax(maps.sum(1)) >= tau)[:, None].to(maps.dtype)
+    objects = object_region(maps, tau).to(maps.dtype).expand_as(share)
     # mean share over the object cells of each 3x3 neighbourhood (background cells do not vote)
     local = F.avg_pool2d(share * objects, 3, stride=1, padding=1) / F.avg_pool2d(objects, 3, stride=1,
                                                                                  padding=1).clamp_min(eps)
     return (local * objects).flatten(2).max(2).values
+
+
+def gate(maps: torch.Tensor, tau: float | torch.Tensor,
+         threshold: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contrastive presence gate: (B, K, H, W) maps -> presence scores (B, K) and gated masks (B, K, H, W),
+    concept k's contrastive mask where its score reaches its threshold (a value or a (K,) tensor), else empty.
+    The exported localizer graph ends with this function, so every backend gates alike."""
+    scores = presence_scores(maps, tau)
+    threshold = torch.as_tensor(threshold, dtype=maps.dtype, device=maps.device).reshape(1, -1)
+    present = (scores >= threshold).to(maps.dtype)
+    return scores, contrastive_masks(maps, tau) * present[:, :, None, None]
 
 
 def perturb(x: torch.Tensor, mask: torch.Tensor, xi: torch.Tensor, mode: str = "replace") -> torch.Tensor:

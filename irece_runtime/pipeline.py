@@ -188,21 +188,24 @@ class Pipeline:
         return self.backend.concept_map(x, t, hidden.expand(b, -1, -1), w[None].expand(b, -1, -1))
 
     def _localize_contrastive(self, x, t, cfg, targets):
+        """One pass of the gated localizer over the contrast set: every concept competes; targets get their own
+        tau and threshold, the other concepts are scored but never masked (threshold above any score)."""
         concepts = self.contrast_set(cfg)
-        maps = self.concept_maps(x, t, concepts)
-        scores = irece.presence_scores(maps, cfg.tau)
-        union = torch.zeros(maps.shape[0], *maps.shape[2:], dtype=maps.dtype, device=maps.device)
-        reports, by_tau = [], {}
-        for c, tau, threshold in targets:
+        hidden, w = self.contrastive_localization(concepts)
+        tau = torch.full((len(concepts),), float(cfg.tau))
+        threshold = torch.full((len(concepts),), 2.0)  # scores lie in [0, 1]: non-targets never pass
+        for c, tau_c, threshold_c in targets:
+            tau[concepts.index(c)], threshold[concepts.index(c)] = tau_c, threshold_c
+        b = x.shape[0]
+        maps, scores, masks = self.backend.gate(x, t, hidden.expand(b, -1, -1), w[None].expand(b, -1, -1), tau,
+                                                threshold)
+        union = torch.zeros(b, *maps.shape[2:], dtype=maps.dtype, device=maps.device)
+        reports = []
+        for c, _, threshold_c in targets:
             k = concepts.index(c)
-            if tau not in by_tau:  # one split of the object region per tau, shared by the concepts using it
-                by_tau[tau] = irece.contrastive_masks(maps, tau)
-            masks = by_tau[tau][:, k]
-            present = scores[:, k] >= threshold
-            masks = masks * present[:, None, None].to(masks.dtype)
-            union = torch.maximum(union, masks)
-            reports.append(irece.ConceptReport(c, float(masks.mean()), float(maps[:, k].max()), bool(masks.any()),
-                                               float(scores[:, k].max()), threshold))
+            union = torch.maximum(union, masks[:, k])
+            reports.append(irece.ConceptReport(c, float(masks[:, k].mean()), float(maps[:, k].max()),
+                                               bool(masks[:, k].any()), float(scores[:, k].max()), threshold_c))
         return union, reports
 
     # -- the loop --------------------------------------------------------------------------------------------

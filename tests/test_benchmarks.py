@@ -218,6 +218,9 @@ class InterfaceOnly:
     def concept_map(self, sample, timestep, hidden, token_weights):
         return self._b.concept_map(sample, timestep, hidden, token_weights)
 
+    def gate(self, sample, timestep, hidden, token_weights, tau, threshold):
+        return self._b.gate(sample, timestep, hidden, token_weights, tau, threshold)
+
     def vae_encode(self, images):
         return self._b.vae_encode(images)
 

@@ -11,6 +11,7 @@ import torch
 
 from irece_runtime.backends.torch_backend import TorchBackend
 from irece_runtime.images import to_tensor
+from irece_runtime import irece
 from irece_runtime.irece import IreceConfig
 from irece_runtime.pipeline import Pipeline, Request
 
@@ -79,6 +80,16 @@ def test_each_component_matches_torch(both, pipe):
     for name, (a, b) in pairs.items():
         assert a.shape == b.shape, name
         assert (a - b).abs().max() <= 1e-4, (name, float((a - b).abs().max()))
+    # the localizer graph ends with the presence gate: K token sets, per-concept tau and threshold (inputs)
+    tw = torch.zeros(2, 3, n_tok)
+    tw[:, 0, 2] = tw[:, 1, 4] = tw[:, 2, 6] = 1.0
+    tau, threshold = torch.tensor([0.3, 0.4, 0.5]), torch.tensor([0.0, 0.5, 0.9])
+    (ma, sa, ka), (mb, sb, kb) = te.gate(x, t, h, tw, tau, threshold), oe.gate(x, t, h, tw, tau, threshold)
+    assert (ma - mb).abs().max() <= 1e-4 and (sa - sb).abs().max() <= 1e-4
+    assert ka.shape == kb.shape == ma.shape and (ka == kb).float().mean() >= 0.99
+    assert ka[:, 0].any()  # threshold 0: the first concept's contrastive mask passes the gate
+    s_ref, k_ref = irece.gate(mb, tau, threshold)  # the graph's gate is irece.gate, on its own maps
+    assert (s_ref - sb).abs().max() <= 1e-5 and (k_ref == kb).float().mean() >= 0.99
     # batch is dynamic
     assert oe.eps("erased", x[:1], t, h[:1]).shape == (1, te.latent_channels, side, side)
     assert not torch.allclose(oe.eps("erased", x, t, h), oe.eps("standard", x, t, h))
@@ -104,9 +115,11 @@ def pipelines(both):
 def test_whole_pipeline_with_irece_on_onnx_runtime_matches_torch(pipelines, pipe):
     pt, po = pipelines
     learned = {"<x>": torch.randn(1, pipe.backend.embed_dim)}
-    agree, diffs = _agreement(pt, po, [Request(prompt="a red star on a black background"),
-                                       Request(prompt="a <x>", learned=learned)], IreceConfig(concepts=("star", "moon")))
-    assert min(agree) >= 0.99 and max(diffs) <= 2 / 255, (agree, diffs)
+    requests = [Request(prompt="a red star on a black background"), Request(prompt="a <x>", learned=learned)]
+    for gate in ("off", "contrastive"):  # threshold 0: the gate passes, so the masks themselves are compared
+        cfg = IreceConfig(concepts=("star", "moon"), gate=gate, threshold=0.0)
+        agree, diffs = _agreement(pt, po, requests, cfg)
+        assert min(agree) >= 0.99 and max(diffs) <= 2 / 255, (gate, agree, diffs)
 
 
 def test_inverted_latents_with_irece_on_onnx_runtime_match_torch(pipelines, pipe):

@@ -117,6 +117,18 @@ def test_presence_scores_tell_owners_from_sharers():
     assert torch.allclose(irece.presence_scores(_two_concept_maps() * 5, 0.4)[0], s)
 
 
+def test_gate_masks_only_concepts_over_their_threshold_with_their_own_tau():
+    maps = _two_concept_maps()
+    scores, masks = irece.gate(maps, 0.4, torch.tensor([0.0, 2.0, 0.0]))
+    assert torch.equal(scores, irece.presence_scores(maps, 0.4))
+    assert torch.equal(masks[:, 0], irece.contrastive_masks(maps, 0.4)[:, 0])
+    assert masks[:, 1].sum() == 0  # owns a region, but its threshold is out of reach
+    # per-concept tau: the bottom-right blob's summed map is 0.89 of the top-left's, so tau 0.9 drops it
+    _, masks = irece.gate(maps, torch.tensor([0.4, 0.9, 0.4]), 0.0)
+    assert masks[0, 0].sum() == 4 and masks[0, 1].sum() == 0
+    assert torch.equal(masks[:, 1], irece.contrastive_masks(maps, 0.9)[:, 1])
+
+
 def test_contrastive_gate_is_validated():
     with pytest.raises(ValueError, match="gate must be one of"):
         irece.IreceConfig(gate="sometimes")

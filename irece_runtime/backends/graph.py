@@ -8,7 +8,7 @@ from pathlib import Path
 from . import BackendLimits, check_model
 
 MANIFEST = "manifest.json"
-FORMAT = "irece-engines/1"
+FORMAT = "irece-engines/2"  # 2: the localizer graph ends with the presence gate
 
 
 class GraphMismatch(RuntimeError):
@@ -21,7 +21,8 @@ def read_manifest(graphs_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{graphs_dir}: no {MANIFEST}; build it with `irece export`")
     m = json.loads(path.read_text())
     if m.get("format") != FORMAT:
-        raise GraphMismatch(f"{path}: unknown graph-folder format {m.get('format')!r}")
+        raise GraphMismatch(f"{path}: graph-folder format {m.get('format')!r}, this runtime reads {FORMAT!r}; "
+                            f"export it again with `irece export`")
     return m
 
 
@@ -51,10 +52,16 @@ class GraphBackend:
         return self._run(f"unet_{check_model(model)}", sample=sample, timestep=_timestep(timestep), encoder_hidden_states=hidden)
 
     def concept_map(self, sample, timestep, hidden, token_weights):
+        import torch
         single = token_weights.dim() == 2  # the graph takes K token sets: (B, K, 77) -> (B, K, H, W)
-        maps = self._run("localizer", sample=sample, timestep=_timestep(timestep), encoder_hidden_states=hidden,
-                         token_weights=token_weights[:, None] if single else token_weights)
+        tw = token_weights[:, None] if single else token_weights
+        unused = torch.zeros(tw.shape[1])  # the gate's tau and threshold: its outputs are not read here
+        maps = self.gate(sample, timestep, hidden, tw, unused, unused)[0]
         return maps[:, 0] if single else maps
+
+    def gate(self, sample, timestep, hidden, token_weights, tau, threshold):
+        return self._run("localizer", sample=sample, timestep=_timestep(timestep), encoder_hidden_states=hidden,
+                         token_weights=token_weights, tau=tau, threshold=threshold)
 
     def vae_encode(self, images):
         return self._run("vae_encoder", images=images)

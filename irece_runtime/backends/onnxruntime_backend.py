@@ -63,7 +63,8 @@ class OrtBackend(GraphBackend):
         self.files = {name: comp["file"] for name, comp in m["components"].items()}
         self.token_embedding = load_file(str(self.dir / "token_embedding.safetensors"))["weight"]
 
-    def _run(self, component: str, **inputs: torch.Tensor) -> torch.Tensor:
+    def _run(self, component: str, **inputs: torch.Tensor):
+        """One graph call: its output tensor, or a tuple of them for a graph with several (the localizer)."""
         sess = self.sessions[self.files[component]]
         binding = sess.io_binding()
         keep = []
@@ -75,10 +76,13 @@ class OrtBackend(GraphBackend):
             else:
                 binding.bind_cpu_input(name, t.numpy())
             keep.append(t)
-        out_name = sess.get_outputs()[0].name
-        binding.bind_output(out_name, self.device)
+        for o in sess.get_outputs():
+            binding.bind_output(o.name, self.device)
         sess.run_with_iobinding(binding)
-        out = binding.get_outputs()[0]
+        outs = [self._to_torch(o) for o in binding.get_outputs()]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _to_torch(self, out) -> torch.Tensor:
         if self.device == "cuda":
             return torch.from_dlpack(out.to_dlpack()) if hasattr(out, "to_dlpack") else torch.from_numpy(out.numpy())
         return torch.from_numpy(out.numpy())

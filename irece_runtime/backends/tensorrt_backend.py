@@ -24,14 +24,14 @@ def tensorrt_module():
 
 
 class TrtModule:
-    """One deserialized engine, called with named CUDA tensors; returns its (single) output."""
+    """One deserialized engine, called with named CUDA tensors; returns its output (a tuple if several)."""
 
     def __init__(self, engine_path: Path, runtime, stream: torch.cuda.Stream):
         self.engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         self.ctx = self.engine.create_execution_context()
         self.stream = stream
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.output = next(n for n in names if self.engine.get_tensor_mode(n).name == "OUTPUT")
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n).name == "OUTPUT"]
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         keep = []
@@ -40,13 +40,15 @@ class TrtModule:
             self.ctx.set_input_shape(name, tuple(t.shape))
             self.ctx.set_tensor_address(name, t.data_ptr())
             keep.append(t)
-        out = torch.empty(tuple(self.ctx.get_tensor_shape(self.output)), device="cuda", dtype=torch.float32)
-        self.ctx.set_tensor_address(self.output, out.data_ptr())
+        outs = []
+        for name in self.outputs:
+            outs.append(torch.empty(tuple(self.ctx.get_tensor_shape(name)), device="cuda", dtype=torch.float32))
+            self.ctx.set_tensor_address(name, outs[-1].data_ptr())
         self.stream.wait_stream(torch.cuda.current_stream())
         if not self.ctx.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         self.stream.synchronize()  # inputs in `keep` must outlive the kernels
-        return out
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def check_engine_compat(info: dict | None, trt_version: str, gpu: str, where="engine folder") -> dict:
