@@ -44,7 +44,8 @@ def cmd_tune(a):
     if a.quick:
         s.n, s.n_preserve, s.erase_steps = 2, 1, 20
         t_stars, taus, concepts = (0.2, 0.4), (0.3, 0.5), a.concepts or ["star"]
-    res = tune.tune(a.model, a.method, concepts, s, t_stars, taus)
+    res = tune.tune(a.model, a.method, concepts, s, t_stars, taus, gate=a.gate,
+                    n_calibration=12 if a.quick else a.n_calibration, max_fpr=a.max_fpr)
     _write(res, a.json)
     toml = tune.server_config(res, concepts)
     if a.config_out:
@@ -137,6 +138,11 @@ def register(sub) -> None:
     p.add_argument("--method", default="uce")
     p.add_argument("--concepts", nargs="+")
     p.add_argument("--config-out", metavar="TOML", help="write the choice in the server's config format")
+    p.add_argument("--gate", choices=GATES, default="off",
+                   help="contrastive: calibrate the presence threshold first, and tune with the gate on")
+    p.add_argument("--n-calibration", type=int, default=100, help="calibration scenes for the presence threshold")
+    p.add_argument("--max-fpr", type=float, default=0.03,
+                   help="presence threshold rule: most concepts caught with at most this share of absent ones")
     p.add_argument("--chart", metavar="PNG")
     p.set_defaults(func=cmd_tune)
 

@@ -39,6 +39,34 @@ def youden_threshold(labels, scores) -> float:
     return float(cuts[int(np.argmax(j))])
 
 
+def constrained_threshold(labels, scores, max_fpr: float) -> float:
+    """The lowest threshold whose false-positive rate stays <= max_fpr: as many present concepts caught as the
+    budget of benign requests touched allows (the service's promise is to leave benign requests untouched)."""
+    y, s = np.asarray(labels, bool), np.asarray(scores, float)
+    neg = np.sort(s[~y])
+    if not len(neg):
+        return float(s.min()) if len(s) else 0.5
+    k = int(np.floor(max_fpr * len(neg)))  # negatives allowed at or above the threshold
+    top = neg[len(neg) - k - 1]  # the highest negative that must stay below it
+    above = s[s > top]
+    return float((top + above.min()) / 2) if len(above) else float(top + 1e-6)
+
+
+def calibrate(rows: list[dict], max_fpr: float = 0.03, min_per_concept: int = 8) -> dict:
+    """Threshold(s) from a calibration split's rows: one for all concepts, and one per concept where it has at
+    least `min_per_concept` positives (else the global one)."""
+    y = [r["present"] for r in rows]
+    s = [r["score"] for r in rows]
+    out = {"rule": f"max TPR at FPR <= {max_fpr}", "max_fpr": max_fpr,
+           "threshold": constrained_threshold(y, s, max_fpr), "youden": youden_threshold(y, s), "per_concept": {}}
+    for c in dict.fromkeys(r["concept"] for r in rows):
+        sub = [r for r in rows if r["concept"] == c]
+        if sum(r["present"] for r in sub) >= min_per_concept:
+            out["per_concept"][c] = constrained_threshold([r["present"] for r in sub], [r["score"] for r in sub],
+                                                          max_fpr)
+    return out
+
+
 class _Stop(Exception):
     pass
 
@@ -108,24 +136,32 @@ def summarize(rows: list[dict], threshold: float | None = None) -> dict:
     return out
 
 
+def score_splits(pipe, n: int, steps: int, guidance: float, cfg: IreceConfig,
+                 splits=(("calibration", CALIBRATION_SEED), ("held_out", HELD_OUT_SEED))) -> dict:
+    out = {}
+    for name, seed in splits:
+        items = scenes(n, seed)
+        out[name] = score_scenes(pipe, items, "text", cfg, steps, guidance, seed) + \
+            score_scenes(pipe, items, "inverted", cfg, steps, guidance, seed)
+    return out
+
+
 def run(model_dir, n: int = 100, steps: int = 25, guidance: float = 5.0, tau: float | None = None,
-        t_star=None, layers=None) -> dict:
+        t_star=None, layers=None, max_fpr: float = 0.03) -> dict:
     from irece_runtime.loading import load_pipeline
 
     pipe = load_pipeline(model_dir, layers=layers)
     d = IreceConfig.defaults()
     cfg = IreceConfig(concepts=(), gate="contrastive", tau=d.tau if tau is None else tau,
                       t_star=d.t_star if t_star is None else t_star)
-    split = {}
-    for name, seed in (("calibration", CALIBRATION_SEED), ("held_out", HELD_OUT_SEED)):
-        items = scenes(n, seed)
-        split[name] = score_scenes(pipe, items, "text", cfg, steps, guidance, seed) + \
-            score_scenes(pipe, items, "inverted", cfg, steps, guidance, seed)
-    threshold = youden_threshold([r["present"] for r in split["calibration"]],
-                                 [r["score"] for r in split["calibration"]])
+    split = score_splits(pipe, n, steps, guidance, cfg)
+    cal = calibrate(split["calibration"], max_fpr)
+    threshold = cal["threshold"]
     held = split["held_out"]
     res = {"n_scenes": n, "steps": steps, "tau": cfg.tau, "t_star": cfg.t_star, "threshold": threshold,
+           "calibration": cal,
            "held_out": summarize(held, threshold),
+           "held_out_youden": summarize(held, cal["youden"]),
            "by_source": {src: summarize([r for r in held if r["source"] == src], threshold)
                          for src in ("text", "inverted")},
            "by_scene": {str(k): summarize([r for r in held if r["shapes"] == k], threshold) for k in (1, 2)},

@@ -21,9 +21,10 @@ T_STARS = (0.1, 0.3, 0.5)
 TAUS = (0.3, 0.4, 0.6)
 
 
-def evaluate(pipe, judge, model_dir, erased, concept, s: BenchSettings, tau, t_star, n_preserve_concepts=3):
+def evaluate(pipe, judge, model_dir, erased, concept, s: BenchSettings, tau, t_star, n_preserve_concepts=3,
+             gate: str = "off", threshold: float = 0.5):
     """White-box inverted-latent CRR (null prompt) and preservation (other concepts' prompts) at (tau, t*)."""
-    cfg = IreceConfig(concepts=(concept,), tau=tau, t_star=t_star)
+    cfg = IreceConfig(concepts=(concept,), tau=tau, t_star=t_star, gate=gate, threshold=threshold)
     x_T = inverted(pipe, model_dir, erased, concept, "erased", False, s)
     imgs, _ = gen.from_latents(pipe, x_T, "", cfg, seed=s.seed, steps=s.steps)
     labels, _ = classify(judge, imgs)
@@ -36,29 +37,48 @@ def evaluate(pipe, judge, model_dir, erased, concept, s: BenchSettings, tau, t_s
     return crr, float(np.mean([a == b for a, b in zip(labels, want)]))
 
 
+def calibrate_gate(model_dir, n: int, steps: int, max_fpr: float) -> dict:
+    """The contrastive gate's presence threshold(s), from the presence benchmark's calibration split only (text
+    prompts and inverted renders of 1-2 shapes, seeds the held-out figures never use)."""
+    from . import presence
+    d = IreceConfig.defaults()
+    cfg = IreceConfig(gate="contrastive", tau=d.tau, t_star=d.t_star)
+    rows = presence.score_splits(load_pipeline(model_dir), n, steps, 5.0, cfg,
+                                 splits=(("calibration", presence.CALIBRATION_SEED),))["calibration"]
+    return presence.calibrate(rows, max_fpr)
+
+
 def tune(model_dir: str = str(DEFAULT_MODEL), method: str = "uce", concepts=shapes.CONCEPTS,
          s: BenchSettings | None = None, t_stars=T_STARS, taus=TAUS, max_preservation_drop: float = 0.1,
-         log=print) -> dict:
+         log=print, gate: str = "off", n_calibration: int = 100, max_fpr: float = 0.03) -> dict:
     s = s or BenchSettings(n=10, n_preserve=2)
     calib, test = replace(s, seed=s.seed), replace(s, seed=s.seed + 1)  # disjoint references and prompts
     judge = load_judge()
     paper = IreceConfig.defaults()  # the paper's setting, the baseline every choice is compared with
-    out = {"method": method, "grid": {"t_star": list(t_stars), "tau": list(taus)}, "concepts": {}}
+    out = {"method": method, "grid": {"t_star": list(t_stars), "tau": list(taus)}, "concepts": {}, "gate": gate}
+    thresholds: dict = {}
+    if gate == "contrastive":
+        out["calibration"] = cal = calibrate_gate(model_dir, n_calibration, s.steps, max_fpr)
+        log(f"presence threshold {cal['threshold']:.3f} ({cal['rule']}); per concept: "
+            + ", ".join(f"{c} {t:.3f}" for c, t in cal["per_concept"].items()))
+        thresholds = {c: cal["per_concept"].get(c, cal["threshold"]) for c in concepts}
     for concept in concepts:
         erased = erased_unet(model_dir, method, concept, s)
         pipe = load_pipeline(model_dir, erased)
-        base_crr, base_pres = evaluate(pipe, judge, model_dir, erased, concept, calib, paper.tau, paper.t_star)
+        g = {"gate": gate, "threshold": thresholds.get(concept, paper.threshold)}
+        base_crr, base_pres = evaluate(pipe, judge, model_dir, erased, concept, calib, paper.tau, paper.t_star, **g)
         sweep = []
         for t_star in t_stars:
             for tau in taus:
-                crr, pres = evaluate(pipe, judge, model_dir, erased, concept, calib, tau, t_star)
+                crr, pres = evaluate(pipe, judge, model_dir, erased, concept, calib, tau, t_star, **g)
                 sweep.append({"t_star": t_star, "tau": tau, "crr": crr, "preservation": pres})
         # the lowest CRR whose preservation stays within max_preservation_drop of the paper's setting
         ok = [p for p in sweep if p["preservation"] >= base_pres - max_preservation_drop] or sweep
         best = min(ok, key=lambda p: (p["crr"], -p["preservation"], -p["tau"]))
-        paper_test = evaluate(pipe, judge, model_dir, erased, concept, test, paper.tau, paper.t_star)
-        tuned_test = evaluate(pipe, judge, model_dir, erased, concept, test, best["tau"], best["t_star"])
-        out["concepts"][concept] = {"chosen": {"tau": best["tau"], "t_star": best["t_star"]}, "sweep": sweep,
+        paper_test = evaluate(pipe, judge, model_dir, erased, concept, test, paper.tau, paper.t_star, **g)
+        tuned_test = evaluate(pipe, judge, model_dir, erased, concept, test, best["tau"], best["t_star"], **g)
+        chosen = {"tau": best["tau"], "t_star": best["t_star"]} | ({"threshold": g["threshold"]} if thresholds else {})
+        out["concepts"][concept] = {"chosen": chosen, "sweep": sweep,
                                     "calibration": {"paper": [base_crr, base_pres], "tuned": [best["crr"], best["preservation"]]},
                                     "test": {"paper": list(paper_test), "tuned": list(tuned_test)}}
         log(f"{concept}: tau={best['tau']} t*={best['t_star']} test CRR {paper_test[0]:.2f} -> {tuned_test[0]:.2f}, "
@@ -68,9 +88,13 @@ def tune(model_dir: str = str(DEFAULT_MODEL), method: str = "uce", concepts=shap
 
 def server_config(result: dict, concepts: list[str]) -> str:
     """The chosen values in the server's TOML config format (per_concept table)."""
-    lines = ["# written by `irece bench tune`", f"concepts = {json.dumps(list(concepts))}", "", "[per_concept]"]
+    lines = ["# written by `irece bench tune`", f"concepts = {json.dumps(list(concepts))}"]
+    if result.get("gate") == "contrastive":
+        lines += ['gate = "contrastive"', f'threshold = {result["calibration"]["threshold"]:.4f}']
+    lines += ["", "[per_concept]"]
     for c, r in result["concepts"].items():
-        lines.append(f'{c} = {{ tau = {r["chosen"]["tau"]}, t_star = {r["chosen"]["t_star"]} }}')
+        lines.append("{} = {{ {} }}".format(c, ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
+                                                         for k, v in r["chosen"].items())))
     return "\n".join(lines) + "\n"
 
 

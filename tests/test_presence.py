@@ -6,7 +6,7 @@ import pytest
 
 from .conftest import MODEL
 
-from benchmarks.presence import auc, summarize, youden_threshold
+from benchmarks.presence import auc, calibrate, constrained_threshold, summarize, youden_threshold
 
 
 def test_auc_known_values():
@@ -24,6 +24,19 @@ def test_youden_threshold_separates_and_summarize_reports_rates():
     rows = [{"present": bool(a), "score": b} for a, b in zip(y, s)]
     out = summarize(rows, t)
     assert out["tpr"] == 1.0 and out["fpr"] == 0.0 and out["auc"] == 1.0 and out["n_pos"] == 3
+
+
+def test_constrained_threshold_keeps_false_positives_within_budget():
+    y = [0] * 10 + [1] * 4
+    s = [0.1 * k for k in range(10)] + [0.55, 0.85, 0.95, 0.99]  # negatives 0.0..0.9
+    t = constrained_threshold(y, s, 0.0)
+    assert 0.9 < t <= 0.95  # above every negative; catches the two positives above 0.9
+    t = constrained_threshold(y, s, 0.1)  # one negative of ten (0.9) may pass: the cut drops under 0.85
+    assert 0.8 < t <= 0.85
+    rows = [{"present": bool(a), "score": b, "concept": "star" if k % 2 else "moon"} for k, (a, b) in enumerate(zip(y, s))]
+    cal = calibrate(rows, max_fpr=0.0, min_per_concept=2)
+    assert cal["threshold"] == pytest.approx(constrained_threshold(y, s, 0.0))
+    assert set(cal["per_concept"]) == {"star", "moon"}
 
 
 @pytest.mark.shapes10_only  # its scenes are Shapes-10 renders
