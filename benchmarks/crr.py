@@ -26,19 +26,22 @@ from irece_runtime.irece import IreceConfig
 from irece_runtime.loading import load_pipeline
 from miniworld import shapes
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
-from miniworld.judge import classify, load_judge
+from miniworld.judge import classify, load_judge, shows
 from miniworld.prompts import concept_prompts, erase_prompts
 
 from . import attacks
 from . import batch as gen
 from .cache import key, model_fingerprint
-from .stats import crr, psnr, ssim, wilson
+from .stats import psnr, ssim, wilson
 
 METHODS = ("standard", "uce", "esd-x", "esd-u", "receler")
 SCENARIOS = ("text", "adv_prompt", "ti_white", "ti_black", "inv_white_null", "inv_white_prompt",
              "inv_black_null", "inv_black_prompt")
 REFERENCE_SEED = 7_000_000  # renders used as inversion references (never used in training)
 DEFAULTS = IreceConfig.defaults()
+# none: the erased model alone; irece-paper: IRECE as published (always intervenes, gate off);
+# irece-gated: IRECE behind the contrastive presence gate (intervenes only where the concept is present)
+DEFENCES = ("none", "irece-paper", "irece-gated")
 
 
 @dataclass
@@ -52,6 +55,15 @@ class BenchSettings:
     erase_steps: int | None = None
     ti_steps: int = 200
     seed: int = 0
+    threshold: float = DEFAULTS.threshold  # the gate's presence threshold (`irece bench tune --gate contrastive`)
+    defences: tuple = DEFENCES
+
+
+def defence_config(defence: str, concept: str, s: BenchSettings) -> IreceConfig | None:
+    if defence == "none":
+        return None
+    gate = {"irece-paper": "off", "irece-gated": "contrastive"}[defence]
+    return IreceConfig(concepts=(concept,), tau=s.tau, t_star=s.t_star, gate=gate, threshold=s.threshold)
 
 
 def erased_unet(model_dir: str, method: str, concept: str, s: BenchSettings) -> str | None:
@@ -157,39 +169,40 @@ def run(model_dir: str = str(DEFAULT_MODEL), concepts=shapes.CONCEPTS, methods=M
             n_rows, n_quality, n_pres, n_ctrl = len(rows), len(quality), len(preservation), len(controls)
             erased = erased_unet(model_dir, method, concept, s)
             pipe = load_pipeline(model_dir, erased)
-            cfg = IreceConfig(concepts=(concept,), tau=s.tau, t_star=s.t_star)
+            cfgs = {d: defence_config(d, concept, s) for d in s.defences}
             for scenario in tqdm(scenarios, desc=f"{method}/{concept}", leave=False):
-                off, _ = scenario_images(pipe, scenario, concept, model_dir, erased, s, None)
-                on, masks = scenario_images(pipe, scenario, concept, model_dir, erased, s, cfg)
-                for irece_on, images in ((False, off), (True, on)):
-                    labels, _ = classify(judge, images)
-                    k = sum(lab == concept for lab in labels)
-                    rows.append({"method": method, "scenario": scenario, "irece": irece_on, "concept": concept,
-                                 "crr": crr(labels, concept), "n": len(labels), "k": k,
-                                 "ci95": list(wilson(k, len(labels)))})
-                p, q = outside_mask_change(off, on, masks)
-                quality.append({"method": method, "scenario": scenario, "concept": concept, "psnr_outside": p,
-                                "ssim_outside": q, "mask_area": float(masks.mean())})
+                made = {d: scenario_images(pipe, scenario, concept, model_dir, erased, s, cfg)
+                        for d, cfg in cfgs.items()}
+                for d, (images, masks) in made.items():
+                    k = int(shows(judge, images, concept).sum())  # multi-label: the concept, whatever else is drawn
+                    rows.append({"method": method, "scenario": scenario, "defence": d, "concept": concept,
+                                 "crr": k / len(images), "n": len(images), "k": k, "ci95": list(wilson(k, len(images)))})
+                    if d != "none" and "none" in made:
+                        p, q = outside_mask_change(made["none"][0], images, masks)
+                        quality.append({"method": method, "scenario": scenario, "defence": d, "concept": concept,
+                                        "psnr_outside": p, "ssim_outside": q, "mask_area": float(masks.mean()),
+                                        "intervened": float(masks.reshape(len(masks), -1).any(1).mean())})
             # control: IRECE aimed at a different concept. If CRR fell as far, the effect would be noise on a
             # large region, not localization of the erased concept.
             if "inv_white_null" in scenarios:
                 wrong = shapes.CONCEPTS[(shapes.CONCEPTS.index(concept) + 5) % len(shapes.CONCEPTS)]
-                wrong_cfg = IreceConfig(concepts=(wrong,), tau=s.tau, t_star=s.t_star)
-                imgs, m = scenario_images(pipe, "inv_white_null", concept, model_dir, erased, s, wrong_cfg)
-                labels, _ = classify(judge, imgs)
-                k = sum(lab == concept for lab in labels)
-                controls.append({"method": method, "concept": concept, "scenario": "inv_white_null",
-                                 "localized": wrong, "crr": k / len(labels), "k": k, "n": len(labels),
-                                 "ci95": list(wilson(k, len(labels))), "mask_area": float(m.mean())})
+                for d in s.defences:
+                    if d == "none":
+                        continue
+                    imgs, m = scenario_images(pipe, "inv_white_null", concept, model_dir, erased, s,
+                                              defence_config(d, wrong, s))
+                    k = int(shows(judge, imgs, concept).sum())
+                    controls.append({"method": method, "concept": concept, "scenario": "inv_white_null",
+                                     "defence": d, "localized": wrong, "crr": k / len(imgs), "k": k, "n": len(imgs),
+                                     "ci95": list(wilson(k, len(imgs))), "mask_area": float(m.mean())})
             others = [c for c in shapes.CONCEPTS if c != concept]
             prompts = [p for c in others for p in concept_prompts(c, s.n_preserve, s.seed + 1)]
             want = [c for c in others for _ in range(s.n_preserve)]
             seeds = list(range(50_000, 50_000 + len(prompts)))
-            for irece_on in (False, True):
-                images, _ = gen.from_prompts(pipe, prompts, seeds, cfg if irece_on else None, steps=s.steps,
-                                             guidance=s.guidance)
+            for d, cfg in cfgs.items():
+                images, _ = gen.from_prompts(pipe, prompts, seeds, cfg, steps=s.steps, guidance=s.guidance)
                 labels, _ = classify(judge, images)
-                preservation.append({"method": method, "concept": concept, "irece": irece_on,
+                preservation.append({"method": method, "concept": concept, "defence": d,
                                      "accuracy": float(np.mean([a == b for a, b in zip(labels, want)])),
                                      "n": len(labels)})
             cell.write_text(json.dumps({"rows": rows[n_rows:], "quality": quality[n_quality:],

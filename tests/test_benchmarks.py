@@ -48,10 +48,10 @@ def test_psnr_and_ssim_on_known_images():
 
 def test_pooled_rows():
     from benchmarks.crr import pooled
-    rows = [{"method": "uce", "scenario": "text", "irece": False, "k": 1, "n": 4},
-            {"method": "uce", "scenario": "text", "irece": False, "k": 3, "n": 4},
-            {"method": "uce", "scenario": "text", "irece": True, "k": 0, "n": 4}]
-    p = pooled(rows, method="uce", irece=False)
+    rows = [{"method": "uce", "scenario": "text", "defence": "none", "k": 1, "n": 4},
+            {"method": "uce", "scenario": "text", "defence": "none", "k": 3, "n": 4},
+            {"method": "uce", "scenario": "text", "defence": "irece-paper", "k": 0, "n": 4}]
+    p = pooled(rows, method="uce", defence="none")
     assert p["crr"] == 0.5 and p["n"] == 8 and p["ci95"] == list(stats.wilson(4, 8))
 
 
@@ -62,17 +62,20 @@ def test_every_scenario_and_method_wired_through(tmp_path, monkeypatch):
     monkeypatch.setattr(cache, "CACHE_DIR", tmp_path / "cache")
     s = crr.BenchSettings(n=2, n_preserve=1, steps=4, erase_steps=2, ti_steps=2)
     res = crr.run(concepts=["star"], s=s, log=lambda *a: None)
-    cells = {(r["method"], r["scenario"], r["irece"]) for r in res["rows"]}
-    assert cells == {(m, sc, on) for m in crr.METHODS for sc in crr.SCENARIOS for on in (False, True)}
+    cells = {(r["method"], r["scenario"], r["defence"]) for r in res["rows"]}
+    assert cells == {(m, sc, d) for m in crr.METHODS for sc in crr.SCENARIOS for d in crr.DEFENCES}
     for r in res["rows"]:  # each row is the judge's count on its own n images
         assert r["n"] == 2 and r["concept"] == "star" and 0 <= r["k"] <= 2
         assert r["crr"] == r["k"] / 2 and r["ci95"] == list(stats.wilson(r["k"], 2))
-    # IRECE on masked something in every scenario, and the control aimed at another concept
-    assert len(res["quality"]) == len(crr.METHODS) * len(crr.SCENARIOS)
-    assert all(0 < q["mask_area"] < 1 for q in res["quality"]), res["quality"]
-    assert {c["method"] for c in res["controls"]} == set(crr.METHODS)
+    # the paper's IRECE masked something in every scenario (it always intervenes); the gated one may not
+    assert len(res["quality"]) == 2 * len(crr.METHODS) * len(crr.SCENARIOS)
+    assert all(0 < q["mask_area"] < 1 for q in res["quality"] if q["defence"] == "irece-paper"), res["quality"]
+    assert all(0 <= q["mask_area"] < 1 for q in res["quality"])
+    # the control, aimed at another concept, for both IRECE variants
+    assert {(c["method"], c["defence"]) for c in res["controls"]} == {(m, d) for m in crr.METHODS
+                                                                      for d in crr.DEFENCES[1:]}
     assert all(c["localized"] != "star" for c in res["controls"])
-    assert len(res["preservation"]) == 2 * len(crr.METHODS)
+    assert len(res["preservation"]) == len(crr.DEFENCES) * len(crr.METHODS)
     assert all(p["n"] == 9 for p in res["preservation"])  # one prompt per other concept
     md = report.crr_markdown(res)
     assert "| receler |" in md and "inv_white_null" in md
