@@ -1,9 +1,11 @@
 """`irece demo` (what `make demo` runs): the mini world end to end.
 
 1. the committed Shapes-10 model draws every concept; the judge scores it;
-2. erase one concept with UCE, attack it by white-box DDIM inversion, and let IRECE suppress it again;
-3. serve the erased model over gRPC (`irece serve`), send one request per modality (`irece client` calls),
-   and print the Prometheus metrics they produced.
+2. erase one concept with UCE, attack it by white-box DDIM inversion, and let IRECE suppress it again: as the
+   paper does it (always re-noising) and behind the presence gate (threshold calibrated here, on renders the
+   benchmarks never use), which also leaves benign requests (another concept) bit-identical;
+3. serve the erased model over gRPC (`irece serve --gate contrastive`), send one request per modality for the
+   erased concept and one benign request, and print each IRECE report and the Prometheus metrics.
 """
 from __future__ import annotations
 
@@ -32,14 +34,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 16) -> dict:
+def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 16, benign: str = "moon") -> dict:
     import torch
     from benchmarks import batch as gen
+    from benchmarks.tune import calibrate_gate
     from erasure.methods import erase
     from irece_runtime.irece import IreceConfig
     from irece_runtime.loading import load_pipeline
     from miniworld import shapes
-    from miniworld.judge import classify, load_judge
+    from miniworld.judge import classify, load_judge, shows
     from miniworld.prompts import concept_prompts, erase_prompts
 
     torch.set_num_threads(2)
@@ -65,32 +68,49 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     erased = out / f"uce-{concept}"
     erase("uce", DEFAULT_MODEL, concept, erased, prompts=erase_prompts)  # the mini world's phrasings
     epipe = load_pipeline(DEFAULT_MODEL, erased)
+    cal = calibrate_gate(DEFAULT_MODEL, n=40, steps=25, max_fpr=0.03)
+    threshold = cal["threshold"]
+    print(f"     presence threshold {threshold:.3f} (calibrated on 40 scenes: {cal['rule']})", flush=True)
+    paper, gated = IreceConfig(concepts=(concept,)), IreceConfig(concepts=(concept,), gate="contrastive",
+                                                                 threshold=threshold)
     text, _ = gen.from_prompts(epipe, [f"an image of a {concept}"] * n_attack, list(range(n_attack)), None)
     rng = np.random.default_rng(123)
     refs = np.stack([shapes.render(concept, rng=rng).image for _ in range(n_attack)])
     x_T = gen.invert_images(epipe, refs, "erased")
     attacked, _ = gen.from_latents(epipe, x_T, "", None)
-    defended, masks = gen.from_latents(epipe, x_T, "", IreceConfig(concepts=(concept,)))
-    crr = {name: float(np.mean([lab == concept for lab in classify(judge, imgs)[0]]))
+    defended_paper, _ = gen.from_latents(epipe, x_T, "", paper)
+    defended, masks = gen.from_latents(epipe, x_T, "", gated)
+    crr = {name: float(shows(judge, imgs, concept).mean())
            for name, imgs in (("erased_text_prompt", text), ("inversion_irece_off", attacked),
-                              ("inversion_irece_on", defended))}
+                              ("inversion_irece_paper", defended_paper), ("inversion_irece_gated", defended))}
     for k, v in crr.items():
         print(f"     CRR {k:22s} {100 * v:5.1f}%  (n={n_attack})", flush=True)
+    # benign: renders of another concept, inverted and regenerated, with IRECE on for the erased one
+    others = np.stack([shapes.render(benign, rng=rng).image for _ in range(n_attack)])
+    xb = gen.invert_images(epipe, others, "erased")
+    plain, _ = gen.from_latents(epipe, xb, "", None)
+    untouched = {name: float(np.mean([np.array_equal(a, b) for a, b in
+                                      zip(plain, gen.from_latents(epipe, xb, "", c)[0])]))
+                 for name, c in (("irece_paper", paper), ("irece_gated", gated))}
+    for k, v in untouched.items():
+        print(f"     benign '{benign}' renders bit-identical to IRECE off, {k:12s} {100 * v:5.1f}%  (n={n_attack})",
+              flush=True)
     f = shapes.SIZE // masks.shape[-1]
     mask_px = (np.kron(masks, np.ones((1, f, f)))[..., None] * np.array([255, 0, 0])).astype(np.uint8)
-    _grid([refs, attacked, np.maximum(defended, mask_px // 3), defended]).save(out / "irece.png")
-    summary["crr"] = crr
+    _grid([refs, attacked, defended_paper, np.maximum(defended, mask_px // 3), defended]).save(out / "irece.png")
+    summary["crr"], summary["benign_untouched"], summary["threshold"] = crr, untouched, threshold
 
     print("3/3  gRPC server with IRECE on the erased model: one request per modality", flush=True)
-    summary["server"] = serve_and_call(erased, concept, out, refs[0], epipe)
+    summary["server"] = serve_and_call(erased, concept, out, refs[0], epipe, threshold, benign)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"outputs in {out}: grid.png (standard model), irece.png (references / attacked / mask / IRECE), "
+    print(f"outputs in {out}: grid.png (standard model), irece.png (references / attacked / paper IRECE / gated mask / gated IRECE), "
           f"server_*.png, summary.json — {summary['seconds']} s", flush=True)
     return summary
 
 
-def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray, pipe) -> dict:
+def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray, pipe, threshold: float,
+                   benign: str) -> dict:
     import grpc
     import torch
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -103,7 +123,8 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
 
     port, metrics_port = _free_port(), _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "irece_cli.main", "serve", "--model", str(DEFAULT_MODEL),
-                             "--erased", str(erased), "--concept", concept, "--port", str(port),
+                             "--erased", str(erased), "--concept", concept, "--gate", "contrastive",
+                             "--threshold", str(threshold), "--port", str(port),
                              "--metrics-port", str(metrics_port)])
     try:
         target = f"127.0.0.1:{port}"
@@ -128,12 +149,14 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
             for modality, req in (("text", build_request(f"a {concept} on a black background")),
                                   ("embedding", build_request("a <x> on a black background",
                                                               embedding=str(out / "learned_embeds.safetensors"))),
-                                  ("inverted_latent", build_request("", image=str(out / "reference.png")))):
+                                  ("inverted_latent", build_request("", image=str(out / "reference.png"))),
+                                  ("benign text", build_request(f"a {benign} on a black background"))):
                 resp = stub.Generate(req, timeout=120)
                 (out / f"server_{modality}.png").write_bytes(resp.png)
                 reports[modality] = report.to_dict(resp.irece)
-                print(f"     {modality:16s} intervened={resp.irece.intervened} mask_area={resp.irece.mask_area:.2f}",
-                      flush=True)
+                c = resp.irece.concepts[0]
+                print(f"     {modality:16s} intervened={resp.irece.intervened} mask_area={resp.irece.mask_area:.2f} "
+                      f"presence {c.score:.2f} vs threshold {c.threshold:.2f}", flush=True)
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
         shown = {}
         for fam in text_string_to_metric_families(body):

@@ -66,14 +66,17 @@ def random_scene(rng: np.random.Generator, mix: dict[int, float] = SCENE_MIX) ->
     return shapes.render(rng=rng) if k == 1 else shapes.render_scene(int(k), rng=rng)
 
 
-def make_dataset(n: int, seed: int, mix: dict[int, float] = SCENE_MIX):
-    """n scenes (uint8 images) with their training captions."""
+def make_dataset(n: int, seed: int, mix: dict[int, float] = SCENE_MIX, regions: list | None = None):
+    """n scenes (uint8 images) with their training captions; `regions`, if given, receives each scene's
+    {concept: bool mask} (the renderer's ground truth, for the grounding stage)."""
     rng = np.random.default_rng(seed)
     images, prompts = np.empty((n, shapes.SIZE, shapes.SIZE, 3), np.uint8), []
     for i in range(n):
         scene = random_scene(rng, mix)
         images[i] = scene.image
         prompts.append(shapes.random_prompt(scene, rng))
+        if regions is not None:
+            regions.append(scene.masks)
     return images, prompts
 
 
@@ -201,6 +204,113 @@ def train_unet(work: Path, vae, steps: int, batch: int, n_data: int, seed: int, 
     return unet.eval(), text_encoder.eval(), tokenizer, scaling
 
 
+MAX_SHAPES = 3
+
+
+def grounding_targets(tokenizer, ids: torch.Tensor, regions: list, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per caption, up to MAX_SHAPES (token weights (77,), latent-resolution mask) pairs: each named shape's
+    word tokens and where the renderer drew it. Returns weights (N, S, 77) and masks (N, S, side, side)."""
+    from irece_runtime.irece import token_weights
+    n = len(regions)
+    w = torch.zeros(n, MAX_SHAPES, ids.shape[1])
+    m = torch.zeros(n, MAX_SHAPES, side, side, dtype=torch.bool)
+    f = shapes.SIZE // side
+    word = {c: tokenizer(c, add_special_tokens=False).input_ids for c in shapes.CONCEPTS}
+    for i, reg in enumerate(regions):
+        for j, (c, mask) in enumerate(reg.items()):
+            try:
+                w[i, j] = token_weights(ids[i].tolist(), word[c], ids.shape[1])
+            except ValueError:  # a caption truncated before the word (never with our templates)
+                continue
+            m[i, j] = torch.from_numpy(mask.reshape(side, f, side, f).mean((1, 3)) >= 0.5)
+    return w, m
+
+
+def grounding_loss(maps: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's token loss (Wang et al., CVPR 2024), on our localizer's own maps: the share of each named
+    shape's cross-attention mass that falls inside the shape, pushed towards 1. maps (B, S, H, W) attention mass
+    on each shape's tokens; masks (B, S, H, W) bool; valid (B, S) which slots hold a shape."""
+    inside = (maps * masks).flatten(2).sum(2) / maps.flatten(2).sum(2).clamp_min(1e-8)
+    per = (1 - inside) ** 2
+    return (per * valid).sum() / valid.sum().clamp_min(1)
+
+
+def ground_unet(work: Path, unet, text_encoder, tokenizer, vae, scaling: float, steps: int, batch: int,
+                n_data: int, seed: int, lr: float = 2e-4, weight: float = 0.1, max_t: int = 800,
+                ema_decay: float = 0.999, checkpoint_every: int = 100):
+    """Stage 2 of the UNet: the denoising loss plus a grounding loss on the cross-attention of each named shape
+    (weight x TokenCompose's token loss, at timesteps < max_t where x_t still shows the layout). Denoising alone
+    leaves this tiny model's cross-attention flat (every token ~1/77 of every pixel's attention: the caption
+    acts as one global vector), so its shape words point nowhere; a real SD's cross-attention localizes the
+    objects its words name, which is what IRECE reads. The maps are taken by IRECE's own Localizer."""
+    from diffusers import DDPMScheduler
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from irece_runtime.attention import Localizer
+
+    regions: list = []
+    images, prompts = make_dataset(n_data, seed + 2, regions=regions)  # the same scenes as stage 1
+    mean, std = encode_latents(vae, images)
+    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    null_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    side = unet.config.sample_size
+    tw, tm = grounding_targets(tokenizer, ids, regions, side)
+    noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items() if k != "set_alpha_to_one"})
+    localizer = Localizer(unet)  # all cross-attention layers, as IRECE localizes by default
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ckpt, start = work / "ground_ckpt.safetensors", 0
+    if ckpt.exists():
+        state = load_file(str(ckpt))
+        for i, p in enumerate(params):
+            p.data.copy_(state[f"p{i}"])
+            ema[i].copy_(state[f"ema{i}"])
+        start = int(state["step"].item())
+    g = torch.Generator().manual_seed(seed + 7 + start)
+    unet.train()
+    text_encoder.train()
+    for step in (bar := tqdm(range(start, steps), desc="ground", initial=start, total=steps, mininterval=5)):
+        idx = torch.randint(len(images), (batch,), generator=g)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling
+        tok = ids[idx].clone()
+        dropped = torch.rand(batch, generator=g) < 0.1
+        tok[dropped] = null_ids[0]
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        cond = text_encoder(tok).last_hidden_state
+        localizer.store.token_weights, localizer.store.maps = tw[idx], []
+        pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
+        maps = aggregate(localizer.store.maps, side)
+        localizer.store.token_weights, localizer.store.maps = None, []
+        valid = (tw[idx].sum(2) > 0) & ~dropped[:, None] & (t < max_t)[:, None]
+        denoise, ground = F.mse_loss(pred, noise), grounding_loss(maps, tm[idx], valid.float())
+        loss = denoise + weight * ground
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - ema_decay)
+        bar.set_postfix(mse=f"{denoise.item():.4f}", ground=f"{ground.item():.3f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            state = {f"p{i}": p for i, p in enumerate(params)} | {f"ema{i}": e for i, e in enumerate(ema)}
+            state["step"] = torch.tensor(step + 1)
+            _save_stage(ckpt, state, {})
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    unet.set_attn_processor(AttnProcessor2_0())  # the saved model carries no training hooks
+    return unet.eval(), text_encoder.eval()
+
+
+def aggregate(layer_maps: list, side: int) -> torch.Tensor:
+    from irece_runtime.irece import aggregate_maps
+    return aggregate_maps(layer_maps, (side, side))
+
+
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Colour jitter, blur and noise in [-1, 1] image space, per image."""
     b = x.shape[0]
@@ -248,7 +358,7 @@ def train_judge(out: Path, vae, steps: int, batch: int, seed: int, work: Path | 
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if ckpt is not None and ((step + 1) % checkpoint_every == 0) and step + 1 < steps:
+        if ckpt is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             torch.save({"judge": judge.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "step": step + 1}, ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -265,15 +375,18 @@ def train_world(out: Path, judge_out: Path, work: Path, quick: bool = False, see
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if quick:
-        cfg = dict(vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, n_data=64, judge_steps=3, judge_batch=22)
+        cfg = dict(vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, n_data=64, ground_steps=2,
+                   judge_steps=3, judge_batch=22)
     else:
-        cfg = dict(vae_steps=2000, vae_batch=32, unet_steps=4500, unet_batch=64, n_data=60000,
+        cfg = dict(vae_steps=2000, vae_batch=32, unet_steps=4500, unet_batch=64, n_data=60000, ground_steps=1000,
                    judge_steps=2000, judge_batch=128)
     if unet_steps:  # a larger value than a finished run's continues it from its checkpoint (warm restart)
         cfg["unet_steps"] = unet_steps
     vae = train_vae(work, cfg["vae_steps"], cfg["vae_batch"], seed)
     unet, text_encoder, tokenizer, scaling = train_unet(work, vae, cfg["unet_steps"], cfg["unet_batch"],
                                                         cfg["n_data"], seed)
+    unet, text_encoder = ground_unet(work, unet, text_encoder, tokenizer, vae, scaling, cfg["ground_steps"],
+                                     cfg["unet_batch"], cfg["n_data"], seed)
     vae.register_to_config(scaling_factor=scaling)
     # keep the tokenizer folder exactly as converted from CLIP's BPE (SD v1.4's layout: vocab.json + merges.txt)
     tok_files = {f.name: f.read_bytes() for f in TOKENIZER_DIR.iterdir()}
