@@ -145,7 +145,8 @@ def train_unet(work: Path, vae, steps: int, batch: int, n_data: int, seed: int, 
 
     _, unet, text_encoder = build_models()
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
-    images, prompts = make_dataset(n_data, seed + 2)
+    regions: list = []
+    images, prompts = make_dataset(n_data, seed + 2, regions=regions)
     mean, std = encode_latents(vae, images)
     scaling = float(1.0 / mean.std())
     ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -235,11 +236,22 @@ def grounding_loss(maps: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor)
     return (per * valid).sum() / valid.sum().clamp_min(1)
 
 
-def ground_unet(work: Path, unet, text_encoder, tokenizer, vae, scaling: float, steps: int, batch: int,
-                n_data: int, seed: int, lr: float = 2e-4, weight: float = 0.1, max_t: int = 800,
+def identity_loss(maps: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Inside each named shape, its own word should draw more attention than the other named shapes' words:
+    cross-entropy of each pixel's split of attention between the caption's shapes, target the shape drawn there
+    (the token loss alone is met by every shape word attending to every shape, which localizes no concept)."""
+    ok = valid.bool()[:, :, None, None]
+    logp = maps.clamp_min(1e-8).log().masked_fill(~ok, -1e4).log_softmax(1)
+    target = masks & ok
+    return -(logp * target).sum() / target.sum().clamp_min(1)
+
+
+def ground_unet(work: Path, unet, text_encoder, tokenizer, data: tuple, scaling: float, steps: int, batch: int,
+                seed: int, lr: float = 2e-4, weight: float = 0.2, max_t: int = 800,
                 ema_decay: float = 0.999, checkpoint_every: int = 100):
     """Stage 2 of the UNet: the denoising loss plus a grounding loss on the cross-attention of each named shape
-    (weight x TokenCompose's token loss, at timesteps < max_t where x_t still shows the layout). Denoising alone
+    (weight x (TokenCompose's token loss + an identity loss between the named shapes), at timesteps < max_t
+    where x_t still shows the layout). Denoising alone
     leaves this tiny model's cross-attention flat (every token ~1/77 of every pixel's attention: the caption
     acts as one global vector), so its shape words point nowhere; a real SD's cross-attention localizes the
     objects its words name, which is what IRECE reads. The maps are taken by IRECE's own Localizer."""
@@ -247,9 +259,7 @@ def ground_unet(work: Path, unet, text_encoder, tokenizer, vae, scaling: float, 
     from diffusers.models.attention_processor import AttnProcessor2_0
     from irece_runtime.attention import Localizer
 
-    regions: list = []
-    images, prompts = make_dataset(n_data, seed + 2, regions=regions)  # the same scenes as stage 1
-    mean, std = encode_latents(vae, images)
+    mean, std, prompts, regions = data  # stage 1's scenes, latents and captions
     ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     null_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     side = unet.config.sample_size
@@ -270,7 +280,7 @@ def ground_unet(work: Path, unet, text_encoder, tokenizer, vae, scaling: float, 
     unet.train()
     text_encoder.train()
     for step in (bar := tqdm(range(start, steps), desc="ground", initial=start, total=steps, mininterval=5)):
-        idx = torch.randint(len(images), (batch,), generator=g)
+        idx = torch.randint(len(mean), (batch,), generator=g)
         z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling
         tok = ids[idx].clone()
         dropped = torch.rand(batch, generator=g) < 0.1
@@ -283,7 +293,8 @@ def ground_unet(work: Path, unet, text_encoder, tokenizer, vae, scaling: float, 
         maps = aggregate(localizer.store.maps, side)
         localizer.store.token_weights, localizer.store.maps = None, []
         valid = (tw[idx].sum(2) > 0) & ~dropped[:, None] & (t < max_t)[:, None]
-        denoise, ground = F.mse_loss(pred, noise), grounding_loss(maps, tm[idx], valid.float())
+        denoise = F.mse_loss(pred, noise)
+        ground = grounding_loss(maps, tm[idx], valid.float()) + identity_loss(maps, tm[idx], valid)
         loss = denoise + weight * ground
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50)
@@ -383,10 +394,10 @@ def train_world(out: Path, judge_out: Path, work: Path, quick: bool = False, see
     if unet_steps:  # a larger value than a finished run's continues it from its checkpoint (warm restart)
         cfg["unet_steps"] = unet_steps
     vae = train_vae(work, cfg["vae_steps"], cfg["vae_batch"], seed)
-    unet, text_encoder, tokenizer, scaling = train_unet(work, vae, cfg["unet_steps"], cfg["unet_batch"],
-                                                        cfg["n_data"], seed)
-    unet, text_encoder = ground_unet(work, unet, text_encoder, tokenizer, vae, scaling, cfg["ground_steps"],
-                                     cfg["unet_batch"], cfg["n_data"], seed)
+    unet, text_encoder, tokenizer, scaling, data = train_unet(work, vae, cfg["unet_steps"], cfg["unet_batch"],
+                                                              cfg["n_data"], seed)
+    unet, text_encoder = ground_unet(work, unet, text_encoder, tokenizer, data, scaling, cfg["ground_steps"],
+                                     cfg["unet_batch"], seed)
     vae.register_to_config(scaling_factor=scaling)
     # keep the tokenizer folder exactly as converted from CLIP's BPE (SD v1.4's layout: vocab.json + merges.txt)
     tok_files = {f.name: f.read_bytes() for f in TOKENIZER_DIR.iterdir()}
