@@ -1,5 +1,7 @@
 """The gRPC service end to end over loopback: modalities, bad input, backend limits, policy, overload, cancellation,
-seeds; and the IRECE report's one conversion (runtime -> wire -> JSON).
+seeds; and the IRECE report's one conversion (runtime -> wire -> JSON). Hardening (#14): the work budget, time
+limits inside one UNet pass, drain and SIGTERM (`irece serve` as a process), decoding after admission, TLS/auth
+that cannot half-apply, fail-closed IRECE, errors without input or policy, auth metrics, and a fuzz campaign.
 
 Image side, text width and latent shape come from the model under test (`IRECE_TEST_MODEL`). Waits are on observable
 state (metrics, futures) with a deadline, never a fixed sleep; requests that must stay busy are held by `HeldPipe`.
@@ -29,7 +31,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -424,16 +426,19 @@ def test_oversized_requests_are_refused_at_once(served, pipe, start_server):
     pass. The default max side is twice the model's; past that, the work budget (pixels x steps x modality)
     still bounds what an operator allows."""
     side = served.side
+    huge = 32 * side  # 1024 px for the 32 px mini world
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
-        served.stub.Generate(text_req(steps=1, height=1024, width=1024), timeout=30)
+        served.stub.Generate(text_req(steps=1, height=huge, width=huge), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("params.height") and f"..{2 * side}" in err.value.details()
-    assert time.monotonic() - t0 < 1.0
+    refused_s = time.monotonic() - t0
+    print(f"\n{huge}x{huge}: {err.value.code().name} in {refused_s * 1000:.1f} ms: {err.value.details()}")
+    assert refused_s < 1.0
     limits = served.server.service.limits
     assert limits.max_side == 2 * side and limits.cost_budget == 2 * limits.max_steps
     # the budget's edge: at twice the native side (4 native images) max_steps / 2 steps fit, inverted half that
-    edge = limits.cost_budget // 4
+    edge = int(limits.cost_budget // 4)
     to_pipeline_request(text_req(steps=edge, height=2 * side, width=2 * side), limits)
     for req, field in ((text_req(steps=edge + 1, height=2 * side, width=2 * side), "params.steps"),
                        (pb.GenerateRequest(inverted_latent=pb.InvertedLatent(image=png_bytes(model_image(pipe))),
@@ -443,14 +448,16 @@ def test_oversized_requests_are_refused_at_once(served, pipe, start_server):
             served.stub.Generate(req, timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(field)
         assert "work budget" in err.value.details()
-    # an operator who raises max_side still has the budget: 1024x1024 is over it even for one step
-    s = start_server(pipe, max_side=1024)
+    # an operator who raises max_side still has the budget: huge x huge is over it even for one step
+    s = start_server(pipe, max_side=huge)
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
-        s.stub.Generate(text_req(steps=1, height=1024, width=1024), timeout=30)
+        s.stub.Generate(text_req(steps=1, height=huge, width=huge), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("params.height") and "work budget" in err.value.details()
-    assert time.monotonic() - t0 < 1.0
+    refused_s = time.monotonic() - t0
+    print(f"max_side={huge}: {err.value.code().name} in {refused_s * 1000:.1f} ms: {err.value.details()}")
+    assert refused_s < 1.0
 
 
 @contextmanager
@@ -510,7 +517,7 @@ def test_request_at_the_budget_edge_ends_within_its_time_limit(pipe, start_serve
     limit = 0.5
     s = start_server(pipe, workers=1, queue_size=0, max_request_seconds=limit)
     side, limits = 2 * s.side, s.server.service.limits
-    req = text_req(steps=limits.cost_budget // 4, height=side, width=side)
+    req = text_req(steps=int(limits.cost_budget // 4), height=side, width=side)
     to_pipeline_request(req, limits)  # within the budget
     t0 = time.monotonic()
     try:
@@ -519,6 +526,8 @@ def test_request_at_the_budget_edge_ends_within_its_time_limit(pipe, start_serve
     except grpc.RpcError as exc:
         outcome = exc.code()
     elapsed = time.monotonic() - t0
+    print(f"\nbudget edge {side}x{side}, {req.params.steps} steps, limit {limit} s: {outcome.name} after "
+          f"{elapsed:.2f} s")
     assert outcome in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED)
     assert elapsed < limit + 1.0, f"{elapsed:.2f} s for a {limit} s limit"
     wait_until(lambda: gauge(s, "irece_inflight_requests") == 0, "the worker to stop", 2)
@@ -579,7 +588,7 @@ def test_sigterm_with_work_in_flight_ends_the_process_within_the_drain(pipe):
     """`irece serve` with a long request running (a 256x256 request the operator's budget allows: minutes on a
     CPU) and one queued: SIGTERM refuses the queued one at once, aborts the running one at the drain's end (both
     told UNAVAILABLE), and the process is gone within drain_seconds + 5 s."""
-    drain, side = 1.0, 8 * image_side(pipe)
+    drain, side = 1.0, 256  # 8x the mini world's side: minutes of work on one core (an SD model: 20 full steps)
     metrics_port = free_port()
     proc, port, _ = start_process(["-m", "irece_cli.main", "serve", "--model", str(MODEL), "--concept", "star",
                                    "--port", "0", "--metrics-port", str(metrics_port), "--workers", "1",
@@ -878,10 +887,10 @@ FUZZ_REQUESTS = 2000
 
 # Each field is drawn from valid values or from anything (half of the requests lean valid, so that generation runs
 # often); valid sizes are the smallest ones and valid steps few, so that a valid request costs ~50 ms on one core.
-SIDES = st.sampled_from([16, 16, 16, 24, 0, 32])
+SIDES = st.sampled_from([2, 2, 2, 3, 0, 4])  # in units of twice the VAE factor (8 px for the mini world); 0: default
 STEPS_ST = st.sampled_from([1, 1, 1, 1, 2, 0])  # 0: the server's default (4 here)
 GUIDANCE = st.sampled_from([0.0, 1.0, 5.0, 7.5])
-ANY_SIDE = st.one_of(SIDES, st.sampled_from([7, 33, 100_000, 2**32 - 1]))
+BAD_SIDES = st.sampled_from([7, 33, 100_000, 2**32 - 1])  # pixels
 ANY_STEPS = st.one_of(STEPS_ST, st.sampled_from([101, 2**32 - 1]))
 ANY_GUIDANCE = st.one_of(GUIDANCE, st.floats(width=32))
 TEXT = st.one_of(st.sampled_from(["", "a red star", "a circle on a black background"]), st.text(max_size=40))
@@ -934,10 +943,12 @@ def fuzz_request(draw, pipe, images: list[bytes]) -> pb.GenerateRequest:
     valid = draw(st.booleans())
     pick = (lambda ok, anything: draw(ok)) if valid else (lambda ok, anything: draw(anything))
     d, c, n = pipe.backend.embed_dim, pipe.backend.latent_channels, pipe.sample_size
+    sides = SIDES.map(lambda k: k * 2 * pipe.backend.vae_scale_factor)
+    any_side = st.one_of(sides, BAD_SIDES)
     msg = pb.GenerateRequest(params=pb.GenerationParams(
         steps=pick(STEPS_ST, ANY_STEPS), guidance=pick(GUIDANCE, ANY_GUIDANCE), seed=draw(st.integers(0, 2**64 - 1)),
         negative_prompt=pick(TEXT, ANY_TEXT) if draw(st.booleans()) else "",
-        height=pick(SIDES, ANY_SIDE), width=pick(SIDES, ANY_SIDE)))
+        height=pick(sides, any_side), width=pick(sides, any_side)))
     kind = draw(st.sampled_from(["text", "embedding", "image", "latent"] + ([] if valid else ["none"])))
     if kind == "text":
         msg.text.prompt = pick(TEXT, ANY_TEXT)
@@ -957,7 +968,7 @@ def fuzz_request(draw, pipe, images: list[bytes]) -> pb.GenerateRequest:
         # latents and images at half the native size (the cheapest), at the native size, or as drawn
         msg.params.height = msg.params.width = draw(st.sampled_from([n * pipe.backend.vae_scale_factor // 2, 0]))
         if not valid and draw(st.booleans()):
-            msg.params.height, msg.params.width = draw(ANY_SIDE), draw(ANY_SIDE)
+            msg.params.height, msg.params.width = draw(any_side), draw(any_side)
         h = min(msg.params.height // pipe.backend.vae_scale_factor, n) or n  # a latent the test can afford to make
         if kind == "image":
             inv.image = draw(fuzz_image(images, valid))
@@ -989,8 +1000,10 @@ def test_fuzz_campaign(served, pipe):
         buf = io.BytesIO()
         Image.new(mode, size).save(buf, format=fmt)
         images.append(buf.getvalue())
-    control = text_req(seed=5, steps=1, height=16, width=16)
-    want = pipe.generate(Request(prompt="a red circle on a black background", seed=5, steps=1, height=16, width=16),
+    small = 4 * pipe.backend.vae_scale_factor  # the smallest size the UNet takes (16 px for the mini world)
+    control = text_req(seed=5, steps=1, height=small, width=small)
+    want = pipe.generate(Request(prompt="a red circle on a black background", seed=5, steps=1, height=small,
+                                 width=small),
                          s.server.service.operator).uint8()[0]
     tally = {"requests": 0, "batches": 0, "codes": {}}
 
@@ -1012,12 +1025,12 @@ def test_fuzz_campaign(served, pipe):
     requests_ = fuzz_request(pipe, images)
 
     class Campaign(RuleBasedStateMachine):
-        @rule(batch=st.lists(requests_, min_size=1, max_size=16))
+        @rule(batch=st.lists(requests_, min_size=3, max_size=16))
         def one_by_one(self, batch):
             for req in batch:
                 ended(outcome(lambda: s.stub.Generate(req, timeout=120)), ANSWERS, req)
 
-        @rule(batch=st.lists(requests_, min_size=2, max_size=12))
+        @rule(batch=st.lists(requests_, min_size=3, max_size=12))
         def all_at_once(self, batch):  # past capacity (1 worker + 2 queued): RESOURCE_EXHAUSTED
             futures = [s.stub.Generate.future(req, timeout=120) for req in batch]
             for req, f in zip(batch, futures):
@@ -1038,12 +1051,12 @@ def test_fuzz_campaign(served, pipe):
             # abandoned work (deadlines, cancels) stops at its next check: wait for it, then the slot is free
             wait_until(lambda: gauge(s, "irece_inflight_requests") == gauge(s, "irece_queue_depth") == 0,
                        "the server to be idle", 30)
-            assert np.array_equal(s.decode(s.stub.Generate(control, timeout=60), size=(16, 16)), want)
+            assert np.array_equal(s.decode(s.stub.Generate(control, timeout=60), size=(small, small)), want)
             tally["batches"] += 1
 
     t0 = time.monotonic()
     run_state_machine_as_test(Campaign, settings=settings(
-        max_examples=60, stateful_step_count=10, deadline=None, database=None,
+        max_examples=55, stateful_step_count=10, deadline=None, database=None,
         suppress_health_check=list(HealthCheck)))
     wall = time.monotonic() - t0
     print(f"\nfuzz campaign: {tally['requests']} requests in {tally['batches']} batches, {wall:.0f} s; "
