@@ -18,6 +18,13 @@ import torch.nn.functional as F
 
 PERTURB_MODES = ("replace", "add")
 GATES = ("off", "contrastive")  # off: the paper's always-intervene; contrastive: concept tokens compete
+# IRECE fails closed where x_t or the concept map at t* is not finite (an overflowing input): a NaN map min-max
+# normalizes to NaN, NaN >= tau is False, and the mask would come out empty - the latent let through unprotected.
+NONFINITE = ("error", "full_mask")  # error: refuse the request; full_mask: re-noise the whole latent
+
+
+class NonFiniteError(RuntimeError):
+    """IRECE could not localize: x_t or the concept map at t* holds NaN or inf (policy nonfinite="error")."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class IreceConfig:
     gate: str = "off"  # "contrastive": intervene only where a concept is present (scores from competing tokens)
     threshold: float = 0.5  # presence-score threshold of the contrastive gate (calibrated by `irece bench tune`)
     vocabulary: tuple[str, ...] = ()  # competing concepts in the localization prompt, beside the model's own
+    nonfinite: str = "error"  # non-finite x_t or concept map at t*: "error" or "full_mask" (never an empty mask)
 
     def __post_init__(self):
         if not 0.0 <= self.tau <= 1.0:
@@ -40,6 +48,8 @@ class IreceConfig:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if self.mode not in PERTURB_MODES:
             raise ValueError(f"mode must be one of {PERTURB_MODES}, got {self.mode!r}")
+        if self.nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
         if isinstance(self.t_star, float) and not 0.0 <= self.t_star < 1.0:
             raise ValueError(f"t_star as a fraction must be in [0, 1), got {self.t_star}")
 

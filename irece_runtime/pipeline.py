@@ -106,7 +106,7 @@ class Pipeline:
         counts = {k: int(v.shape[0]) for k, v in (learned or {}).items()}
         ids, slots = self.token_ids(prompt, counts)
         if learned and not slots:
-            raise ValueError(f"prompt {prompt!r} contains none of the placeholders {sorted(learned)}")
+            raise ValueError("the prompt contains none of the placeholders of its learned embeddings")
         max_len = self.tokenizer.model_max_length
         padded = torch.tensor([ids + [self.tokenizer.pad_token_id] * (max_len - len(ids))])
         embeds = self.backend.embed_tokens(padded).clone()
@@ -149,6 +149,8 @@ class Pipeline:
         """Union mask (B, h, w) over the (concept, tau, threshold) targets and per-concept reports, from the
         standard UNet: the paper's per-concept min-max masks (gate "off"), or competing concepts (gate
         "contrastive"), where a concept is masked only in images whose presence score reaches its threshold."""
+        if not torch.isfinite(x).all():
+            return self._fail_closed(x, cfg, targets, "latent")
         if cfg.gate == "contrastive":
             return self._localize_contrastive(x, t, cfg, targets)
         b = x.shape[0]
@@ -157,6 +159,8 @@ class Pipeline:
         n = len(concepts)
         maps = self.backend.concept_map(x.repeat(n, 1, 1, 1), t, torch.cat(hidden).repeat_interleave(b, 0),
                                         torch.cat(weights).repeat_interleave(b, 0))
+        if not torch.isfinite(maps).all():
+            return self._fail_closed(x, cfg, targets, "concept map")
         maps = maps.view(n, b, *maps.shape[1:])
         masks = torch.stack([irece.concept_mask(maps[i], tau, cfg.min_peak) for i, (_, tau, _) in enumerate(targets)])
         peaks = maps.flatten(2).max(2).values
@@ -187,6 +191,15 @@ class Pipeline:
         b = x.shape[0]
         return self.backend.concept_map(x, t, hidden.expand(b, -1, -1), w[None].expand(b, -1, -1))
 
+    @staticmethod
+    def _fail_closed(x: torch.Tensor, cfg: irece.IreceConfig, targets: list, what: str) -> tuple[torch.Tensor, list]:
+        """A NaN/inf latent or concept map cannot be localized: refuse the request (nonfinite="error"), or mask the
+        whole latent (nonfinite="full_mask"; in "replace" mode x_t* becomes fresh noise). Never an empty mask."""
+        if cfg.nonfinite == "error":
+            raise irece.NonFiniteError(f"IRECE cannot localize: the {what} at t* is not finite")
+        mask = torch.ones(x.shape[0], *x.shape[2:], dtype=torch.float32, device=x.device)
+        return mask, [irece.ConceptReport(c, 1.0, float("nan"), True) for c, _, _ in targets]
+
     def _localize_contrastive(self, x, t, cfg, targets):
         """One pass of the gated localizer over the contrast set: every concept competes; targets get their own
         tau and threshold, the other concepts are scored but never masked (threshold above any score)."""
@@ -199,6 +212,8 @@ class Pipeline:
         b = x.shape[0]
         maps, scores, masks = self.backend.gate(x, t, hidden.expand(b, -1, -1), w[None].expand(b, -1, -1), tau,
                                                 threshold)
+        if not torch.isfinite(maps).all():
+            return self._fail_closed(x, cfg, targets, "concept map")
         union = torch.zeros(b, *maps.shape[2:], dtype=maps.dtype, device=maps.device)
         reports = []
         for c, _, threshold_c in targets:
@@ -219,6 +234,8 @@ class Pipeline:
         t0 = time.perf_counter()
         x = sample(guided_eps(self.backend, "erased", cond, uncond, guidance), x.to(self.backend.device), scheduler,
                    (hook,) if hook else (), callback)
+        if hook and not torch.isfinite(x).all():  # e.g. a full mask cannot help a non-finite conditioning
+            raise irece.NonFiniteError("the denoised latent is not finite: no image IRECE cannot vouch for")
         timings = timings if timings is not None else {}
         if hook:
             timings["localization"] = hook.seconds

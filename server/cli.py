@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from irece_runtime.irece import GATES, IreceConfig, parse_t_star
+from irece_runtime.irece import GATES, NONFINITE, IreceConfig, parse_t_star
 
 DEFAULTS = IreceConfig.defaults()
 
@@ -14,13 +14,16 @@ def cmd_serve(a):
     from .config import ServerConfig
     cfg = ServerConfig.load(a.config) if a.config else ServerConfig()
     for key in ("model", "erased", "backend", "graphs", "port", "metrics_port", "host", "workers", "queue_size",
-                "tau", "t_star", "gate", "threshold", "device"):
+                "tau", "t_star", "gate", "threshold", "device", "tls_cert", "tls_key", "auth_token_file",
+                "max_side", "cost_budget", "max_request_seconds", "drain_seconds", "nonfinite"):
         v = getattr(a, key)
         if v is not None:
             setattr(cfg, key, v)
     if a.concept:
         cfg.concepts = list(a.concept)
-    serve(cfg)
+    if a.insecure:
+        cfg.insecure = True
+    serve(cfg)  # refuses to start (ValueError: `irece: error: ...`, exit 2) on half a TLS config
 
 
 def cmd_client(a):
@@ -54,6 +57,18 @@ def register(sub) -> None:
                    help=f"intervention step: a fraction or a step index (default {DEFAULTS.t_star})")
     p.add_argument("--gate", choices=GATES, help=f"presence gate (default {DEFAULTS.gate!r}: always intervene)")
     p.add_argument("--threshold", type=float, help=f"contrastive gate's presence threshold (default {DEFAULTS.threshold})")
+    p.add_argument("--nonfinite", choices=NONFINITE,
+                   help="NaN/inf at t*: refuse the request (error, default) or re-noise the whole latent")
+    p.add_argument("--tls-cert", help="PEM certificate chain; needs --tls-key (half a TLS config refuses to start)")
+    p.add_argument("--tls-key", help="PEM private key; needs --tls-cert")
+    p.add_argument("--auth-token-file", help="bearer tokens, one a line; without TLS only on a loopback --host")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow bearer tokens without TLS on a non-loopback host (they travel in clear)")
+    p.add_argument("--max-side", type=int, help="largest image side in pixels (default: twice the model's)")
+    p.add_argument("--cost-budget", type=float,
+                   help="work per request in native-image steps (default: 2 x max_steps)")
+    p.add_argument("--max-request-seconds", type=float, help="hard limit on one request's generation time")
+    p.add_argument("--drain-seconds", type=float, help="on SIGTERM, how long running requests get to finish")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("client", help="send one generation request to a server")

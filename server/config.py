@@ -5,6 +5,7 @@ concepts to suppress but never remove or weaken these.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -36,6 +37,7 @@ class ServerConfig:
     threshold: float = IRECE.threshold  # the contrastive gate's presence threshold (`irece bench tune`)
     vocabulary: list[str] = field(default_factory=list)  # competing concepts beside the model's concepts.json
     allowed_concepts: list[str] | None = None  # what requests may add; None = model's concepts.json + operator's
+    nonfinite: str = IRECE.nonfinite  # NaN/inf latent or concept map at t*: "error" (refuse) or "full_mask"
     # serving
     host: str = "127.0.0.1"
     port: int = 50051
@@ -45,14 +47,21 @@ class ServerConfig:
     default_steps: int = 25
     max_steps: int = 100
     default_guidance: float = 5.0
-    max_side: int = 1024  # pixels
+    max_side: int | None = None  # pixels; None = twice the model's native side (its sample_size x VAE factor)
+    # work per request in native-image steps: (height x width / native pixels) x steps, x2 for inversion;
+    # None = 2 x max_steps (a native-size request at max_steps, even inverted)
+    cost_budget: float | None = None
+    max_request_seconds: float = 300.0  # hard limit on one request's generation (not its wait in the queue)
     max_message_bytes: int = 16 * 1024 * 1024
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
-    drain_seconds: float = 30.0
+    max_decodes: int = 1  # images decoded at once (a 4096x4096 decode holds ~50 MB); decoding starts once admitted
+    drain_seconds: float = 30.0  # on SIGTERM: queued work refused at once, running work gets this long
     tls_cert: str | None = None
     tls_key: str | None = None
     auth_tokens: list[str] = field(default_factory=list)  # bearer tokens; empty = no auth
+    auth_token_file: str | None = None  # bearer tokens, one a line (added to auth_tokens)
+    insecure: bool = False  # allow bearer tokens without TLS on a non-loopback host (they travel in clear)
 
     @classmethod
     def load(cls, path: str | Path) -> "ServerConfig":
@@ -66,7 +75,37 @@ class ServerConfig:
             raw["t_star"] = parse_t_star(raw["t_star"])
         return cls(**raw)
 
+    def tokens(self) -> list[str]:
+        """Every bearer token: auth_tokens plus auth_token_file's lines (blank lines and # comments skipped)."""
+        tokens = list(self.auth_tokens)
+        if self.auth_token_file:
+            lines = Path(self.auth_token_file).read_text().splitlines()
+            from_file = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
+            if not from_file:
+                raise ValueError(f"auth_token_file {self.auth_token_file}: no token in it")
+            tokens += from_file
+        return tokens
+
+    def check_security(self) -> None:
+        """Refuse to start rather than serve less securely than configured: half a TLS config, or bearer tokens in
+        clear on a non-loopback host (unless `insecure`)."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise ValueError(f"{given} is set but {missing} is not: TLS needs both (refusing to start without TLS)")
+        if self.tokens() and not self.tls_cert and not is_loopback(self.host) and not self.insecure:
+            raise ValueError(f"bearer tokens without TLS on {self.host} would travel in clear: set tls_cert and "
+                             "tls_key, serve on a loopback host, or pass --insecure (insecure = true)")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["auth_tokens"] = ["***"] * len(self.auth_tokens)
         return d
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost may resolve to any address
+        return False

@@ -9,6 +9,9 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry()
         self.requests = Counter("irece_requests_total", "Generation requests by input modality and gRPC status code",
                                 ["modality", "code"], registry=r)
+        self.auth_failures = Counter("irece_auth_failures_total", "Generation calls refused for a missing or wrong "
+                                     "bearer token (also counted in irece_requests_total as UNAUTHENTICATED)",
+                                     registry=r)
         self.localizations = Counter("irece_localizations_total",
                                      "Requests in which IRECE localized a concept", ["concept"], registry=r)
         self.interventions = Counter("irece_interventions_total",

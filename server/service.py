@@ -1,11 +1,21 @@
-"""The Generation servicer: admission control, cancellation between engine steps, IRECE policy, metrics."""
+"""The Generation servicer: admission control, bounded work per request, IRECE policy, metrics.
+
+Every request takes one path: cheap validation in the handler thread (image headers, the work budget), admission
+(a worker slot or a place in the queue, else RESOURCE_EXHAUSTED), then, in a worker thread, the image decode and
+the generation. A `Guard` ends the request early - client cancelled or past its deadline, the server's time limit,
+a drain - checked between engine steps, before every UNet/VAE block (torch backend), and by the handler while it
+waits, so a worker stuck inside one engine call cannot keep its client waiting.
+"""
 from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import queue
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from irece_runtime.irece import IreceConfig
+from irece_runtime import checkpoints
+from irece_runtime.irece import IreceConfig, NonFiniteError
 from irece_runtime.loading import load_pipeline
 from irece_runtime.pipeline import Pipeline, Request
 from protos.irece.v1 import generation_pb2 as pb
@@ -23,11 +34,14 @@ from protos.irece.v1 import generation_pb2_grpc as pb_grpc
 from . import report
 from .config import ServerConfig
 from .metrics import Metrics
-from .validation import Limits, RequestError, irece_config, to_pipeline_request
+from .validation import Limits, RequestError, invalid, irece_config, parse_request
+
+log = logging.getLogger("irece.server")
+POLL_SECONDS = 0.1  # how often a waiting handler looks at its request's guard
 
 
 class Aborted(Exception):
-    """Raised from the step callback: the client cancelled or the deadline passed."""
+    """The request ends early with this status (raised by the guard, or by admission)."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -45,17 +59,17 @@ class Admission:
         self.metrics = metrics
 
     @contextmanager
-    def enter(self, alive):
+    def enter(self, guard):
+        guard()  # a draining server admits nothing, even with a slot free
         with self.lock:
             if self.admitted >= self.capacity:
-                raise Aborted(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"server busy: {self.admitted} requests admitted, capacity {self.capacity}")
+                raise Aborted(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: retry later")
             self.admitted += 1
         self.metrics.queue_depth.inc()
         queued = True
         try:
             while not self.slots.acquire(timeout=0.05):
-                alive()  # a cancelled or expired request leaves the queue at once
+                guard()  # a cancelled or expired request, or any during a drain, leaves the queue at once
             self.metrics.queue_depth.dec()
             queued = False
             self.metrics.inflight.inc()
@@ -69,6 +83,29 @@ class Admission:
                 self.metrics.queue_depth.dec()
             with self.lock:
                 self.admitted -= 1
+
+
+class Guard:
+    """Everything that ends one request early; raises Aborted. `started` is set when the request takes a worker
+    slot: queued requests are refused at once by a drain, running ones get until the drain's deadline, and the
+    time limit counts generation time only."""
+
+    def __init__(self, service: "GenerationService", context):
+        self.service, self.context = service, context
+        self.started: float | None = None
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        svc = self.service
+        if svc.draining.is_set() and (self.started is None or now >= svc.drain_deadline):
+            raise Aborted(grpc.StatusCode.UNAVAILABLE, "server shutting down: retry on another instance")
+        if self.started is not None and now - self.started > svc.cfg.max_request_seconds:
+            raise Aborted(grpc.StatusCode.DEADLINE_EXCEEDED, "request ran past the server's time limit")
+        remaining = self.context.time_remaining()  # first: an expired call is also no longer active
+        if remaining is not None and remaining <= 0:
+            raise Aborted(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        if not self.context.is_active():
+            raise Aborted(grpc.StatusCode.CANCELLED, "client cancelled")
 
 
 def concept_catalogue(cfg: ServerConfig) -> set[str]:
@@ -92,23 +129,35 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.pipe = pipe or load_pipeline(cfg.model, cfg.erased, cfg.backend, cfg.graphs, device=cfg.device,
                                           layers=tuple(cfg.localizer_layers) if cfg.localizer_layers else None)
         e = self.pipe.backend
+        native = self.pipe.sample_size * e.vae_scale_factor  # the model's own image side, in pixels
         self.limits = Limits(embed_dim=e.embed_dim, latent_channels=e.latent_channels,
-                             vae_scale_factor=e.vae_scale_factor,
-                             default_side=self.pipe.sample_size * e.vae_scale_factor,
+                             vae_scale_factor=e.vae_scale_factor, default_side=native,
                              default_steps=cfg.default_steps, max_steps=cfg.max_steps,
-                             default_guidance=cfg.default_guidance, max_side=cfg.max_side,
+                             default_guidance=cfg.default_guidance, max_side=cfg.max_side or 2 * native,
                              max_image_bytes=cfg.max_image_bytes, max_image_pixels=cfg.max_image_pixels,
+                             cost_budget=cfg.cost_budget if cfg.cost_budget is not None else 2 * cfg.max_steps,
                              backend=e.limits)
         self.operator = IreceConfig(concepts=tuple(cfg.concepts), tau=cfg.tau, t_star=cfg.t_star, mode=cfg.mode,
                                     template=cfg.template, min_peak=cfg.min_peak, per_concept=cfg.per_concept,
-                                    gate=cfg.gate, threshold=cfg.threshold, vocabulary=tuple(cfg.vocabulary))
+                                    gate=cfg.gate, threshold=cfg.threshold, vocabulary=tuple(cfg.vocabulary),
+                                    nonfinite=cfg.nonfinite)
         self.allowed = concept_catalogue(cfg)
         self.admission = Admission(cfg.workers, cfg.queue_size, metrics)
+        self.decodes = threading.BoundedSemaphore(cfg.max_decodes)
+        self.draining = threading.Event()
+        self.drain_deadline = math.inf
+        self.running = 0  # worker threads alive (a stuck one outlives its request's answer)
+        self._running_lock = threading.Lock()
 
     def warm_up(self) -> None:
         """One small generation through every engine the service uses (and the localizer's prompt cache)."""
         cfg = self.operator if self.operator.concepts else None
         self.pipe.generate(Request(prompt="warm up", steps=2), cfg)
+
+    def drain(self, grace: float) -> None:
+        """Queued and new requests are refused from now on; running ones are aborted after `grace` seconds."""
+        self.drain_deadline = min(self.drain_deadline, time.monotonic() + grace)
+        self.draining.set()
 
     # -- handlers ----------------------------------------------------------------------------------------------
     def Generate(self, request, context):
@@ -121,28 +170,31 @@ class GenerationService(pb_grpc.GenerationServicer):
         yield from self._run(request, context, progress=True)
 
     # -- the one path every request takes ------------------------------------------------------------------
+    def _validate(self, request) -> tuple[Request, object, IreceConfig | None]:
+        req, image = parse_request(request, self.limits)
+        if req.learned:  # the pipeline would refuse it after admission; say which field, before
+            try:
+                self.pipe.token_ids(req.prompt, {k: int(v.shape[0]) for k, v in req.learned.items()})
+            except ValueError:
+                raise invalid("embedding.prompt", "a placeholder falls past the text encoder's 77-token limit")
+        return req, image, irece_config(request, self.operator, self.allowed)
+
     def _run(self, request, context, progress: bool):
         t_arrive = time.perf_counter()
+        rid = uuid.uuid4().hex[:12]
         modality = {"text": "text", "embedding": "embedding", "inverted_latent": "inverted_latent"}.get(
             request.WhichOneof("input") or "", "none")
         try:
-            req = to_pipeline_request(request, self.limits)
-            cfg = irece_config(request, self.operator, self.allowed)
+            req, image, cfg = self._validate(request)
         except RequestError as exc:
             self._finish(modality, exc.code, t_arrive)
             context.abort(exc.code, str(exc))
 
-        def alive():
-            remaining = context.time_remaining()  # first: an expired call is also no longer active
-            if remaining is not None and remaining <= 0:
-                raise Aborted(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-            if not context.is_active():
-                raise Aborted(grpc.StatusCode.CANCELLED, "client cancelled")
-
+        guard = Guard(self, context)
         events: queue.Queue = queue.Queue()
 
         def callback(stage, step, total):
-            alive()
+            guard()
             if progress:
                 events.put(pb.GenerateEvent(progress=pb.Progress(stage=stage, step=step, total_steps=total)))
 
@@ -150,29 +202,57 @@ class GenerationService(pb_grpc.GenerationServicer):
 
         def work():
             try:
-                with self.admission.enter(alive):
+                with self.admission.enter(guard):
+                    guard.started = time.monotonic()
                     t_start = time.perf_counter()
-                    res = self.pipe.generate(req, cfg, callback)
+                    if image is not None:  # decoded only now: a refused request never pays for it
+                        with self.decodes:
+                            req.init_image = image.decode(self.limits)
+                    with checkpoints.checking(guard):
+                        res = self.pipe.generate(req, cfg, callback)
                     res.timings["queue"] = t_start - t_arrive
                     outcome["result"] = res
             except Aborted as exc:
                 outcome["error"] = exc
-            except ValueError as exc:  # input the pipeline rejects (e.g. a placeholder past the 77-token limit)
-                outcome["error"] = Aborted(grpc.StatusCode.INVALID_ARGUMENT, f"input: {exc}")
-            except Exception as exc:  # an engine failure fails this request only
-                outcome["error"] = Aborted(grpc.StatusCode.INTERNAL, f"generation failed: {type(exc).__name__}: {exc}")
+            except RequestError as exc:
+                outcome["error"] = Aborted(exc.code, str(exc))
+            except NonFiniteError as exc:  # IRECE fails closed (policy nonfinite="error")
+                log.warning("request %s refused: %s", rid, exc)
+                outcome["error"] = Aborted(grpc.StatusCode.INVALID_ARGUMENT,
+                                           "input: IRECE cannot localize on non-finite values at t*; refused")
+            except ValueError as exc:  # input the pipeline rejects that validation did not foresee
+                log.warning("request %s rejected by the pipeline: %s", rid, exc)
+                outcome["error"] = Aborted(grpc.StatusCode.INVALID_ARGUMENT,
+                                           f"input: rejected by the pipeline (request id {rid})")
+            except Exception:  # an engine failure fails this request only; details stay in the server log
+                log.exception("request %s failed", rid)
+                outcome["error"] = Aborted(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
             finally:
+                with self._running_lock:
+                    self.running -= 1
                 events.put(None)
 
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        while (event := events.get()) is not None:
+        with self._running_lock:
+            self.running += 1
+        threading.Thread(target=work, daemon=True, name=f"irece-request-{rid}").start()
+        error = None
+        while True:
+            try:
+                event = events.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                try:  # the worker may be stuck inside one engine call: answer the client anyway
+                    guard()
+                except Aborted as exc:
+                    error = exc
+                    break
+                continue
+            if event is None:
+                error = outcome.get("error")
+                break
             yield event
-        worker.join()
-        if "error" in outcome:
-            err = outcome["error"]
-            self._finish(modality, err.code, t_arrive)
-            context.abort(err.code, str(err))
+        if error is not None:
+            self._finish(modality, error.code, t_arrive)
+            context.abort(error.code, str(error))
         res = outcome["result"]
         if res.irece is not None:
             self.metrics.observe_irece(res.irece)

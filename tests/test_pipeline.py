@@ -8,11 +8,11 @@ import torch
 from benchmarks.localization import iou, pixel_mask
 from benchmarks.stats import psnr
 from irece_runtime.images import to_tensor
-from irece_runtime.irece import IreceConfig
+from irece_runtime.irece import IreceConfig, NonFiniteError
 from irece_runtime.pipeline import Request
 from miniworld import shapes
 
-from .conftest import MODEL, model_image
+from .conftest import MODEL, model_image, random_latent
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,27 @@ def test_empty_mask_is_bit_identical_to_irece_off(pipe):
     assert np.array_equal(off.images, gated.images)
     on = pipe.generate(req, IreceConfig(concepts=("heart",)))
     assert on.irece.intervened and not np.array_equal(off.images, on.images)
+
+
+def test_irece_fails_closed_on_non_finite_values(pipe, monkeypatch):
+    """An overflowing input (finite in float32, x1e20) makes x_t and the concept map at t* NaN; NaN >= tau is
+    False, so the mask used to come out empty and the request went through unprotected. Now: an error, or the
+    whole latent re-noised (nonfinite="full_mask"), never an empty mask."""
+    latent = random_latent(pipe)[0] * 1e20
+    assert torch.isfinite(latent).all()
+    with pytest.raises(NonFiniteError):
+        pipe.generate(Request(init_latent=latent, steps=4), IreceConfig(concepts=("star",)))
+    full = pipe.generate(Request(init_latent=latent, steps=4), IreceConfig(concepts=("star",), nonfinite="full_mask"))
+    assert full.irece.intervened and full.irece.mask_area == 1.0 and np.isfinite(full.images).all()
+    # a finite latent whose concept map is not (an engine overflowing, fp16): both gates fail closed too
+    real = pipe.backend.concept_map
+    monkeypatch.setattr(pipe.backend, "concept_map", lambda *a: real(*a) * float("nan"))
+    req = Request(prompt="a star", seed=1, steps=4)
+    for gate in ("off", "contrastive"):
+        with pytest.raises(NonFiniteError, match="concept map"):
+            pipe.generate(req, IreceConfig(concepts=("star",), gate=gate))
+        res = pipe.generate(req, IreceConfig(concepts=("star",), gate=gate, nonfinite="full_mask"))
+        assert res.irece.concepts[0].intervened and res.irece.mask_area == 1.0
 
 
 def test_same_seed_same_result_with_irece(pipe):

@@ -1,23 +1,37 @@
 """The gRPC service end to end over loopback: modalities, bad input, backend limits, policy, overload, cancellation,
-seeds; and the IRECE report's one conversion (runtime -> wire -> JSON).
+seeds; and the IRECE report's one conversion (runtime -> wire -> JSON). Hardening (#14): the work budget, time
+limits inside one UNet pass, drain and SIGTERM (`irece serve` as a process), decoding after admission, TLS/auth
+that cannot half-apply, fail-closed IRECE, errors without input or policy, auth metrics, and a fuzz campaign.
 
 Image side, text width and latent shape come from the model under test (`IRECE_TEST_MODEL`). Waits are on observable
 state (metrics, futures) with a deadline, never a fixed sleep; requests that must stay busy are held by `HeldPipe`.
 """
 import io
 import json
+import logging
 import math
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
+import zlib
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -34,7 +48,7 @@ from server.metrics import Metrics
 from server.service import GenerationService
 from server.validation import RequestError, to_pipeline_request
 
-from .conftest import MODEL, image_side, model_image
+from .conftest import MODEL, image_side, model_image, random_latent
 
 STEPS = 4
 
@@ -367,58 +381,686 @@ def test_cancel_and_deadline_free_capacity(pipe, start_server):
         s.stub.Generate(text_req(seed=2), timeout=30)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     slow.cancel()
-    wait_until(lambda: ended("CANCELLED") == 1, "the cancelled request to leave between two steps")
-    assert s.metric("irece_inflight_requests") == 0
+    # the handler answers at once; the worker leaves at its next check (between two steps here)
+    wait_until(lambda: ended("CANCELLED") == 1 and s.metric("irece_inflight_requests") == 0,
+               "the cancelled request to be counted and to leave")
     with pytest.raises(grpc.RpcError) as err:  # held: it cannot finish before its deadline
         s.stub.Generate(text_req(seed=3), timeout=0.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_until(lambda: ended("DEADLINE_EXCEEDED") == 1, "the server to drop the expired request")
-    assert s.metric("irece_inflight_requests") == 0
+    wait_until(lambda: ended("DEADLINE_EXCEEDED") == 1 and s.metric("irece_inflight_requests") == 0,
+               "the expired request to be counted as DEADLINE_EXCEEDED and to leave")
+    assert ended("CANCELLED") == 1
     held.release.set()
     s.decode(s.stub.Generate(text_req(seed=4), timeout=60))
 
 
-def test_bearer_auth(pipe, start_server):
+def test_bearer_auth_and_its_refusals_are_counted(pipe, start_server):
     s = start_server(pipe, auth_tokens=["s3cret"])
+    for metadata in (None, [("authorization", "Bearer guess")], [("authorization", "s3cret")]):
+        with pytest.raises(grpc.RpcError) as err:
+            s.stub.Generate(text_req(steps=1), metadata=metadata)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.RpcError) as err:
-        s.stub.Generate(text_req(steps=1))
+        next(s.stub.GenerateStream(text_req(steps=1)))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # brute force shows: every refusal counted (the request is not parsed for an unknown caller)
+    assert s.metric("irece_auth_failures_total") == 4
+    assert s.metric("irece_requests_total", modality="unknown", code="UNAUTHENTICATED") == 4
     s.decode(s.stub.Generate(text_req(steps=1), metadata=[("authorization", "Bearer s3cret")]))
+    assert s.metric("irece_auth_failures_total") == 4
 
 
-tensor_st = st.builds(lambda dtype, shape, data: pb.Tensor(dtype=dtype, shape=shape, data=data),
-                      st.sampled_from(["float32", "float16", "int8", "", "float64"]),
-                      st.lists(st.integers(-2, 70), min_size=0, max_size=4), st.binary(max_size=600))
-request_st = st.one_of(
-    st.builds(lambda p, s, g, h: pb.GenerateRequest(text=pb.TextPrompt(prompt=p), params=pb.GenerationParams(
-        steps=s, guidance=g, height=h)), st.text(max_size=80), st.integers(0, 300),
-        st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([0, 7, 32, 64, 100000])),
-    st.builds(lambda p, tok, t: pb.GenerateRequest(embedding=pb.EmbeddingPrompt(
-        prompt=p, embeddings=[pb.LearnedEmbedding(token=tok, vectors=t)])), st.text(max_size=40),
-        st.text(max_size=8), tensor_st),
-    st.builds(lambda b: pb.GenerateRequest(inverted_latent=pb.InvertedLatent(image=b)), st.binary(max_size=300)),
-    st.builds(lambda t: pb.GenerateRequest(inverted_latent=pb.InvertedLatent(latent=t)), tensor_st),
-    st.builds(lambda c: pb.GenerateRequest(text=pb.TextPrompt(prompt="x"), suppress_concepts=c),
-              st.lists(st.text(max_size=10), max_size=3)),
-)
+# -- #14 bounded work per request: work budget, time limit, drain -----------------------------------------
+def requests_ended(s: Running, code: str, modality: str = "text") -> float:
+    """irece_requests_total read from the server's registry (also after its metrics endpoint has stopped)."""
+    return s.server.metrics.registry.get_sample_value("irece_requests_total",
+                                                       {"modality": modality, "code": code}) or 0.0
 
 
-def test_fuzzed_requests_never_crash_the_server(served, pipe):
-    """Random requests get an image or a client error (never INTERNAL); afterwards the server still returns
-    exactly the pipeline's own image and report. Self-contained: passes alone (`-k fuzz`) and in any order."""
+def gauge(s: Running, name: str) -> float:
+    return s.server.metrics.registry.get_sample_value(name) or 0.0
 
-    @settings(max_examples=60, deadline=None)
-    @given(request_st)
-    def one(request_):
-        request_.params.steps = min(request_.params.steps, 2) if request_.params.steps else 1
+
+def test_oversized_requests_are_refused_at_once(served, pipe, start_server):
+    """A 1024x1024 request for a 32 px model used to be accepted and hold a worker for minutes inside one UNet
+    pass. The default max side is twice the model's; past that, the work budget (pixels x steps x modality)
+    still bounds what an operator allows."""
+    side = served.side
+    huge = 32 * side  # 1024 px for the 32 px mini world
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        served.stub.Generate(text_req(steps=1, height=huge, width=huge), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("params.height") and f"..{2 * side}" in err.value.details()
+    refused_s = time.monotonic() - t0
+    print(f"\n{huge}x{huge}: {err.value.code().name} in {refused_s * 1000:.1f} ms: {err.value.details()}")
+    assert refused_s < 1.0
+    limits = served.server.service.limits
+    assert limits.max_side == 2 * side and limits.cost_budget == 2 * limits.max_steps
+    # the budget's edge: at twice the native side (4 native images) max_steps / 2 steps fit, inverted half that
+    edge = int(limits.cost_budget // 4)
+    to_pipeline_request(text_req(steps=edge, height=2 * side, width=2 * side), limits)
+    for req, field in ((text_req(steps=edge + 1, height=2 * side, width=2 * side), "params.steps"),
+                       (pb.GenerateRequest(inverted_latent=pb.InvertedLatent(image=png_bytes(model_image(pipe))),
+                                           params=pb.GenerationParams(steps=edge // 2 + 1, width=2 * side,
+                                                                      height=2 * side)), "params.steps")):
+        with pytest.raises(grpc.RpcError) as err:
+            served.stub.Generate(req, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(field)
+        assert "work budget" in err.value.details()
+    # an operator who raises max_side still has the budget: huge x huge is over it even for one step
+    s = start_server(pipe, max_side=huge)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        s.stub.Generate(text_req(steps=1, height=huge, width=huge), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("params.height") and "work budget" in err.value.details()
+    refused_s = time.monotonic() - t0
+    print(f"max_side={huge}: {err.value.code().name} in {refused_s * 1000:.1f} ms: {err.value.details()}")
+    assert refused_s < 1.0
+
+
+@contextmanager
+def stuck_inside_unet(pipe):
+    """The next UNet pass blocks inside the UNet (before its mid block) until `release` is set, reaching no stop
+    point itself: one engine call that takes minutes. `state["completed"]` counts UNet passes that reach the
+    output layer after that."""
+    unet = pipe.backend.unets["erased"]
+    entered, release = threading.Event(), threading.Event()
+    state = {"armed": True, "completed": 0}
+
+    def block(module, args):
+        if state["armed"]:
+            state["armed"] = False
+            entered.set()
+            release.wait(120)
+
+    def completed(module, args, output):
+        if entered.is_set():
+            state["completed"] += 1
+
+    hooks = [unet.mid_block.register_forward_pre_hook(block), unet.conv_out.register_forward_hook(completed)]
+    try:
+        yield entered, release, state
+    finally:
+        release.set()
+        for h in hooks:
+            h.remove()
+
+
+def test_time_limit_answers_the_client_while_a_worker_is_stuck_in_a_unet_pass(pipe, start_server):
+    limit = 0.5
+    s = start_server(pipe, workers=1, queue_size=0, max_request_seconds=limit)
+    with stuck_inside_unet(pipe) as (entered, release, state):
+        future = s.stub.Generate.future(text_req(steps=2))  # no client deadline
+        assert entered.wait(60)
+        t_stuck = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            future.result(timeout=30)  # used to wait as long as the engine call took
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t_stuck < limit + 1.0
+        # the worker is still inside the UNet: its slot stays taken, so the next request is refused, not queued
+        assert gauge(s, "irece_inflight_requests") == 1
+        with pytest.raises(grpc.RpcError) as err:
+            s.stub.Generate(text_req(steps=1), timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()  # the engine call returns: the worker stops at the next block, not at the next step
+        wait_until(lambda: gauge(s, "irece_inflight_requests") == 0, "the stuck worker to free its slot", 10)
+        assert state["completed"] == 0
+    assert requests_ended(s, "DEADLINE_EXCEEDED") == 1
+    s.decode(s.stub.Generate(text_req(steps=1)))
+
+
+def test_request_at_the_budget_edge_ends_within_its_time_limit(pipe, start_server):
+    """Real work, no stand-in: the largest request the default budget allows (twice the native side, max_steps/2
+    steps; seconds on one CPU core) finishes or is aborted within the server's time limit, and frees its worker."""
+    limit = 0.5
+    s = start_server(pipe, workers=1, queue_size=0, max_request_seconds=limit)
+    side, limits = 2 * s.side, s.server.service.limits
+    req = text_req(steps=int(limits.cost_budget // 4), height=side, width=side)
+    to_pipeline_request(req, limits)  # within the budget
+    t0 = time.monotonic()
+    try:
+        s.decode(s.stub.Generate(req, timeout=120), size=(side, side))
+        outcome = grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        outcome = exc.code()
+    elapsed = time.monotonic() - t0
+    print(f"\nbudget edge {side}x{side}, {req.params.steps} steps, limit {limit} s: {outcome.name} after "
+          f"{elapsed:.2f} s")
+    assert outcome in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert elapsed < limit + 1.0, f"{elapsed:.2f} s for a {limit} s limit"
+    wait_until(lambda: gauge(s, "irece_inflight_requests") == 0, "the worker to stop", 2)
+    s.decode(s.stub.Generate(text_req(steps=1)))
+
+
+def test_drain_refuses_queued_work_at_once_and_aborts_running_work_at_its_deadline(pipe, start_server):
+    held = HeldPipe(pipe)  # never released: the running request would go on forever
+    s = start_server(held, workers=1, queue_size=2)
+    running_ = s.stub.Generate.future(text_req(seed=1))
+    wait_until(lambda: gauge(s, "irece_inflight_requests") == 1, "one request running")
+    queued = [s.stub.Generate.future(text_req(seed=n)) for n in (2, 3)]
+    wait_until(lambda: gauge(s, "irece_queue_depth") == 2, "two requests queued")
+    grace = 2.0
+    t0 = time.monotonic()
+    stopper = threading.Thread(target=s.server.stop, args=(grace,))
+    stopper.start()
+    for f in queued:  # refused at once, not started and cut off at the end of the drain
+        assert f.exception(timeout=30).code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - t0 < grace / 2
+    assert running_.exception(timeout=30).code() == grpc.StatusCode.UNAVAILABLE
+    assert grace - 0.1 <= time.monotonic() - t0 < grace + 1.0
+    stopper.join(30)
+    assert not stopper.is_alive() and time.monotonic() - t0 < grace + 1.5
+    assert requests_ended(s, "UNAVAILABLE") == 3 and requests_ended(s, "CANCELLED") == 0
+    wait_until(lambda: gauge(s, "irece_inflight_requests") == 0, "the aborted worker to stop", 5)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_process(args: list[str]) -> tuple[subprocess.Popen, int, "queue.Queue[str]"]:
+    """A server process; returns it, its gRPC port (read from its log) and its log lines as they come."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
         try:
-            served.stub.Generate(request_, timeout=60)
-        except grpc.RpcError as exc:
-            assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED), exc.details()
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            assert proc.poll() is None, f"server exited with {proc.returncode}"
+            continue
+        if m := re.search(r"serving \S+ on port (\d+)", line):
+            return proc, int(m.group(1)), lines
+    proc.kill()
+    raise AssertionError("the server did not start within 120 s")
 
-    one()
-    got = served.stub.Generate(text_req(seed=5, steps=STEPS))
-    want = pipe.generate(Request(prompt="a red circle on a black background", seed=5, steps=STEPS),
-                         served.server.service.operator)
-    assert np.array_equal(served.decode(got), want.uint8()[0])
-    assert same_json(report.to_dict(got.irece), at_wire_precision(want.irece.to_dict()))
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sigterm_with_work_in_flight_ends_the_process_within_the_drain(pipe):
+    """`irece serve` with a long request running (a 256x256 request the operator's budget allows: minutes on a
+    CPU) and one queued: SIGTERM refuses the queued one at once, aborts the running one at the drain's end (both
+    told UNAVAILABLE), and the process is gone within drain_seconds + 5 s."""
+    drain, side = 1.0, 256  # 8x the mini world's side: minutes of work on one core (an SD model: 20 full steps)
+    metrics_port = free_port()
+    proc, port, _ = start_process(["-m", "irece_cli.main", "serve", "--model", str(MODEL), "--concept", "star",
+                                   "--port", "0", "--metrics-port", str(metrics_port), "--workers", "1",
+                                   "--queue-size", "1", "--max-side", str(side), "--cost-budget", "1e9",
+                                   "--drain-seconds", str(drain)])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.GenerationStub(ch)
+            stream = stub.GenerateStream(text_req(steps=20, height=side, width=side), timeout=300)
+            assert next(stream).progress.step == 0  # running
+            queued = stub.Generate.future(text_req(steps=1), timeout=300)
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            wait_until(lambda: "irece_queue_depth 1.0" in urllib.request.urlopen(url).read().decode(), "one queued")
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert queued.exception(timeout=30).code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - t0 < drain
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in stream:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        proc.wait(timeout=drain + 5)
+        exit_s = time.monotonic() - t0
+        print(f"\nSIGTERM -> process gone in {exit_s:.2f} s (drain_seconds {drain})")
+        assert proc.returncode == 0 and exit_s < drain + 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+STUCK_SERVER = """
+import sys, threading
+from types import SimpleNamespace
+from irece_runtime.backends import BackendLimits
+from server.app import serve
+from server.config import ServerConfig
+from server.metrics import Metrics
+from server.service import GenerationService
+
+class StuckPipe:  # a request that enters one engine call and never comes back, reaching no stop point
+    backend = SimpleNamespace(embed_dim=8, latent_channels=4, vae_scale_factor=8, limits=BackendLimits())
+    sample_size = 8
+
+    def generate(self, req, cfg=None, callback=None):
+        if req.prompt == "stuck":
+            print("entered the engine call", file=sys.stderr, flush=True)
+            threading.Event().wait()
+
+cfg = ServerConfig(port=0, metrics_port=None, drain_seconds=float(sys.argv[1]))
+serve(cfg, GenerationService(cfg, Metrics(), StuckPipe()))
+"""
+
+
+def wait_for_line(lines: queue.Queue, text: str, seen: list[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in seen):
+        seen.append(lines.get(timeout=max(0.01, deadline - time.monotonic())))
+
+
+def test_sigterm_ends_the_process_even_with_a_worker_stuck_in_one_engine_call():
+    """What used to take kill -9: a worker that never returns. Its client is told UNAVAILABLE at the drain's end
+    and the process exits (os._exit after logging) instead of joining the stuck thread forever."""
+    drain = 0.5
+    proc, port, lines = start_process(["-c", STUCK_SERVER, str(drain)])
+    seen: list[str] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            future = pb_grpc.GenerationStub(ch).Generate.future(text_req(prompt="stuck"), timeout=300)
+            wait_for_line(lines, "entered the engine call", seen)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert future.exception(timeout=30).code() == grpc.StatusCode.UNAVAILABLE
+        proc.wait(timeout=drain + 5)
+        exit_s = time.monotonic() - t0
+        print(f"\nstuck worker: SIGTERM -> process gone in {exit_s:.2f} s (drain_seconds {drain})")
+        assert proc.returncode == 0 and exit_s < drain + 5
+        wait_for_line(lines, "still busy after the drain", seen, timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# -- #14 admission before decoding ----------------------------------------------------------------------------
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims a size and carries no pixels: signature, IHDR, an empty IDAT."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", b"")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
+def test_image_burst_is_admitted_before_it_is_decoded(pipe, start_server, monkeypatch):
+    """19 concurrent 4096x4096 PNGs (25 KB each, ~50 MB decoded): they used to be decoded in the handler threads
+    before the queue limit applied (575 MB -> 1850 MB RSS). Now the header is checked, the request admitted or
+    refused, and only admitted ones are decoded, in their worker slot, one at a time."""
+    from server import validation
+    held = HeldPipe(pipe)
+    s = start_server(held, workers=1, queue_size=2)
+    buf = io.BytesIO()
+    Image.new("L", (4096, 4096), 7).save(buf, format="PNG")
+    bomb = pb.GenerateRequest(inverted_latent=pb.InvertedLatent(image=buf.getvalue()), params=pb.GenerationParams(
+        steps=1))
+    decodes = []
+    real = validation.decode_image
+    monkeypatch.setattr(validation, "decode_image", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    base = peak = rss_bytes()
+    sampling = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not sampling.wait(0.002):
+            peak = max(peak, rss_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    futures = [s.stub.Generate.future(bomb, timeout=120) for _ in range(19)]
+    wait_until(lambda: requests_ended(s, "RESOURCE_EXHAUSTED", "inverted_latent") == 16, "16 refused")
+    assert len(decodes) <= 1  # the refused ones cost no decode; the queued ones are not decoded yet
+    held.release.set()
+    codes = sorted(f.exception().code().name if f.exception() else "OK" for f in futures)
+    sampling.set()
+    sampler.join()
+    growth = (peak - base) / 2**20
+    print(f"\n19 concurrent 4096x4096 PNGs ({len(buf.getvalue())} bytes each): RSS {base / 2**20:.0f} MB -> peak "
+          f"{peak / 2**20:.0f} MB (+{growth:.0f} MB), {len(decodes)} decodes, {codes.count('OK')} OK")
+    assert codes == ["OK"] * 3 + ["RESOURCE_EXHAUSTED"] * 16
+    assert len(decodes) == 3 and growth < 300
+    # a header that claims more pixels than allowed is refused from the header alone
+    with pytest.raises(grpc.RpcError) as err:
+        s.stub.Generate(pb.GenerateRequest(inverted_latent=pb.InvertedLatent(image=png_header(5000, 5000))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "pixels" in err.value.details()
+    assert len(decodes) == 3
+    # a valid header over missing pixels: admitted, then refused by the decode (a client error, not INTERNAL)
+    with pytest.raises(grpc.RpcError) as err:
+        s.stub.Generate(pb.GenerateRequest(inverted_latent=pb.InvertedLatent(image=png_header(64, 64))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("inverted_latent.image") and len(decodes) == 4
+
+
+# -- #14 TLS and auth cannot half-apply -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(d / "key.pem"),
+                    "-out", str(d / "cert.pem")], check=True, capture_output=True)
+    (d / "tokens.txt").write_text("# one token a line\ns3cret\n\n")
+    return d
+
+
+def test_half_a_tls_config_or_tokens_in_clear_refuse_to_start(tls_files, capsys):
+    from irece_cli.main import main
+    cert, key, tokens = (str(tls_files / n) for n in ("cert.pem", "key.pem", "tokens.txt"))
+    # checked before the model is loaded: these return at once
+    for argv, words in ((["--tls-cert", cert], ("tls_cert", "tls_key")), (["--tls-key", key], ("tls_key",)),
+                        (["--host", "0.0.0.0", "--auth-token-file", tokens], ("TLS", "--insecure"))):
+        assert main(["serve", "--port", "0", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("irece: error:") and all(w in err for w in words), err
+    with pytest.raises(ValueError, match="tls_key"):
+        Server(ServerConfig(tls_cert=cert, port=0))
+    # tokens without TLS: fine on loopback, or where the operator says --insecure; a token file must hold one
+    ServerConfig(auth_token_file=tokens).check_security()
+    ServerConfig(host="0.0.0.0", auth_token_file=tokens, insecure=True).check_security()
+    ServerConfig(host="0.0.0.0", auth_token_file=tokens, tls_cert=cert, tls_key=key).check_security()
+    for host in ("::1", "[::1]", "localhost", "127.0.0.2"):
+        ServerConfig(host=host, auth_tokens=["t"]).check_security()
+    (tls_files / "empty.txt").write_text("# no token\n\n")
+    with pytest.raises(ValueError, match="no token"):
+        ServerConfig(auth_token_file=str(tls_files / "empty.txt")).check_security()
+
+
+def test_tls_with_a_token_file_over_grpc(pipe, start_server, tls_files):
+    cert, key, tokens = (str(tls_files / n) for n in ("cert.pem", "key.pem", "tokens.txt"))
+    s = start_server(pipe, tls_cert=cert, tls_key=key, auth_token_file=tokens)
+    creds = grpc.ssl_channel_credentials((tls_files / "cert.pem").read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{s.server.port}", creds) as ch:
+        stub = pb_grpc.GenerationStub(ch)
+        s.decode(stub.Generate(text_req(steps=1), metadata=[("authorization", "Bearer s3cret")], timeout=60))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(text_req(steps=1), timeout=60)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:  # plaintext is not served
+        s.stub.Generate(text_req(steps=1), metadata=[("authorization", "Bearer s3cret")], timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# -- #14 IRECE fails closed ----------------------------------------------------------------------------------
+def latent_req(pipe, latent: np.ndarray) -> pb.GenerateRequest:
+    return pb.GenerateRequest(inverted_latent=pb.InvertedLatent(latent=tensor_to_wire(latent)),
+                              params=pb.GenerationParams(steps=STEPS))
+
+
+def test_overflowing_latents_and_embeddings_are_refused_and_irece_fails_closed(pipe, start_server):
+    """A finite but overflowing latent (x1e20) or embedding (3e38) used to be accepted, with a NaN concept map,
+    an empty mask and `intervened=false`. Validation now bounds them; past validation IRECE fails closed."""
+    latent = random_latent(pipe)[0].numpy()
+    d = pipe.backend.embed_dim
+    huge_vec = np.full((1, d), 3e38 / math.sqrt(d), np.float32)  # L2 norm 3e38: finite in float32
+    s = start_server(pipe)
+    for req, field in ((latent_req(pipe, latent * 1e20), "inverted_latent.latent.data"),
+                       (embedding_req(pipe, huge_vec), "embedding.embeddings[0].vectors.data")):
+        with pytest.raises(grpc.RpcError) as err:
+            s.stub.Generate(req)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(field)
+    assert s.stub.Generate(latent_req(pipe, latent * 100)).irece.intervened  # within bounds: served as usual
+    # with the range checks out of the way, IRECE itself refuses (nonfinite="error", the default) ...
+    unchecked = dict(max_latent_abs=math.inf, max_embedding_norm=math.inf)
+    s.server.service.limits = replace(s.server.service.limits, **unchecked)
+    for req in (latent_req(pipe, latent * 1e20), embedding_req(pipe, huge_vec)):
+        with pytest.raises(grpc.RpcError) as err:
+            s.stub.Generate(req)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "non-finite" in err.value.details()
+    # ... or masks the whole latent, by the operator's choice
+    full = start_server(pipe, nonfinite="full_mask")
+    full.server.service.limits = replace(full.server.service.limits, **unchecked)
+    resp = full.stub.Generate(latent_req(pipe, latent * 1e20))
+    assert resp.irece.intervened and resp.irece.mask_area == 1.0 and resp.irece.concepts[0].intervened
+    full.decode(resp)
+    assert requests_ended(s, "INTERNAL", "inverted_latent") == requests_ended(full, "INTERNAL", "inverted_latent") == 0
+
+
+# -- #14 errors name the field and the rule, echo no input and no policy ---------------------------------------
+def test_errors_echo_no_input_and_no_policy(pipe, start_server):
+    s = start_server(pipe, allowed_concepts=["circle"], tau=0.37)  # operator: erases "star" with tau 0.37
+    long = "x" * 100_000
+    oversized_dtype = embedding_req(pipe)
+    oversized_dtype.embedding.embeddings[0].vectors.dtype = long
+    many_dims = pb.GenerateRequest(inverted_latent=pb.InvertedLatent(latent=pb.Tensor(
+        dtype="float32", shape=[1] * 10_000, data=bytes(4))))
+    stricter_no = text_req()
+    stricter_no.irece.tau = 0.9
+    cases = [
+        # a 100 KB entry used to be echoed until gRPC refused the metadata (RESOURCE_EXHAUSTED)
+        (pb.GenerateRequest(text=pb.TextPrompt(prompt="x"), suppress_concepts=[long]), "suppress_concepts[0]",
+         grpc.StatusCode.INVALID_ARGUMENT),
+        # the unknown-concept error used to list the catalogue, the operator's erased concepts included
+        (pb.GenerateRequest(text=pb.TextPrompt(prompt="x"), suppress_concepts=["dragon"]), "suppress_concepts[0]",
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.GenerateRequest(text=pb.TextPrompt(prompt="x"), suppress_concepts=["circle"] * 17), "suppress_concepts",
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (oversized_dtype, "embedding.embeddings[0].vectors.dtype", grpc.StatusCode.INVALID_ARGUMENT),
+        (many_dims, "inverted_latent.latent.shape", grpc.StatusCode.INVALID_ARGUMENT),
+        # the tau error used to state the operator's tau
+        (stricter_no, "irece.tau", grpc.StatusCode.PERMISSION_DENIED),
+    ]
+    for req, field, code in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            s.stub.Generate(req)
+        details = err.value.details()
+        assert err.value.code() == code and details.startswith(f"{field}:"), details
+        assert len(details) < 200 and "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" not in details
+        assert not any(secret in details for secret in ("star", "circle", "0.37")), details
+
+
+class FailingPipe(HeldPipe):
+    """The pipeline, except that generation fails inside the engine with a message that names a file."""
+
+    def generate(self, req, cfg=None, callback=None):
+        raise RuntimeError("/srv/models/secret-erasure.safetensors: CUDA error: an illegal memory access")
+
+
+def test_internal_errors_carry_a_request_id_and_the_details_go_to_the_log(pipe, start_server, caplog):
+    s = start_server(FailingPipe(pipe))
+    with caplog.at_level(logging.ERROR, logger="irece.server"):
+        with pytest.raises(grpc.RpcError) as err:
+            s.stub.Generate(text_req(steps=1))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    details = err.value.details()
+    assert "/srv" not in details and "CUDA" not in details
+    rid = re.search(r"request id ([0-9a-f]{12})", details).group(1)
+    logged = [r for r in caplog.records if rid in r.getMessage()]
+    assert logged and "secret-erasure.safetensors" in str(logged[0].exc_info[1])
+
+
+# -- #14 the fuzz campaign ---------------------------------------------------------------------------------------
+# The status codes the service documents (protos/irece/v1/generation.proto); which ones a call may end with
+# depends on how it was sent.
+ANSWERS = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED}
+CONCURRENT = ANSWERS | {grpc.StatusCode.RESOURCE_EXHAUSTED}
+WITH_DEADLINE = CONCURRENT | {grpc.StatusCode.DEADLINE_EXCEEDED}
+CANCELLED = WITH_DEADLINE | {grpc.StatusCode.CANCELLED}
+FUZZ_REQUESTS = 2000
+
+# Each field is drawn from valid values or from anything (half of the requests lean valid, so that generation runs
+# often); valid sizes are the smallest ones and valid steps few, so that a valid request costs ~50 ms on one core.
+SIDES = st.sampled_from([2, 2, 2, 3, 0, 4])  # in units of twice the VAE factor (8 px for the mini world); 0: default
+STEPS_ST = st.sampled_from([1, 1, 1, 1, 2, 0])  # 0: the server's default (4 here)
+GUIDANCE = st.sampled_from([0.0, 1.0, 5.0, 7.5])
+BAD_SIDES = st.sampled_from([7, 33, 100_000, 2**32 - 1])  # pixels
+ANY_STEPS = st.one_of(STEPS_ST, st.sampled_from([101, 2**32 - 1]))
+ANY_GUIDANCE = st.one_of(GUIDANCE, st.floats(width=32))
+TEXT = st.one_of(st.sampled_from(["", "a red star", "a circle on a black background"]), st.text(max_size=40))
+ANY_TEXT = st.one_of(TEXT, st.sampled_from(["\x00", "x" * 2001]))
+CONCEPTS = st.sampled_from(["star", "circle", "moon"])
+ANY_CONCEPT = st.one_of(CONCEPTS, st.sampled_from(["dragon", "", "x" * 5000]), st.text(max_size=12))
+
+
+@st.composite
+def fuzz_tensor(draw, shapes: list[list[int]], valid: bool) -> pb.Tensor:
+    kinds = ["valid"] if valid else ["valid", "scaled", "shape", "length", "dtype"]
+    kind = draw(st.sampled_from(kinds))
+    if kind in ("valid", "scaled", "length"):
+        shape = draw(st.sampled_from(shapes))
+        dtype = draw(st.sampled_from(["float32", "float16"]))
+        arr = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).standard_normal(shape)
+        if kind == "scaled":
+            arr = arr * draw(st.sampled_from([1e2, 1e4, 1e20, 3e38, math.inf, math.nan]))
+        with np.errstate(all="ignore"):
+            data = arr.astype("<f4" if dtype == "float32" else "<f2").tobytes()
+        if kind == "length":
+            data = data[:draw(st.integers(0, len(data) - 1))]
+        return pb.Tensor(dtype=dtype, shape=shape, data=data)
+    if kind == "shape":
+        return pb.Tensor(dtype="float32", shape=draw(st.lists(st.integers(-2, 70), max_size=6)),
+                         data=draw(st.binary(max_size=256)))
+    return pb.Tensor(dtype=draw(st.one_of(st.sampled_from(["int8", "float64", "", "FLOAT32"]), st.text(max_size=8))),
+                     shape=draw(st.sampled_from(shapes)), data=draw(st.binary(max_size=64)))
+
+
+@st.composite
+def fuzz_image(draw, images: list[bytes], valid: bool) -> bytes:
+    good = draw(st.sampled_from(images))
+    kind = "valid" if valid else draw(st.sampled_from(["valid", "truncated", "flipped", "random", "header", "empty"]))
+    if kind == "truncated":
+        return good[:draw(st.integers(0, len(good) - 1))]
+    if kind == "flipped":
+        i = draw(st.integers(0, len(good) - 1))
+        return good[:i] + bytes([good[i] ^ draw(st.integers(1, 255))]) + good[i + 1:]
+    if kind == "random":
+        return draw(st.binary(max_size=300))
+    if kind == "header":
+        return png_header(draw(st.sampled_from([1, 64, 4096, 5000, 2**31 - 1])), draw(st.sampled_from([1, 64, 4096])))
+    return b"" if kind == "empty" else good
+
+
+@st.composite
+def fuzz_request(draw, pipe, images: list[bytes]) -> pb.GenerateRequest:
+    """Every field of GenerateRequest and every modality, valid and not."""
+    valid = draw(st.booleans())
+    pick = (lambda ok, anything: draw(ok)) if valid else (lambda ok, anything: draw(anything))
+    d, c, n = pipe.backend.embed_dim, pipe.backend.latent_channels, pipe.sample_size
+    sides = SIDES.map(lambda k: k * 2 * pipe.backend.vae_scale_factor)
+    any_side = st.one_of(sides, BAD_SIDES)
+    msg = pb.GenerateRequest(params=pb.GenerationParams(
+        steps=pick(STEPS_ST, ANY_STEPS), guidance=pick(GUIDANCE, ANY_GUIDANCE), seed=draw(st.integers(0, 2**64 - 1)),
+        negative_prompt=pick(TEXT, ANY_TEXT) if draw(st.booleans()) else "",
+        height=pick(sides, any_side), width=pick(sides, any_side)))
+    kind = draw(st.sampled_from(["text", "embedding", "image", "latent"] + ([] if valid else ["none"])))
+    if kind == "text":
+        msg.text.prompt = pick(TEXT, ANY_TEXT)
+    elif kind == "embedding":
+        tokens = draw(st.lists(st.sampled_from(["<s>", "<t>", "<u>"]), min_size=1, max_size=3, unique=True)) if valid \
+            else draw(st.lists(st.one_of(st.sampled_from(["<s>", "<s>x", " ", "", "x" * 70]), st.text(max_size=6)),
+                               max_size=3))
+        msg.embedding.prompt = " and ".join(f"a {t}" for t in tokens if valid or draw(st.booleans())) + \
+            pick(TEXT, ANY_TEXT)
+        shapes = [[d], [1, d], [2, d]] + ([] if valid else [[1, d + 1]])
+        for t in tokens:
+            msg.embedding.embeddings.add(token=t, vectors=draw(fuzz_tensor(shapes, valid)))
+    else:
+        inv = msg.inverted_latent
+        inv.prompt, inv.inversion_prompt = pick(TEXT, ANY_TEXT), pick(TEXT, ANY_TEXT)
+        inv.invert_with = pick(st.sampled_from([0, 1, 2]), st.sampled_from([0, 1, 2, 7]))  # 7: none (proto3: open)
+        # latents and images at half the native size (the cheapest), at the native size, or as drawn
+        msg.params.height = msg.params.width = draw(st.sampled_from([n * pipe.backend.vae_scale_factor // 2, 0]))
+        if not valid and draw(st.booleans()):
+            msg.params.height, msg.params.width = draw(any_side), draw(any_side)
+        h = min(msg.params.height // pipe.backend.vae_scale_factor, n) or n  # a latent the test can afford to make
+        if kind == "image":
+            inv.image = draw(fuzz_image(images, valid))
+        else:
+            shapes = [[c, h, h], [1, c, h, h]] + ([] if valid else [[c, n, 2 * n], [c + 1, h, h]])
+            inv.latent.CopyFrom(draw(fuzz_tensor(shapes, valid)))
+    if draw(st.booleans()):
+        msg.suppress_concepts.extend(draw(st.lists(CONCEPTS if valid else ANY_CONCEPT, max_size=3)))
+    if draw(st.booleans()):
+        msg.irece.disable = False if valid else draw(st.booleans())
+        if draw(st.booleans()):
+            msg.irece.tau = pick(st.sampled_from([0.0, 0.2, 0.4]),
+                                 st.one_of(st.sampled_from([0.9, -1.0, 2.0]), st.floats(width=32)))
+    return msg
+
+
+def test_fuzz_campaign(served, pipe):
+    """At least 2,000 generated requests over every field and modality, in batches sent one by one or all at once,
+    some with tight deadlines or cancelled: every call ends with a documented status code, the server stays up,
+    and a control request after every batch returns the image it returned before (the pipeline's own)."""
+    from hypothesis import HealthCheck
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+
+    s = served
+    side = s.side
+    images = [png_bytes(model_image(pipe, "star")), png_bytes(np.zeros((8, 8, 3), np.uint8))]
+    for mode, size, fmt in (("L", (40, 24), "PNG"), ("RGBA", (16, 16), "PNG"), ("P", (33, 17), "PNG"),
+                            ("RGB", (side, side), "JPEG"), ("I;16", (12, 12), "PNG")):
+        buf = io.BytesIO()
+        Image.new(mode, size).save(buf, format=fmt)
+        images.append(buf.getvalue())
+    small = 4 * pipe.backend.vae_scale_factor  # the smallest size the UNet takes (16 px for the mini world)
+    control = text_req(seed=5, steps=1, height=small, width=small)
+    want = pipe.generate(Request(prompt="a red circle on a black background", seed=5, steps=1, height=small,
+                                 width=small),
+                         s.server.service.operator).uint8()[0]
+    tally = {"requests": 0, "batches": 0, "codes": {}}
+
+    def ended(code: grpc.StatusCode, allowed: set, req) -> None:
+        assert code in allowed, f"{code.name} for {req}"
+        tally["requests"] += 1
+        tally["codes"][code.name] = tally["codes"].get(code.name, 0) + 1
+
+    def outcome(call) -> grpc.StatusCode:
+        try:
+            resp = call()
+        except grpc.FutureCancelledError:  # cancelled by this side before an answer came
+            return grpc.StatusCode.CANCELLED
+        except grpc.RpcError as exc:
+            return exc.code()
+        Image.open(io.BytesIO(resp.png)).verify()  # every OK answer carries a PNG
+        return grpc.StatusCode.OK
+
+    requests_ = fuzz_request(pipe, images)
+
+    class Campaign(RuleBasedStateMachine):
+        @rule(batch=st.lists(requests_, min_size=3, max_size=16))
+        def one_by_one(self, batch):
+            for req in batch:
+                ended(outcome(lambda: s.stub.Generate(req, timeout=120)), ANSWERS, req)
+
+        @rule(batch=st.lists(requests_, min_size=3, max_size=12))
+        def all_at_once(self, batch):  # past capacity (1 worker + 2 queued): RESOURCE_EXHAUSTED
+            futures = [s.stub.Generate.future(req, timeout=120) for req in batch]
+            for req, f in zip(batch, futures):
+                ended(outcome(f.result), CONCURRENT, req)
+
+        @rule(batch=st.lists(st.tuples(requests_, st.sampled_from([0.001, 0.02, 0.1])), min_size=1, max_size=6),
+              cancel=st.booleans())
+        def deadlines_and_cancels(self, batch, cancel):
+            futures = [s.stub.Generate.future(req, timeout=t) for req, t in batch]
+            if cancel:
+                for f in futures:
+                    f.cancel()
+            for (req, _), f in zip(batch, futures):
+                ended(outcome(f.result), CANCELLED if cancel else WITH_DEADLINE, req)
+
+        @invariant()
+        def control_returns_the_same_image(self):
+            # abandoned work (deadlines, cancels) stops at its next check: wait for it, then the slot is free
+            wait_until(lambda: gauge(s, "irece_inflight_requests") == gauge(s, "irece_queue_depth") == 0,
+                       "the server to be idle", 30)
+            assert np.array_equal(s.decode(s.stub.Generate(control, timeout=60), size=(small, small)), want)
+            tally["batches"] += 1
+
+    t0 = time.monotonic()
+    run_state_machine_as_test(Campaign, settings=settings(
+        max_examples=55, stateful_step_count=10, deadline=None, database=None,
+        suppress_health_check=list(HealthCheck)))
+    wall = time.monotonic() - t0
+    print(f"\nfuzz campaign: {tally['requests']} requests in {tally['batches']} batches, {wall:.0f} s; "
+          f"codes {dict(sorted(tally['codes'].items()))}")
+    assert tally["requests"] >= FUZZ_REQUESTS
+    assert requests_ended(s, "INTERNAL", "text") == requests_ended(s, "INTERNAL", "embedding") == 0
+    assert requests_ended(s, "INTERNAL", "inverted_latent") == requests_ended(s, "INTERNAL", "none") == 0

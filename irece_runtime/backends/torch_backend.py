@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checkpoints
 from ..components import build_components
 from . import BackendLimits, check_model
 
@@ -23,6 +24,8 @@ class TorchBackend:
         self.embed_dim, self.latent_channels = cfg["embed_dim"], cfg["latent_channels"]
         self.vae_scale_factor, self.scaling_factor = cfg["vae_scale_factor"], cfg["scaling_factor"]
         self.limits = BackendLimits()  # any batch, any latent size the UNet's downsampling divides
+        for m in (*self.unets.values(), self.vae):  # stop points between blocks (time limits, cancellation)
+            checkpoints.install(m)
 
     @torch.no_grad()
     def embed_tokens(self, input_ids):
