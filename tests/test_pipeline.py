@@ -54,8 +54,9 @@ def test_irece_fails_closed_on_non_finite_values(pipe, monkeypatch):
     full = pipe.generate(Request(init_latent=latent, steps=4), IreceConfig(concepts=("star",), nonfinite="full_mask"))
     assert full.irece.intervened and full.irece.mask_area == 1.0 and np.isfinite(full.images).all()
     # a finite latent whose concept map is not (an engine overflowing, fp16): both gates fail closed too
-    real = pipe.backend.concept_map
+    real, real_gate = pipe.backend.concept_map, pipe.backend.gate
     monkeypatch.setattr(pipe.backend, "concept_map", lambda *a: real(*a) * float("nan"))
+    monkeypatch.setattr(pipe.backend, "gate", lambda *a: tuple(o * float("nan") for o in real_gate(*a)))
     req = Request(prompt="a star", seed=1, steps=4)
     for gate in ("off", "contrastive"):
         with pytest.raises(NonFiniteError, match="concept map"):
