@@ -202,7 +202,7 @@ def train_unet(work: Path, vae, steps: int, batch: int, n_data: int, seed: int, 
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
-    return unet.eval(), text_encoder.eval(), tokenizer, scaling
+    return unet.eval(), text_encoder.eval(), tokenizer, scaling, (mean, std, prompts, regions)
 
 
 MAX_SHAPES = 3
