@@ -246,11 +246,55 @@ def identity_loss(maps: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) 
     return -(logp * target).sum() / target.sum().clamp_min(1)
 
 
+def contrast_prompts(tokenizer, g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n localization prompts listing all ten concepts in random orders ("a moon and a star and ..."), as IRECE's
+    contrastive gate builds them: token ids (n, 77) and each concept's token position (n, 10)."""
+    ids, pos = [], []
+    word = {c: tokenizer(c, add_special_tokens=False).input_ids for c in shapes.CONCEPTS}
+    for _ in range(n):
+        order = [shapes.CONCEPTS[k] for k in torch.randperm(len(shapes.CONCEPTS), generator=g).tolist()]
+        row = tokenizer(" and ".join(f"a {c}" for c in order), padding="max_length", max_length=77,
+                        truncation=True).input_ids
+        ids.append(row)
+        pos.append([row.index(word[c][0]) for c in shapes.CONCEPTS])  # one token per Shapes-10 word
+    return torch.tensor(ids), torch.tensor(pos)
+
+
+def contrast_loss(queries: list, attn_layers: list, contrast_hidden: torch.Tensor, pos: torch.Tensor,
+                  regions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Inside each drawn shape, the localization prompt's word for that shape should win the softmax among the
+    ten concept words (the share IRECE's gate scores; an absent concept's word should win nowhere): per layer and
+    head, cross-entropy of the concept words' attention logits, target the shape drawn at the pixel.
+    queries: each cross-attention layer's input (B, hw, C); regions (B, 10, side, side) bool, one per concept."""
+    if len(queries) != len(attn_layers):
+        raise RuntimeError(f"expected one query input per cross-attention layer, got {len(queries)}")
+    total, count = 0.0, 0
+    b = contrast_hidden.shape[0]
+    for attn, h in zip(attn_layers, queries):
+        heads = attn.heads
+        q = attn.to_q(h)
+        k = attn.to_k(contrast_hidden)
+        d = q.shape[-1] // heads
+        k = k.gather(1, pos[:, :, None].expand(-1, -1, k.shape[-1]))  # (B, 10, C): the concept words' keys
+        q = q.view(b, -1, heads, d).transpose(1, 2)  # (B, heads, hw, d)
+        k = k.view(b, -1, heads, d).transpose(1, 2)  # (B, heads, 10, d)
+        logits = (q @ k.transpose(-1, -2)) * attn.scale  # (B, heads, hw, 10)
+        side = int(round(h.shape[1] ** 0.5))
+        reg = F.interpolate(regions.float(), size=(side, side), mode="nearest").flatten(2).transpose(1, 2)  # (B, hw, 10)
+        inside = (reg.sum(2) > 0) & valid[:, None]  # pixels of a drawn shape
+        logp = logits.log_softmax(-1)
+        nll = -(logp * reg[:, None]).sum(-1)  # (B, heads, hw)
+        total = total + (nll * inside[:, None]).sum() / heads
+        count += int(inside.sum())
+    return total / max(count, 1)
+
+
 def ground_unet(work: Path, unet, text_encoder, tokenizer, data: tuple, scaling: float, steps: int, batch: int,
                 seed: int, lr: float = 2e-4, weight: float = 0.2, max_t: int = 800,
-                ema_decay: float = 0.999, checkpoint_every: int = 100):
+                ema_decay: float = 0.99, checkpoint_every: int = 100):
     """Stage 2 of the UNet: the denoising loss plus a grounding loss on the cross-attention of each named shape
-    (weight x (TokenCompose's token loss + an identity loss between the named shapes), at timesteps < max_t
+    (weight x (TokenCompose's token loss + an identity loss between the named shapes + a contrast loss: in a
+    prompt listing all ten concepts, the drawn shape's word wins each of its pixels), at timesteps < max_t
     where x_t still shows the layout). Denoising alone
     leaves this tiny model's cross-attention flat (every token ~1/77 of every pixel's attention: the caption
     acts as one global vector), so its shape words point nowhere; a real SD's cross-attention localizes the
@@ -266,6 +310,15 @@ def ground_unet(work: Path, unet, text_encoder, tokenizer, data: tuple, scaling:
     tw, tm = grounding_targets(tokenizer, ids, regions, side)
     noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items() if k != "set_alpha_to_one"})
     localizer = Localizer(unet)  # all cross-attention layers, as IRECE localizes by default
+    attn_layers = [unet.get_submodule(n.removesuffix(".processor")) for n in localizer.layer_names]
+    queries: list = []
+    for a in attn_layers:  # keep each cross-attention layer's input: its queries, for the contrast loss
+        a.register_forward_pre_hook(lambda mod, args: queries.append(args[0]))
+    # per scene, which concept is drawn where: (N, 10, side, side)
+    regions10 = torch.zeros(len(regions), len(shapes.CONCEPTS), side, side, dtype=torch.bool)
+    for i, reg in enumerate(regions):
+        for j, c in enumerate(reg):
+            regions10[i, shapes.CONCEPTS.index(c)] = tm[i, j]
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -288,13 +341,18 @@ def ground_unet(work: Path, unet, text_encoder, tokenizer, data: tuple, scaling:
         t = torch.randint(0, 1000, (batch,), generator=g)
         noise = torch.randn(z.shape, generator=g)
         cond = text_encoder(tok).last_hidden_state
+        cids, cpos = contrast_prompts(tokenizer, g, batch)
+        contrast_hidden = text_encoder(cids).last_hidden_state
+        queries.clear()
         localizer.store.token_weights, localizer.store.maps = tw[idx], []
         pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
         maps = aggregate(localizer.store.maps, side)
         localizer.store.token_weights, localizer.store.maps = None, []
         valid = (tw[idx].sum(2) > 0) & ~dropped[:, None] & (t < max_t)[:, None]
         denoise = F.mse_loss(pred, noise)
-        ground = grounding_loss(maps, tm[idx], valid.float()) + identity_loss(maps, tm[idx], valid)
+        ground = grounding_loss(maps, tm[idx], valid.float()) + identity_loss(maps, tm[idx], valid) + \
+            contrast_loss(queries, attn_layers, contrast_hidden, cpos, regions10[idx], t < max_t)
+        queries.clear()
         loss = denoise + weight * ground
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50)
@@ -389,7 +447,7 @@ def train_world(out: Path, judge_out: Path, work: Path, quick: bool = False, see
         cfg = dict(vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, n_data=64, ground_steps=2,
                    judge_steps=3, judge_batch=22)
     else:
-        cfg = dict(vae_steps=2000, vae_batch=32, unet_steps=4500, unet_batch=64, n_data=60000, ground_steps=1000,
+        cfg = dict(vae_steps=2000, vae_batch=32, unet_steps=4500, unet_batch=64, n_data=60000, ground_steps=800,
                    judge_steps=2000, judge_batch=128)
     if unet_steps:  # a larger value than a finished run's continues it from its checkpoint (warm restart)
         cfg["unet_steps"] = unet_steps
