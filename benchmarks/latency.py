@@ -65,30 +65,38 @@ def _pipe(model_dir, erased, backend, kw):
 
 
 def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, graphs_dir: str | None = None,
-            concept: str = "star", steps: int = 25, n: int = 10, warmup: int = 2, modality: str = "text") -> dict:
+            concept: str = "star", steps: int = 25, n: int = 10, warmup: int = 2, modality: str = "text",
+            threshold: float | None = None) -> dict:
+    """p50/p95, throughput and peak memory with IRECE off, as the paper runs it ("paper": always intervening) and
+    behind the presence gate ("gated"), interleaved per request; ratios on/off and gated/paper per backend."""
     from miniworld.shapes import render
-    cfg = IreceConfig(concepts=(concept,))
+    d = IreceConfig.defaults()
+    settings = {"off": None, "paper": IreceConfig(concepts=(concept,)),
+                "gated": IreceConfig(concepts=(concept,), gate="contrastive",
+                                     threshold=d.threshold if threshold is None else threshold)}
+    cfg = settings["paper"]
     rows, overhead = [], {}
     req_of = {"text": lambda s: Request(prompt=f"a red {concept} on a black background", steps=steps, seed=s),
               "inverted_latent": lambda s: Request(init_image=render(concept, seed=s).image, steps=steps, seed=s)}
     for backend, kw in available_backends(graphs_dir):
         pipe = _pipe(model_dir, erased, backend, kw)
         for s in range(warmup):
-            pipe.generate(req_of[modality](s), cfg)
-            pipe.generate(req_of[modality](s))
-        lat = {False: [], True: []}
-        stage = {False: [], True: []}
+            for c in settings.values():
+                pipe.generate(req_of[modality](s), c)
+        lat = {k: [] for k in settings}
+        stage = {k: [] for k in settings}
         peaks = {}
-        for irece_on in (False, True):
+        for k, c in settings.items():
             with PeakRSS() as mem:  # memory per setting (its own pass), latency interleaved below
-                pipe.generate(req_of[modality](0), cfg if irece_on else None)
-            peaks[irece_on] = mem
+                pipe.generate(req_of[modality](0), c)
+            peaks[k] = mem
+        order = list(settings)
         for s in range(n):
-            for irece_on in ((False, True) if s % 2 == 0 else (True, False)):
+            for k in (order if s % 2 == 0 else order[::-1]):
                 t0 = time.perf_counter()
-                res = pipe.generate(req_of[modality](s), cfg if irece_on else None)
-                lat[irece_on].append(time.perf_counter() - t0)
-                stage[irece_on].append(res.timings)
+                res = pipe.generate(req_of[modality](s), settings[k])
+                lat[k].append(time.perf_counter() - t0)
+                stage[k].append(res.timings)
         # the floor: one localizer pass against the UNet calls of a request (CFG: `steps` calls at batch 2)
         e = pipe.backend
         x = torch.randn(1, e.latent_channels, pipe.sample_size, pipe.sample_size).to(e.device)
@@ -103,18 +111,20 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
             e.concept_map(x, t, h, w)
             loc_t.append(time.perf_counter() - t0)
         floor = np.median(loc_t) / (steps * np.median(unet_t))
-        for irece_on in (False, True):
-            ms = np.array(lat[irece_on]) * 1000
-            rows.append({"backend": backend, "irece": irece_on, "modality": modality, "steps": steps,
+        for k in settings:
+            ms = np.array(lat[k]) * 1000
+            rows.append({"backend": backend, "irece": k, "modality": modality, "steps": steps,
                          "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-                         "throughput_rps": float(1000 / ms.mean()), "peak_mem_mb": peaks[irece_on].peak_mb,
-                         "gpu_peak_mem_mb": peaks[irece_on].gpu_peak_mb, "n": n})
-        off, on = rows[-2], rows[-1]
-        overhead[backend] = {"p50_ratio_on_off": on["p50_ms"] / off["p50_ms"],
+                         "throughput_rps": float(1000 / ms.mean()), "peak_mem_mb": peaks[k].peak_mb,
+                         "gpu_peak_mem_mb": peaks[k].gpu_peak_mb, "n": n})
+        p50 = {r["irece"]: r["p50_ms"] for r in rows[-len(settings):]}
+        overhead[backend] = {"p50_ratio_on_off": p50["paper"] / p50["off"],
+                             "p50_ratio_gated_off": p50["gated"] / p50["off"],
+                             "p50_ratio_gated_paper": p50["gated"] / p50["paper"],
                              "localizer_over_unet_step": float(np.median(loc_t) / np.median(unet_t)),
                              "floor_ratio": float(1 + floor),
                              "localization_share_of_request": float(np.mean(
-                                 [st.get("localization", 0) / sum(st.values()) for st in stage[True]]))}
+                                 [st.get("localization", 0) / sum(st.values()) for st in stage["paper"]]))}
     return {"rows": rows, "overhead": overhead, "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
