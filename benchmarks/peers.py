@@ -96,9 +96,9 @@ def diffusers_folder(model_dir: Path, erased: Path | None) -> Path:
 def our_engines(model_dir: Path, erased: Path | None) -> Path:
     """Our ONNX export of the model (+ erased UNet), built once and cached by content."""
     from export.onnx_export import export_onnx
-    from irece_runtime.backends.graph import MANIFEST
+    from irece_runtime.backends.graph import FORMAT, MANIFEST
     out = cache.key("peers-engines", model=cache.model_fingerprint(str(model_dir)),
-                    erased=erased and cache.model_fingerprint(str(erased)))
+                    erased=erased and cache.model_fingerprint(str(erased)), format=FORMAT)  # a new format re-exports
     if not (out / MANIFEST).exists():
         export_onnx(model_dir, erased, out)
     return out
