@@ -4,8 +4,9 @@
 2. erase one concept with UCE, attack it by white-box DDIM inversion, and let IRECE suppress it again: as the
    paper does it (always re-noising) and behind the presence gate (threshold calibrated here, on renders the
    benchmarks never use), which also leaves benign requests (another concept) bit-identical;
-3. serve the erased model over gRPC (`irece serve --gate contrastive`), send one request per modality for the
-   erased concept and one benign request, and print each IRECE report and the Prometheus metrics.
+3. serve the erased model over gRPC (`irece serve`, the paper's IRECE: the gate is not yet reliable on the
+   committed world, BENCHMARKS.md), send one request per modality for the erased concept and one benign request,
+   and print each IRECE report and the Prometheus metrics.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     epipe = load_pipeline(DEFAULT_MODEL, erased)
     cal = calibrate_gate(DEFAULT_MODEL, n=40, steps=25, max_fpr=0.03)
     threshold = cal["threshold"]
-    print(f"     presence threshold {threshold:.3f} (calibrated on 40 scenes: {cal['rule']})", flush=True)
+    print(f"     presence threshold {threshold:.3f} (calibrated on 40 scenes: {cal['rule']}); on this world the gate "
+          f"cannot see the concept yet (concept words do not bind to regions; BENCHMARKS.md)", flush=True)
     paper, gated = IreceConfig(concepts=(concept,)), IreceConfig(concepts=(concept,), gate="contrastive",
                                                                  threshold=threshold)
     text, _ = gen.from_prompts(epipe, [f"an image of a {concept}"] * n_attack, list(range(n_attack)), None)
@@ -101,7 +103,7 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     summary["crr"], summary["benign_untouched"], summary["threshold"] = crr, untouched, threshold
 
     print("3/3  gRPC server with IRECE on the erased model: one request per modality", flush=True)
-    summary["server"] = serve_and_call(erased, concept, out, refs[0], epipe, threshold, benign)
+    summary["server"] = serve_and_call(erased, concept, out, refs[0], epipe, benign)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"outputs in {out}: grid.png (standard model), irece.png (references / attacked / paper IRECE / gated mask / gated IRECE), "
@@ -109,8 +111,7 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     return summary
 
 
-def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray, pipe, threshold: float,
-                   benign: str) -> dict:
+def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray, pipe, benign: str) -> dict:
     import grpc
     import torch
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -123,8 +124,7 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
 
     port, metrics_port = _free_port(), _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "irece_cli.main", "serve", "--model", str(DEFAULT_MODEL),
-                             "--erased", str(erased), "--concept", concept, "--gate", "contrastive",
-                             "--threshold", str(threshold), "--port", str(port),
+                             "--erased", str(erased), "--concept", concept, "--port", str(port),
                              "--metrics-port", str(metrics_port)])
     try:
         target = f"127.0.0.1:{port}"
@@ -155,8 +155,9 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
                 (out / f"server_{modality}.png").write_bytes(resp.png)
                 reports[modality] = report.to_dict(resp.irece)
                 c = resp.irece.concepts[0]
-                print(f"     {modality:16s} intervened={resp.irece.intervened} mask_area={resp.irece.mask_area:.2f} "
-                      f"presence {c.score:.2f} vs threshold {c.threshold:.2f}", flush=True)
+                gate = f" presence {c.score:.2f} vs threshold {c.threshold:.2f}" if c.score == c.score else ""
+                print(f"     {modality:16s} intervened={resp.irece.intervened} mask_area={resp.irece.mask_area:.2f}"
+                      f"{gate}", flush=True)
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
         shown = {}
         for fam in text_string_to_metric_families(body):
