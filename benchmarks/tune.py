@@ -37,13 +37,13 @@ def evaluate(pipe, judge, model_dir, erased, concept, s: BenchSettings, tau, t_s
     return crr, float(np.mean([a == b for a, b in zip(labels, want)]))
 
 
-def calibrate_gate(model_dir, n: int, steps: int, max_fpr: float) -> dict:
+def calibrate_gate(pipe, n: int, steps: int, max_fpr: float) -> dict:
     """The contrastive gate's presence threshold(s), from the presence benchmark's calibration split only (text
     prompts and inverted renders of 1-2 shapes, seeds the held-out figures never use)."""
     from . import presence
     d = IreceConfig.defaults()
     cfg = IreceConfig(gate="contrastive", tau=d.tau, t_star=d.t_star)
-    rows = presence.score_splits(load_pipeline(model_dir), n, steps, 5.0, cfg,
+    rows = presence.score_splits(pipe, n, steps, 5.0, cfg,
                                  splits=(("calibration", presence.CALIBRATION_SEED),))["calibration"]
     return presence.calibrate(rows, max_fpr)
 
@@ -58,7 +58,7 @@ def tune(model_dir: str = str(DEFAULT_MODEL), method: str = "uce", concepts=shap
     out = {"method": method, "grid": {"t_star": list(t_stars), "tau": list(taus)}, "concepts": {}, "gate": gate}
     thresholds: dict = {}
     if gate == "contrastive":
-        out["calibration"] = cal = calibrate_gate(model_dir, n_calibration, s.steps, max_fpr)
+        out["calibration"] = cal = calibrate_gate(load_pipeline(model_dir), n_calibration, s.steps, max_fpr)
         log(f"presence threshold {cal['threshold']:.3f} ({cal['rule']}); per concept: "
             + ", ".join(f"{c} {t:.3f}" for c, t in cal["per_concept"].items()))
         thresholds = {c: cal["per_concept"].get(c, cal["threshold"]) for c in concepts}

@@ -69,7 +69,7 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     erased = out / f"uce-{concept}"
     erase("uce", DEFAULT_MODEL, concept, erased, prompts=erase_prompts)  # the mini world's phrasings
     epipe = load_pipeline(DEFAULT_MODEL, erased)
-    cal = calibrate_gate(DEFAULT_MODEL, n=40, steps=25, max_fpr=0.03)
+    cal = calibrate_gate(pipe, n=40, steps=25, max_fpr=0.03)  # the standard model, loaded in step 1
     threshold = cal["threshold"]
     print(f"     presence threshold {threshold:.3f} (calibrated on 40 scenes: {cal['rule']}); on this world the gate "
           f"cannot see the concept yet (concept words do not bind to regions; BENCHMARKS.md)", flush=True)

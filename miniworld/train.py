@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from irece_runtime.images import to_tensor
+from irece_runtime.irece import aggregate_maps, token_weights
 
 from . import shapes
 from .assets import TOKENIZER_DIR
@@ -89,6 +90,46 @@ def _save_stage(path: Path, tensors: dict, meta: dict):
               metadata={k: json.dumps(v) for k, v in meta.items()})
 
 
+class Trained:
+    """Parameters trained together, their exponential moving average and a resumable checkpoint (our own
+    safetensors file: weights p{i}, averages ema{i}, step)."""
+
+    def __init__(self, params: list, ckpt: Path):
+        self.params, self.ckpt = params, ckpt
+        self.ema = [p.detach().clone() for p in params]
+        self.start = 0
+        if ckpt.exists():
+            state = load_file(str(ckpt))
+            for i, p in enumerate(params):
+                p.data.copy_(state[f"p{i}"])
+                self.ema[i].copy_(state[f"ema{i}"])
+            self.start = int(state["step"].item())
+
+    def update(self, opt, loss: torch.Tensor, ema_decay: float) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(self.ema, self.params):
+                e.lerp_(p.detach(), 1 - ema_decay)
+
+    def save(self, step: int) -> None:
+        state = {f"p{i}": p for i, p in enumerate(self.params)} | {f"ema{i}": e for i, e in enumerate(self.ema)}
+        state["step"] = torch.tensor(step)
+        _save_stage(self.ckpt, state, {})
+
+    @torch.no_grad()
+    def use_ema(self) -> None:
+        for e, p in zip(self.ema, self.params):
+            p.copy_(e)
+
+
+def noise_scheduler():
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items() if k != "set_alpha_to_one"})
+
+
 def text_encoder_sd_layout(text_encoder_dir: Path) -> None:
     """Rewrite a saved CLIPTextModel checkpoint with SD v1.4's `text_model.` key prefix. transformers 5 saves a
     fresh model without it and reads both; transformers 4 (diffusers' and optimum's older stacks) silently
@@ -140,7 +181,6 @@ def encode_latents(vae, images: np.ndarray, batch: int = 512):
 
 def train_unet(work: Path, vae, steps: int, batch: int, n_data: int, seed: int, lr: float = 5e-4,
                ema_decay: float = 0.999, checkpoint_every: int = 200):
-    from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
     _, unet, text_encoder = build_models()
@@ -151,19 +191,11 @@ def train_unet(work: Path, vae, steps: int, batch: int, n_data: int, seed: int, 
     scaling = float(1.0 / mean.std())
     ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     null_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items() if k != "set_alpha_to_one"})
+    noise_sched = noise_scheduler()
 
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    ema = [p.detach().clone() for p in params]
-    start = 0
-    ckpt = work / "unet_ckpt.safetensors"
-    if ckpt.exists():
-        state = load_file(str(ckpt))
-        for i, p in enumerate(params):
-            p.data.copy_(state[f"p{i}"])
-            ema[i].copy_(state[f"ema{i}"])
-        start = int(state["step"].item())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    w = Trained(list(unet.parameters()) + list(text_encoder.parameters()), work / "unet_ckpt.safetensors")
+    start = w.start
+    opt = torch.optim.AdamW(w.params, lr=lr, weight_decay=1e-2)
     warmup = max(1, min(200, steps // 10))
 
     def lr_at(step):  # linear warm-up, cosine decay to 10%
@@ -186,23 +218,12 @@ def train_unet(work: Path, vae, steps: int, batch: int, n_data: int, seed: int, 
         loss = F.mse_loss(pred, noise)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - d)
+        w.update(opt, loss, min(ema_decay, (1 + step) / (10 + step)))
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            state = {f"p{i}": p for i, p in enumerate(params)} | {f"ema{i}": e for i, e in enumerate(ema)}
-            state["step"] = torch.tensor(step + 1)
-            _save_stage(ckpt, state, {})
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
-    return unet.eval(), text_encoder.eval(), tokenizer, scaling, (mean, std, prompts, regions)
+            w.save(step + 1)
+    w.use_ema()
+    return unet.eval(), text_encoder.eval(), tokenizer, scaling, (mean, std, ids, regions)
 
 
 MAX_SHAPES = 3
@@ -211,7 +232,6 @@ MAX_SHAPES = 3
 def grounding_targets(tokenizer, ids: torch.Tensor, regions: list, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per caption, up to MAX_SHAPES (token weights (77,), latent-resolution mask) pairs: each named shape's
     word tokens and where the renderer drew it. Returns weights (N, S, 77) and masks (N, S, side, side)."""
-    from irece_runtime.irece import token_weights
     n = len(regions)
     w = torch.zeros(n, MAX_SHAPES, ids.shape[1])
     m = torch.zeros(n, MAX_SHAPES, side, side, dtype=torch.bool)
@@ -299,16 +319,14 @@ def ground_unet(work: Path, unet, text_encoder, tokenizer, data: tuple, scaling:
     leaves this tiny model's cross-attention flat (every token ~1/77 of every pixel's attention: the caption
     acts as one global vector), so its shape words point nowhere; a real SD's cross-attention localizes the
     objects its words name, which is what IRECE reads. The maps are taken by IRECE's own Localizer."""
-    from diffusers import DDPMScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
     from irece_runtime.attention import Localizer
 
-    mean, std, prompts, regions = data  # stage 1's scenes, latents and captions
-    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    mean, std, ids, regions = data  # stage 1's scenes, latents and caption tokens
     null_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     side = unet.config.sample_size
     tw, tm = grounding_targets(tokenizer, ids, regions, side)
-    noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items() if k != "set_alpha_to_one"})
+    noise_sched = noise_scheduler()
     localizer = Localizer(unet)  # all cross-attention layers, as IRECE localizes by default
     attn_layers = [unet.get_submodule(n.removesuffix(".processor")) for n in localizer.layer_names]
     queries: list = []
@@ -319,16 +337,9 @@ def ground_unet(work: Path, unet, text_encoder, tokenizer, data: tuple, scaling:
     for i, reg in enumerate(regions):
         for j, c in enumerate(reg):
             regions10[i, shapes.CONCEPTS.index(c)] = tm[i, j]
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    ckpt, start = work / "ground_ckpt.safetensors", 0
-    if ckpt.exists():
-        state = load_file(str(ckpt))
-        for i, p in enumerate(params):
-            p.data.copy_(state[f"p{i}"])
-            ema[i].copy_(state[f"ema{i}"])
-        start = int(state["step"].item())
+    w = Trained(list(unet.parameters()) + list(text_encoder.parameters()), work / "ground_ckpt.safetensors")
+    start = w.start
+    opt = torch.optim.AdamW(w.params, lr=lr, weight_decay=1e-2)
     g = torch.Generator().manual_seed(seed + 7 + start)
     unet.train()
     text_encoder.train()
@@ -346,7 +357,7 @@ def ground_unet(work: Path, unet, text_encoder, tokenizer, data: tuple, scaling:
         queries.clear()
         localizer.store.token_weights, localizer.store.maps = tw[idx], []
         pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
-        maps = aggregate(localizer.store.maps, side)
+        maps = aggregate_maps(localizer.store.maps, (side, side))
         localizer.store.token_weights, localizer.store.maps = None, []
         valid = (tw[idx].sum(2) > 0) & ~dropped[:, None] & (t < max_t)[:, None]
         denoise = F.mse_loss(pred, noise)
@@ -356,28 +367,13 @@ def ground_unet(work: Path, unet, text_encoder, tokenizer, data: tuple, scaling:
         loss = denoise + weight * ground
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - ema_decay)
+        w.update(opt, loss, ema_decay)
         bar.set_postfix(mse=f"{denoise.item():.4f}", ground=f"{ground.item():.3f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            state = {f"p{i}": p for i, p in enumerate(params)} | {f"ema{i}": e for i, e in enumerate(ema)}
-            state["step"] = torch.tensor(step + 1)
-            _save_stage(ckpt, state, {})
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
+            w.save(step + 1)
+    w.use_ema()
     unet.set_attn_processor(AttnProcessor2_0())  # the saved model carries no training hooks
     return unet.eval(), text_encoder.eval()
-
-
-def aggregate(layer_maps: list, side: int) -> torch.Tensor:
-    from irece_runtime.irece import aggregate_maps
-    return aggregate_maps(layer_maps, (side, side))
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
