@@ -62,7 +62,7 @@ class Server:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.service = service or GenerationService(cfg, self.metrics)
-        capacity = cfg.workers + cfg.queue_size
+        capacity = self.service.admission.capacity
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes)]
         tokens = cfg.tokens()
@@ -112,6 +112,7 @@ class Server:
         # the service answers every call by `grace` (its handlers poll); gRPC's own cutoff, which would tell
         # clients CANCELLED, comes later and is only a backstop
         self.grpc.stop(grace + 2).wait()
+        self.service.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
