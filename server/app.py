@@ -55,6 +55,7 @@ class BearerAuth(grpc.ServerInterceptor):
 class Server:
     def __init__(self, cfg: ServerConfig, service: GenerationService | None = None, metrics: Metrics | None = None):
         cfg.check_security()  # before loading the model: refuse to start rather than serve less securely
+        cfg.check_serving()
         creds = None
         if cfg.tls_cert:  # both or neither (check_security); read now, so a missing file fails before the model loads
             with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
