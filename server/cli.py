@@ -17,7 +17,7 @@ def cmd_serve(a):
     for key in ("model", "erased", "backend", "graphs", "port", "metrics_port", "host", "workers", "queue_size",
                 "tau", "t_star", "gate", "threshold", "device", "tls_cert", "tls_key", "auth_token_file",
                 "max_side", "cost_budget", "max_request_seconds", "drain_seconds", "nonfinite", "batching",
-                "max_batch", "gather_ms"):
+                "max_batch", "gather_ms", "threads"):
         v = getattr(a, key)
         if v is not None:
             setattr(cfg, key, v)
@@ -60,6 +60,7 @@ def register(sub) -> None:
                         "together (default: on); --no-batching: one denoising loop per worker thread")
     p.add_argument("--max-batch", type=int, help="images per engine call when batching (default 16; a UNet call "
                                                   "carries both guidance branches, 2 x this)")
+    p.add_argument("--threads", type=int, help="intra-op threads of torch and ONNX Runtime (default: theirs)")
     p.add_argument("--gather-ms", type=float, help="an idle scheduler waits this long for requests arriving "
                                                     "together (default 2)")
     p.add_argument("--tau", type=float, help=f"localization threshold (default {DEFAULTS.tau})")

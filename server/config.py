@@ -24,6 +24,7 @@ class ServerConfig:
     backend: str = "torch"  # torch | onnx | tensorrt
     graphs: str | None = None  # exported graph folder (onnx/tensorrt backends)
     device: str = "cpu"
+    threads: int | None = None  # intra-op threads of torch (process-wide) and ONNX Runtime; None: their defaults
     localizer_layers: list[str] | None = None  # torch backend: attention layers the localizer averages (None = all)
     # operator policy
     concepts: list[str] = field(default_factory=list)  # always suppressed with IRECE

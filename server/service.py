@@ -130,8 +130,11 @@ class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, cfg: ServerConfig, metrics: Metrics, pipe: Pipeline | None = None):
         self.cfg = cfg
         self.metrics = metrics
+        if pipe is None and cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.pipe = pipe or load_pipeline(cfg.model, cfg.erased, cfg.backend, cfg.graphs, device=cfg.device,
-                                          layers=tuple(cfg.localizer_layers) if cfg.localizer_layers else None)
+                                          layers=tuple(cfg.localizer_layers) if cfg.localizer_layers else None,
+                                          threads=cfg.threads)
         e = self.pipe.backend
         native = self.pipe.sample_size * e.vae_scale_factor  # the model's own image side, in pixels
         self.limits = Limits(embed_dim=e.embed_dim, latent_channels=e.latent_channels,
