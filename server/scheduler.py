@@ -190,5 +190,8 @@ class Scheduler:
             return
         job.result, job.error, job.call = result, error, None
         if error is not None:
-            job.machine.close()
+            try:
+                job.machine.close()  # a machine suspended at a yield (cancelled between calls) ends here
+            except Exception:
+                log.exception("closing an ended request's machine failed")
         job.done.set()
