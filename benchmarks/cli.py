@@ -119,7 +119,7 @@ def cmd_serve(a):
                       clients=tuple(a.clients), requests=a.requests, threads=a.threads, max_batch=a.max_batch,
                       gather_ms=a.gather_ms, unbatched_workers=a.unbatched_workers)
     if a.quick:
-        spec.steps, spec.requests, spec.warmup = min(spec.steps, 10), min(spec.requests, 8), 3
+        spec.steps, spec.requests, spec.warmup, spec.rounds = min(spec.steps, 10), min(spec.requests, 8), 3, 2
     res = serve.run(spec, backends=tuple(a.backends), modes=tuple(a.modes))
     _write(res, a.json)
     md = serve.markdown(res)

@@ -2,13 +2,16 @@
 modes), per backend, in one run.
 
 Each mode is a server started as its own process on 127.0.0.1 (`irece serve`, its gRPC port read from its log);
-for every backend all modes are up at once and measured in turn at each client count, in alternating order, so
-drift on a shared machine falls on every mode alike. Every client is a thread with its own channel that sends a
+for every backend all modes are up at once and measured in turn at each client count, in alternating order (at one
+client, where the latency ratio is read, in alternating rounds), so drift on a shared machine falls on every mode
+alike. Every client is a thread with its own channel that sends a
 bounded number of requests one after another; the requests cycle through a fixed mix of the three modalities (text
 prompt, learned embedding, inverted latent from a rendered image), IRECE on (the operator's concept), a seed each.
 Per mode and client count: requests/s (completed OK over the wall time), p50/p95 latency, and the mean batch size
 (requests per UNet call, from the server's `irece_batch_size` histogram over the measured window; 1 by construction
-for the unbatched server, whose requests each run their own loop).
+for the unbatched server, whose requests each run their own loop). Request n is the same request (modality n mod 3,
+seed n) at every client count and in every mode, so the run also compares each image served batched beside others
+with the same request served alone by the unbatched server (`determinism`).
 
 A mode is a function (spec, backend) -> a context manager that starts the server and yields a `Target`; adding
 one (e.g. a Ray Serve deployment) is a new entry in MODES.
@@ -50,7 +53,8 @@ class Spec:
     steps: int = 25
     guidance: float = 5.0
     clients: tuple[int, ...] = CLIENTS
-    requests: int = 32  # per mode and client count (each client sends ceil(requests / clients), at least 1)
+    requests: int = 32  # per mode and client count (each client sends ceil(requests / clients), at least 4)
+    rounds: int = 4  # the one-client level alternates the modes in this many rounds
     warmup: int = 3  # requests per mode before measuring (one per modality)
     threads: int = 1  # intra-op threads of each server process
     max_batch: int = 16
@@ -195,25 +199,26 @@ def batch_histogram(metrics_url: str | None) -> tuple[float, float]:
     return total, count
 
 
-def load(target: Target, makers: list, clients: int, per_client: int, timeout: float, seed0: int) -> dict:
-    """`clients` threads, each sending `per_client` requests in turn; latencies of OK answers, codes of the rest."""
+def load(target: Target, makers: list, queues: list[list[int]], timeout: float) -> dict:
+    """One client thread per list of request indices, each sending its requests in turn (request n: modality
+    n mod 3, seed n, so the same n is the same request at every client count and in every mode). Returns the wall
+    time, the latencies of OK answers, the codes of all, and the PNG of every OK answer by index."""
     import grpc
 
     from protos.irece.v1 import generation_pb2_grpc as pb_grpc
-    lat, codes, lock = [], {}, threading.Lock()
-    start = threading.Barrier(clients + 1)
+    lat, codes, images, lock = [], {}, {}, threading.Lock()
+    start = threading.Barrier(len(queues) + 1)
 
-    def client(k):
+    def client(indices):
         with grpc.insecure_channel(target.address) as ch:
             stub = pb_grpc.GenerationStub(ch)
             grpc.channel_ready_future(ch).result(timeout=30)
             start.wait()
-            for j in range(per_client):
-                n = k * per_client + j
-                req = makers[(k + j) % len(makers)](seed0 + n)  # every client cycles through the modalities
+            for n in indices:
+                req = makers[n % len(makers)](n)
                 t0 = time.perf_counter()
                 try:
-                    stub.Generate(req, timeout=timeout)
+                    png = stub.Generate(req, timeout=timeout).png
                     code = "OK"
                 except grpc.RpcError as exc:
                     code = exc.code().name
@@ -221,15 +226,49 @@ def load(target: Target, makers: list, clients: int, per_client: int, timeout: f
                     codes[code] = codes.get(code, 0) + 1
                     if code == "OK":
                         lat.append(time.perf_counter() - t0)
+                        images[n] = png
 
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+    threads = [threading.Thread(target=client, args=(q,), daemon=True) for q in queues]
     for t in threads:
         t.start()
     start.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    return {"wall_s": time.perf_counter() - t0, "latencies_s": lat, "codes": codes}
+    return {"wall_s": time.perf_counter() - t0, "latencies_s": lat, "codes": codes, "images": images}
+
+
+def deal(first: int, clients: int, per_client: int) -> list[list[int]]:
+    """Request indices first.. dealt round-robin to the clients (client k: first+k, first+k+clients, ...)."""
+    return [[first + k + clients * j for j in range(per_client)] for k in range(clients)]
+
+
+def determinism(images: dict, reference: str = "unbatched") -> dict:
+    """Every image a batched mode served beside other requests (more than one client) against the same request
+    served alone (the reference mode, which runs every request alone): how many compared, how many identical, the
+    largest difference in uint8 levels. Also checks the reference against itself across client counts."""
+    from PIL import Image
+
+    def arr(png):
+        return np.asarray(Image.open(io.BytesIO(png))).astype(int)
+    alone: dict[int, bytes] = {}
+    self_diff = 0
+    for level in images.get(reference, {}).values():
+        for n, png in level.items():
+            if n in alone:
+                self_diff = max(self_diff, int(np.abs(arr(png) - arr(alone[n])).max()))
+            alone.setdefault(n, png)
+    out = {}
+    for mode, levels in images.items():
+        if mode == reference:
+            continue
+        diffs = [int(np.abs(arr(png) - arr(alone[n])).max())
+                 for clients, level in levels.items() if clients > 1 for n, png in level.items() if n in alone]
+        if diffs:
+            out[mode] = {"compared": len(diffs), "identical": sum(d == 0 for d in diffs),
+                         "max_abs_diff_255": max(diffs)}
+    out[f"{reference} across client counts"] = {"max_abs_diff_255": self_diff}
+    return out
 
 
 def run(spec: Spec, backends: tuple[str, ...] = ("torch", "onnx"), modes: tuple[str, ...] = ("batched", "unbatched"),
@@ -242,7 +281,7 @@ def run(spec: Spec, backends: tuple[str, ...] = ("torch", "onnx"), modes: tuple[
         from .peers import our_engines
         spec.graphs = str(our_engines(Path(spec.model), Path(spec.erased) if spec.erased else None))
     makers = request_mix(spec)
-    rows, t_run = [], time.perf_counter()
+    rows, same, t_run = [], {}, time.perf_counter()
     for backend in backends:
         with ExitStack() as stack:
             targets = {}
@@ -250,29 +289,52 @@ def run(spec: Spec, backends: tuple[str, ...] = ("torch", "onnx"), modes: tuple[
                 say(f"[{backend}] starting {mode} server")
                 targets[mode] = stack.enter_context(MODES[mode](spec, backend))
             for mode, target in targets.items():  # warm-up: one request per modality, then a concurrent burst
-                load(target, makers, 1, spec.warmup, spec.timeout_s, 10_000)
-                load(target, makers, min(4, max(spec.clients)), 1, spec.timeout_s, 20_000)
-            for i, clients in enumerate(spec.clients):
-                per_client = max(1, math.ceil(spec.requests / clients))
-                order = list(targets) if i % 2 == 0 else list(targets)[::-1]  # alternate: drift hits all modes
-                for mode in order:
-                    target = targets[mode]
-                    before = batch_histogram(target.metrics_url)
-                    res = load(target, makers, clients, per_client, spec.timeout_s, 1000 * clients)
-                    after = batch_histogram(target.metrics_url)
-                    ms = np.asarray(res["latencies_s"]) * 1000
-                    calls = after[1] - before[1]
-                    mean_batch = (after[0] - before[0]) / calls if calls else (1.0 if not target.batched else None)
+                load(target, makers, deal(10_000, 1, spec.warmup), spec.timeout_s)
+                load(target, makers, deal(20_000, min(4, max(spec.clients)), 1), spec.timeout_s)
+            images: dict = {mode: {} for mode in targets}
+            flip = False
+            for clients in spec.clients:
+                # each client sends at least 4 requests, so that ramp-up and ramp-down are a small part of the window
+                per_client = max(4, math.ceil(spec.requests / clients))
+                # one client: the latency ratio is read here, so the modes alternate in rounds (drift on a shared
+                # core hits both); more clients: one round each, alternating from one client count to the next
+                rounds = min(spec.rounds, per_client) if clients == 1 else 1
+                acc = {mode: {"lat": [], "wall": 0.0, "codes": {}, "batch": [0.0, 0.0]} for mode in targets}
+                first = 0
+                for r in range(rounds):
+                    order = list(targets)[::-1] if flip else list(targets)
+                    flip = not flip
+                    n = per_client // rounds + (r < per_client % rounds)
+                    for mode in order:
+                        target, a = targets[mode], acc[mode]
+                        before = batch_histogram(target.metrics_url)
+                        res = load(target, makers, deal(first, clients, n), spec.timeout_s)
+                        after = batch_histogram(target.metrics_url)
+                        images[mode].setdefault(clients, {}).update(res["images"])
+                        a["lat"] += res["latencies_s"]
+                        a["wall"] += res["wall_s"]
+                        for code, k in res["codes"].items():
+                            a["codes"][code] = a["codes"].get(code, 0) + k
+                        a["batch"] = [a["batch"][0] + after[0] - before[0], a["batch"][1] + after[1] - before[1]]
+                    first += clients * n
+                for mode, a in acc.items():
+                    ms = np.asarray(a["lat"]) * 1000
+                    total, calls = a["batch"]
+                    mean_batch = total / calls if calls else (1.0 if not targets[mode].batched else None)
                     row = {"mode": mode, "backend": backend, "clients": clients,
-                           "rps": len(ms) / res["wall_s"] if len(ms) else 0.0,
+                           "rps": len(ms) / a["wall"] if len(ms) else 0.0,
                            "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
                            "p95_ms": float(np.percentile(ms, 95)) if len(ms) else None,
-                           "mean_batch": mean_batch, "requests": clients * per_client, "codes": res["codes"],
-                           "steps": spec.steps}
+                           "mean_batch": mean_batch, "requests": clients * per_client, "codes": a["codes"],
+                           "steps": spec.steps, "rounds": rounds}
                     rows.append(row)
                     say(f"[{backend}] {mode:9s} {clients:2d} clients: {row['rps']:.2f} req/s, p50 {row['p50_ms']} ms, "
-                        f"p95 {row['p95_ms']} ms, mean batch {mean_batch}, {res['codes']}")
-    return {"rows": rows, "ratios": ratios(rows), "seconds": round(time.perf_counter() - t_run, 1),
+                        f"p95 {row['p95_ms']} ms, mean batch {mean_batch}, {a['codes']}")
+            if "unbatched" in images:
+                same[backend] = determinism(images)
+                say(f"[{backend}] same request alone vs batched: {same[backend]}")
+    return {"rows": rows, "ratios": ratios(rows), "determinism": same,
+            "seconds": round(time.perf_counter() - t_run, 1),
             "settings": {k: v for k, v in vars(spec).items() if k != "extra_args"},
             "machine": {"cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0))
                         if hasattr(os, "sched_getaffinity") else None}}
@@ -296,7 +358,8 @@ def ratios(rows: list[dict], base: str = "unbatched") -> dict:
 
 
 def markdown(res: dict) -> str:
-    lines = ["| backend | mode | clients | requests/s | p50 ms | p95 ms | mean batch |", "|---|---|---|---|---|---|---|"]
+    lines = ["| backend | mode | clients | requests/s | p50 ms | p95 ms | mean batch |",
+             "|---|---|---|---|---|---|---|"]
     def num(v, fmt):
         return "" if v is None else format(v, fmt)
     for r in res["rows"]:
@@ -306,4 +369,7 @@ def markdown(res: dict) -> str:
     for name, d in res["ratios"].items():
         parts = [f"{k} {v:.2f}x" for k, v in d.items()]
         lines.append(f"- {name}: " + ", ".join(parts))
+    for backend, d in res.get("determinism", {}).items():
+        lines.append(f"- {backend}, the same request alone vs batched: " + "; ".join(
+            f"{mode}: " + ", ".join(f"{k} {v}" for k, v in v_.items()) for mode, v_ in d.items()))
     return "\n".join(lines)

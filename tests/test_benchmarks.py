@@ -294,4 +294,9 @@ def test_bench_serve_rows_for_every_mode_and_client_count(tmp_path, capsys):
     assert all(r["mean_batch"] == 1.0 for r in rows if r["mode"] == "unbatched")
     assert all(r["mean_batch"] >= 1.0 for r in rows if r["mode"] == "batched")
     assert set(res["ratios"]["torch: batched / unbatched"]) == {"rps_1_clients", "rps_3_clients", "p50_1_client"}
+    # request n is the same request at every client count: the 3-client batched images against the same requests
+    # served alone (the unbatched server), within the documented bound
+    same = res["determinism"]["torch"]
+    assert same["batched"]["compared"] == 12 and same["batched"]["max_abs_diff_255"] <= 1
+    assert same["unbatched across client counts"]["max_abs_diff_255"] == 0
     assert "| torch | batched | 3 |" in capsys.readouterr().out
