@@ -118,16 +118,24 @@ def batched_vs_alone(s, pipe, reqs, recorder) -> float:
 
 # -- the scheduler on its own: deterministic ticks ---------------------------------------------------------------
 class Doubler:
-    """A backend stand-in for scheduler unit tests: eps = 2x, and it fails on any sample holding -1."""
+    """A backend stand-in for scheduler unit tests: eps = 2x, and it fails on any sample holding -1. Its VAE decode
+    holds the scheduler until `expect` requests wait in its inbox, so that they start in one tick."""
 
-    def __init__(self):
+    def __init__(self, expect: int):
         self.rows: list[int] = []
+        self.expect, self.sched = expect, None
 
     def eps(self, model, sample, timestep, hidden):
         self.rows.append(sample.shape[0])
         if (sample == -1).any():
             raise RuntimeError("bad row")
         return sample * 2
+
+    def vae_decode(self, latents):
+        deadline = time.monotonic() + 30
+        while len(self.sched._inbox) < self.expect and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return latents
 
 
 def counting(n: int, value: float, steps: int = 3, log: list | None = None):
@@ -140,7 +148,16 @@ def counting(n: int, value: float, steps: int = 3, log: list | None = None):
     return x
 
 
+def holder():
+    yield Call("vae_decode", (torch.zeros(1, 1),))
+
+
 def run_all(sched: Scheduler, machines, guards) -> list:
+    """The machines in one batch: a holding request keeps the scheduler busy until all of them wait in its inbox."""
+    sched.backend.sched = sched
+    hold = threading.Thread(target=sched.run, args=(holder(), lambda: None))
+    hold.start()
+    wait_until(lambda: len(sched._active) == 1 and not sched._inbox, "the holding request to run")
     out = [None] * len(machines)
 
     def one(k):
@@ -149,16 +166,18 @@ def run_all(sched: Scheduler, machines, guards) -> list:
         except Exception as exc:
             out[k] = exc
     threads = [threading.Thread(target=one, args=(k,)) for k in range(len(machines))]
-    for t in threads:
+    for k, t in enumerate(threads):  # one after another: they join the scheduler in this order
         t.start()
+        wait_until(lambda: len(sched._inbox) == k + 1, f"request {k} to wait in the scheduler's inbox")
     for t in threads:
         t.join(30)
+    hold.join(30)
     return out
 
 
 def test_scheduler_merges_calls_and_a_cancelled_request_leaves_at_once():
-    backend = Doubler()
-    sched = Scheduler(backend, max_batch=8, gather_s=1.0)  # the three arrive within the window: one batch
+    backend = Doubler(expect=3)
+    sched = Scheduler(backend, max_batch=8)
     stop_after, logs = 1, [[], [], []]
 
     def cancel_c():
@@ -175,15 +194,15 @@ def test_scheduler_merges_calls_and_a_cancelled_request_leaves_at_once():
 
 
 def test_scheduler_isolates_a_failing_call_and_respects_max_batch():
-    backend = Doubler()
-    sched = Scheduler(backend, max_batch=1, gather_s=1.0)  # eps: 2 rows per call at most
+    backend = Doubler(expect=3)
+    sched = Scheduler(backend, max_batch=1)  # eps: 2 rows per call at most
     out = run_all(sched, [counting(1, 1.0, steps=1), counting(1, -1.0, steps=1), counting(1, 2.0, steps=1)],
                   [lambda: None] * 3)
     assert torch.equal(out[0], torch.full((1, 1), 2.0)) and torch.equal(out[2], torch.full((1, 1), 4.0))
     assert isinstance(out[1], RuntimeError) and str(out[1]) == "bad row"
-    # at most 2 rows per call (max_batch 1, guided UNet rows); B merged with A or C failed the call, and it was
-    # retried call by call (B's failed again, its neighbour's went on); the third ran alone in its own chunk
-    assert sorted(backend.rows) == [1, 1, 1, 2], backend.rows
+    # at most 2 rows per call (max_batch 1: a guided UNet call's rows): [A, B] merged and failed, each retried
+    # alone (A's went on, B's failed again), then C in a chunk of its own
+    assert backend.rows == [2, 1, 1, 1], backend.rows
     sched.close()
 
 
