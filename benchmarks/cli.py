@@ -1,4 +1,4 @@
-"""`irece bench crr | tune | latency | localization`."""
+"""`irece bench crr | tune | latency | localization | peers | presence | gate | serve`."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ from irece_runtime.irece import GATES, IreceConfig, parse_t_star
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 
 DEFAULTS = IreceConfig.defaults()
+CLIENT_COUNTS = (1, 4, 8, 16)  # `irece bench serve` (benchmarks/serve.py, imported only when it runs)
 
 
 def _write(obj: dict, path: str | None) -> None:
@@ -112,6 +113,21 @@ def cmd_gate(a):
     print(json.dumps(res, indent=1))
 
 
+def cmd_serve(a):
+    from . import serve
+    spec = serve.Spec(model=a.model, erased=a.erased, graphs=a.graphs, concept=a.concept, steps=a.steps,
+                      clients=tuple(a.clients), requests=a.requests, threads=a.threads, max_batch=a.max_batch,
+                      gather_ms=a.gather_ms, unbatched_workers=a.unbatched_workers)
+    if a.quick:
+        spec.steps, spec.requests, spec.warmup, spec.rounds = min(spec.steps, 10), min(spec.requests, 8), 3, 2
+    res = serve.run(spec, backends=tuple(a.backends), modes=tuple(a.modes))
+    _write(res, a.json)
+    md = serve.markdown(res)
+    print(md)
+    if a.markdown:
+        Path(a.markdown).write_text(md)
+
+
 def register(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks: CRR table, tuning, latency, localization")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
@@ -181,6 +197,28 @@ def register(sub) -> None:
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.set_defaults(func=cmd_presence)
+
+    p = bsub.add_parser("serve", help="concurrent clients against the server: batched vs unbatched (and other "
+                                      "serving modes), per backend, in one run")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--quick", action="store_true", help="10 steps, 8 requests per client count: a few minutes")
+    p.add_argument("--json", metavar="FILE", help='write {"rows": [{mode, backend, clients, rps, p50_ms, p95_ms, '
+                                                  'mean_batch, ...}], "ratios": ...}')
+    p.add_argument("--markdown", metavar="FILE")
+    p.add_argument("--erased", help="erased UNet; default: the model's own (every mode does the same work)")
+    p.add_argument("--graphs", help="ONNX graph folder for the onnx backend; default: exported once into .cache/bench")
+    p.add_argument("--backends", nargs="+", choices=("torch", "onnx"), default=["torch", "onnx"])
+    p.add_argument("--modes", nargs="+", default=["batched", "unbatched"], help="serving modes (benchmarks/serve.py "
+                                                                              "MODES)")
+    p.add_argument("--clients", nargs="+", type=int, default=list(CLIENT_COUNTS))
+    p.add_argument("--requests", type=int, default=32, help="requests per mode and client count")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--concept", default="star", help="the operator's concept (IRECE on for every request)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of each server process")
+    p.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch (and --workers)")
+    p.add_argument("--gather-ms", type=float, default=2.0)
+    p.add_argument("--unbatched-workers", type=int, default=2, help="worker threads of the unbatched server")
+    p.set_defaults(func=cmd_serve)
 
     p = bsub.add_parser("gate", help="gate on vs off: wrong-concept control, benign requests, two-shape scenes")
     common(p)

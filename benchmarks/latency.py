@@ -141,6 +141,7 @@ def measure_server(model_dir: str = str(DEFAULT_MODEL), erased: str | None = Non
     for irece_on in (False, True):
         cfg = ServerConfig(model=model_dir, erased=erased, backend=backend, graphs=graphs_dir,
                            concepts=[concept] if irece_on else [], port=0, metrics_port=None, workers=workers,
+                           batching=False,  # the thread-per-request server; batched vs not: `irece bench serve`
                            queue_size=max(clients) * per_client, default_steps=steps)
         server = Server(cfg).start()
         try:

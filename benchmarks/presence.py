@@ -12,6 +12,7 @@ import torch
 from scipy.stats import rankdata
 
 from irece_runtime.irece import IreceConfig, presence_scores
+from irece_runtime.calls import drive
 from irece_runtime.pipeline import guided_eps, sample
 from miniworld import shapes
 
@@ -82,7 +83,8 @@ def latents_at(pipe, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, 
             raise _Stop
         return x_t
     try:
-        sample(guided_eps(pipe.backend, "standard", cond, uncond, guidance), x, pipe.scheduler(steps), (capture,))
+        drive(sample(guided_eps("standard", cond, uncond, guidance), x, pipe.scheduler(steps), (capture,)),
+              pipe.backend)
     except _Stop:
         pass
     return seen["x"], seen["t"]

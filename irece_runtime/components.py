@@ -115,7 +115,7 @@ class GatedLocalizer(nn.Module):
 def component_io(name: str, b: int, cfg: dict) -> tuple[tuple, list[str], list[str], dict]:
     D, C, h, w = cfg["embed_dim"], cfg["latent_channels"], cfg["latent_h"], cfg["latent_w"]
     f = cfg["vae_scale_factor"]
-    t = torch.tensor([500.0])
+    t = torch.full((b,), 500.0)  # one timestep per sample: rows of a batched call may sit at different steps
     lat = torch.randn(b, C, h, w)
     hid = torch.randn(b, 77, D)
     if name == "text_encoder":
@@ -126,7 +126,7 @@ def component_io(name: str, b: int, cfg: dict) -> tuple[tuple, list[str], list[s
         return (lat,), ["latents"], ["images"], {"latents": {0: "B"}, "images": {0: "B"}}
     if name.startswith("unet"):
         return ((lat, t, hid), ["sample", "timestep", "encoder_hidden_states"], ["noise_pred"],
-                {"sample": {0: "B"}, "encoder_hidden_states": {0: "B"}, "noise_pred": {0: "B"}})
+                {"sample": {0: "B"}, "timestep": {0: "B"}, "encoder_hidden_states": {0: "B"}, "noise_pred": {0: "B"}})
     if name == "localizer":
         tw = torch.zeros(b, 2, 77)  # K = 2 token sets at export; K is a dynamic axis
         tw[:, 0, 5] = tw[:, 1, 7] = 1.0
@@ -134,7 +134,8 @@ def component_io(name: str, b: int, cfg: dict) -> tuple[tuple, list[str], list[s
         return ((lat, t, hid, tw, tau, threshold),
                 ["sample", "timestep", "encoder_hidden_states", "token_weights", "tau", "threshold"],
                 ["concept_map", "presence", "masks"],
-                {"sample": {0: "B"}, "encoder_hidden_states": {0: "B"}, "token_weights": {0: "B", 1: "K"},
+                {"sample": {0: "B"}, "timestep": {0: "B"}, "encoder_hidden_states": {0: "B"},
+                 "token_weights": {0: "B", 1: "K"},
                  "tau": {0: "K"}, "threshold": {0: "K"}, "concept_map": {0: "B", 1: "K"}, "presence": {0: "B", 1: "K"},
                  "masks": {0: "B", 1: "K"}})
     raise ValueError(name)

@@ -9,7 +9,10 @@ BACKENDS = ("torch", "onnx", "tensorrt")
 
 
 def load_backend(model_dir: str | Path, erased: str | Path | None = None, backend: str = "torch",
-                 graphs_dir: str | Path | None = None, layers: tuple[str, ...] | None = None, device: str = "cpu"):
+                 graphs_dir: str | Path | None = None, layers: tuple[str, ...] | None = None, device: str = "cpu",
+                 threads: int | None = None):
+    """threads: ONNX Runtime's intra-op threads (None: its default); torch's are process-wide
+    (torch.set_num_threads)."""
     if backend == "torch":
         from .backends.torch_backend import TorchBackend
         return TorchBackend(model_dir, erased, layers=layers, device=device)
@@ -18,7 +21,7 @@ def load_backend(model_dir: str | Path, erased: str | Path | None = None, backen
             raise ValueError(f"backend {backend!r} needs --graphs DIR (build it with `irece export`)")
         if backend == "onnx":
             from .backends.onnxruntime_backend import OrtBackend
-            return OrtBackend(graphs_dir)
+            return OrtBackend(graphs_dir, threads=threads)
         from .backends.tensorrt_backend import TrtBackend
         return TrtBackend(graphs_dir)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -26,5 +29,6 @@ def load_backend(model_dir: str | Path, erased: str | Path | None = None, backen
 
 def load_pipeline(model_dir: str | Path, erased: str | Path | None = None, backend: str = "torch",
                   graphs_dir: str | Path | None = None, layers: tuple[str, ...] | None = None,
-                  device: str = "cpu") -> Pipeline:
-    return Pipeline.from_model_dir(load_backend(model_dir, erased, backend, graphs_dir, layers, device), model_dir)
+                  device: str = "cpu", threads: int | None = None) -> Pipeline:
+    return Pipeline.from_model_dir(load_backend(model_dir, erased, backend, graphs_dir, layers, device, threads),
+                                   model_dir)

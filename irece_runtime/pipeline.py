@@ -1,10 +1,17 @@
 """One denoising loop for text-prompt, learned-embedding and inverted-latent requests, with IRECE at t*.
 
-The loop talks to an `Engines` backend only (torch, ONNX Runtime, TensorRT), and uses diffusers' DDIM
-schedulers for the arithmetic, so it reproduces StableDiffusionPipeline step for step when IRECE is off.
+The loop talks to a backend only (torch, ONNX Runtime, TensorRT), and uses diffusers' DDIM schedulers for the
+arithmetic, so it reproduces StableDiffusionPipeline step for step when IRECE is off.
+
+A request is a state machine (`Pipeline.machine`): a generator that yields engine calls (`calls.Call`: text
+encoder, VAE, UNet noise prediction, localizer) and receives their results. `generate` drives one machine alone;
+the batched server drives many and merges their calls of one kind into one backend call (`server/scheduler.py`).
+Every step below is written once, as a generator (`yield from`); the plain methods (`encode_prompt`, `invert`,
+`localize`, `denoise`, `generate`) are those generators driven alone.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,6 +26,7 @@ from transformers import CLIPTokenizer
 from . import irece
 from .images import to_tensor, to_uint8, to_unit
 from .backends import Backend
+from .calls import Call, Machine, drive
 
 StepCallback = Callable[[str, int, int], None]
 
@@ -103,6 +111,10 @@ class Pipeline:
 
     def encode_prompt(self, prompt: str, learned: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Prompt (with optional learned vectors for its placeholders) -> (1, 77, D) hidden states."""
+        return drive(self.encode_prompt_steps(prompt, learned), self.backend)
+
+    def encode_prompt_steps(self, prompt: str, learned: dict[str, torch.Tensor] | None = None) -> Machine:
+        """`encode_prompt` as a machine: one text-encoder call."""
         counts = {k: int(v.shape[0]) for k, v in (learned or {}).items()}
         ids, slots = self.token_ids(prompt, counts)
         if learned and not slots:
@@ -116,7 +128,7 @@ class Pipeline:
                 raise ValueError(f"embedding for {ph!r} has width {vec.shape[-1]}, the text encoder expects "
                                  f"{embeds.shape[-1]}")
             embeds[0, pos] = vec.to(embeds.dtype)
-        return self.backend.encode_text(embeds)
+        return (yield Call("encode_text", (embeds,)))
 
     def localization(self, concept: str, template: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states of the localization prompt and the token weights of the concept in it (cached)."""
@@ -139,9 +151,12 @@ class Pipeline:
     def invert(self, latent: torch.Tensor, hidden: torch.Tensor, model: str, steps: int,
                callback: StepCallback | None = None) -> torch.Tensor:
         """Deterministic DDIM inversion x_0 -> x_T along the same timesteps the sampler then walks back."""
-        eps = guided_eps(self.backend, model, hidden, None, 1.0)
-        return sample(eps, latent.to(self.backend.device), self.scheduler(steps, inverse=True), (), callback,
-                      "inversion")
+        return drive(self.invert_steps(latent, hidden, model, steps, callback), self.backend)
+
+    def invert_steps(self, latent, hidden, model, steps, callback=None) -> Machine:
+        eps = guided_eps(model, hidden, None, 1.0)
+        return (yield from sample(eps, latent.to(self.backend.device), self.scheduler(steps, inverse=True), (),
+                                  callback, "inversion"))
 
     # -- IRECE -----------------------------------------------------------------------------------------------
     def localize(self, x: torch.Tensor, t: torch.Tensor, cfg: irece.IreceConfig,
@@ -149,16 +164,20 @@ class Pipeline:
         """Union mask (B, h, w) over the (concept, tau, threshold) targets and per-concept reports, from the
         standard UNet: the paper's per-concept min-max masks (gate "off"), or competing concepts (gate
         "contrastive"), where a concept is masked only in images whose presence score reaches its threshold."""
+        return drive(self.localize_steps(x, t, cfg, targets), self.backend)
+
+    def localize_steps(self, x, t, cfg: irece.IreceConfig, targets) -> Machine:
+        """`localize` as a machine: one localizer call."""
         if not torch.isfinite(x).all():
             return self._fail_closed(x, cfg, targets, "latent")
         if cfg.gate == "contrastive":
-            return self._localize_contrastive(x, t, cfg, targets)
+            return (yield from self._localize_contrastive(x, t, cfg, targets))
         b = x.shape[0]
         concepts = [c for c, _, _ in targets]
         hidden, weights = zip(*(self.localization(c, cfg.template) for c in concepts))
         n = len(concepts)
-        maps = self.backend.concept_map(x.repeat(n, 1, 1, 1), t, torch.cat(hidden).repeat_interleave(b, 0),
-                                        torch.cat(weights).repeat_interleave(b, 0))
+        maps = yield Call("concept_map", (x.repeat(n, 1, 1, 1), torch.cat(hidden).repeat_interleave(b, 0),
+                                          torch.cat(weights).repeat_interleave(b, 0)), t)
         if not torch.isfinite(maps).all():
             return self._fail_closed(x, cfg, targets, "concept map")
         maps = maps.view(n, b, *maps.shape[1:])
@@ -210,8 +229,8 @@ class Pipeline:
         for c, tau_c, threshold_c in targets:
             tau[concepts.index(c)], threshold[concepts.index(c)] = tau_c, threshold_c
         b = x.shape[0]
-        maps, scores, masks = self.backend.gate(x, t, hidden.expand(b, -1, -1), w[None].expand(b, -1, -1), tau,
-                                                threshold)
+        maps, scores, masks = yield Call("gate", (x, hidden.expand(b, -1, -1), w[None].expand(b, -1, -1)), t,
+                                         shared=(tau, threshold))
         if not torch.isfinite(maps).all():
             return self._fail_closed(x, cfg, targets, "concept map")
         union = torch.zeros(b, *maps.shape[2:], dtype=maps.dtype, device=maps.device)
@@ -229,11 +248,17 @@ class Pipeline:
                 timings: dict | None = None, callback: StepCallback | None = None,
                 scheduler: DDIMScheduler | None = None) -> tuple[torch.Tensor, irece.IreceReport | None]:
         """DDIM with classifier-free guidance on the erased UNet; IRECE perturbs x at step t*."""
+        return drive(self.denoise_steps(x, cond, uncond, guidance, steps, cfg, seed, timings, callback, scheduler),
+                     self.backend)
+
+    def denoise_steps(self, x, cond, uncond, guidance, steps, cfg=None, seed=0, timings=None, callback=None,
+                      scheduler=None) -> Machine:
+        """`denoise` as a machine: a UNet call per step (both guidance branches in one), the localizer at t*."""
         scheduler = scheduler or self.scheduler(steps)
         hook = IreceStep(self, cfg, len(scheduler.timesteps), seed) if cfg and cfg.concepts else None
         t0 = time.perf_counter()
-        x = sample(guided_eps(self.backend, "erased", cond, uncond, guidance), x.to(self.backend.device), scheduler,
-                   (hook,) if hook else (), callback)
+        x = yield from sample(guided_eps("erased", cond, uncond, guidance), x.to(self.backend.device), scheduler,
+                              (hook,) if hook else (), callback)
         if hook and not torch.isfinite(x).all():  # e.g. a full mask cannot help a non-finite conditioning
             raise irece.NonFiniteError("the denoised latent is not finite: no image IRECE cannot vouch for")
         timings = timings if timings is not None else {}
@@ -245,10 +270,17 @@ class Pipeline:
     def generate(self, req: Request, cfg: irece.IreceConfig | None = None,
                  callback: StepCallback | None = None) -> Result:
         """callback(stage, step, total) runs before every engine step; raising from it aborts the request."""
+        return drive(self.machine(req, cfg, callback), self.backend)
+
+    def machine(self, req: Request, cfg: irece.IreceConfig | None = None,
+                callback: StepCallback | None = None) -> Machine:
+        """The request as a state machine: encode -> (inversion steps) -> denoising steps with IRECE at its t* ->
+        decode. Yields `Call`s, receives their results, returns the `Result`; the callback runs before every step,
+        in whichever thread drives the machine, and raising from it ends the request."""
         timings: dict = {}
         t0 = time.perf_counter()
-        cond = self.encode_prompt(req.prompt, req.learned)
-        uncond = self.encode_prompt(req.negative_prompt)
+        cond = yield from self.encode_prompt_steps(req.prompt, req.learned)
+        uncond = yield from self.encode_prompt_steps(req.negative_prompt)
         timings["text_encoding"] = time.perf_counter() - t0
         e = self.backend
         if req.modality == "inverted_latent":
@@ -256,10 +288,11 @@ class Pipeline:
             if req.init_latent is not None:
                 latent = req.init_latent[None] if req.init_latent.ndim == 3 else req.init_latent
             else:
-                latent = e.vae_encode(to_tensor(req.init_image))
+                latent = yield Call("vae_encode", (to_tensor(req.init_image),))
             e.limits.check(req.batch, *latent.shape[-2:])
-            inv_hidden = self.encode_prompt(req.inversion_prompt)
-            x = self.invert(latent.repeat(req.batch, 1, 1, 1), inv_hidden, req.invert_with, req.steps, callback)
+            inv_hidden = yield from self.encode_prompt_steps(req.inversion_prompt)
+            x = yield from self.invert_steps(latent.repeat(req.batch, 1, 1, 1), inv_hidden, req.invert_with,
+                                             req.steps, callback)
             timings["inversion"] = time.perf_counter() - t1
         else:
             h = (req.height or self.sample_size * e.vae_scale_factor) // e.vae_scale_factor
@@ -267,37 +300,44 @@ class Pipeline:
             e.limits.check(req.batch, h, w)
             gen = torch.Generator().manual_seed(req.seed)
             x = torch.randn((req.batch, e.latent_channels, h, w), generator=gen)
-        x, report = self.denoise(x, cond, uncond, req.guidance, req.steps, cfg, req.seed, timings, callback)
+        x, report = yield from self.denoise_steps(x, cond, uncond, req.guidance, req.steps, cfg, req.seed, timings,
+                                                  callback)
         t2 = time.perf_counter()
-        images = to_unit(e.vae_decode(x))
+        images = to_unit((yield Call("vae_decode", (x,))))
         timings["decoding"] = time.perf_counter() - t2
         return Result(images, report, timings, x)
 
 
-# -- the recipe's parts: a sampler over a noise-prediction callable, guidance as a wrapper, IRECE as a hook ----
-Eps = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> predicted noise
-StepHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (step index, t, x_t) -> x_t
+# -- the recipe's parts: a sampler over a noise-prediction machine, guidance as a wrapper, IRECE as a hook -----
+EpsSteps = Callable[[torch.Tensor, torch.Tensor], Machine]  # (x_t, t) -> a machine returning the predicted noise
+# (step index, t, x_t) -> x_t, or a machine returning it (a hook that needs engine calls: IRECE's localizer)
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | Machine"]
 
 
-def sample(eps: Eps, x: torch.Tensor, scheduler, hooks: tuple[StepHook, ...] = (),
-           callback: StepCallback | None = None, stage: str = "denoising") -> torch.Tensor:
-    """The one loop: every step, callback (may raise to abort), hooks may rewrite x_t, then one scheduler step."""
+def sample(eps: EpsSteps, x: torch.Tensor, scheduler, hooks: tuple[StepHook, ...] = (),
+           callback: StepCallback | None = None, stage: str = "denoising") -> Machine:
+    """The one loop: every step, callback (may raise to abort), hooks may rewrite x_t, then one scheduler step.
+    A machine: `calls.drive(sample(...), backend)` runs it alone."""
     n = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
         if callback:
             callback(stage, i, n)
         for hook in hooks:
             x = hook(i, t, x)
-        x = scheduler.step(eps(x, t), t, x).prev_sample
+            if inspect.isgenerator(x):
+                x = yield from x
+        x = scheduler.step((yield from eps(x, t)), t, x).prev_sample
     return x
 
 
-def guided_eps(backend: Backend, model: str, cond: torch.Tensor, uncond: torch.Tensor | None,
-               guidance: float) -> Eps:
-    """Classifier-free guidance as a noise-prediction wrapper: eps_u + w (eps_c - eps_u), one batched call.
-    A null prompt on both branches (or w = 1) makes guidance a no-op: one UNet pass per step instead of two."""
+def guided_eps(model: str, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float) -> EpsSteps:
+    """Classifier-free guidance as a noise-prediction wrapper: eps_u + w (eps_c - eps_u), one UNet call for both
+    branches (the guidance pair stays together when calls are batched). A null prompt on both branches (or w = 1)
+    makes guidance a no-op: one UNet pass per step instead of two."""
     if uncond is None or guidance == 1.0 or torch.equal(cond, uncond):
-        return lambda x, t: backend.eps(model, x, t, cond.expand(x.shape[0], -1, -1))
+        def plain(x, t):
+            return (yield Call("eps", (x, cond.expand(x.shape[0], -1, -1)), t, model))
+        return plain
 
     pairs: dict[int, torch.Tensor] = {}  # batch size -> [uncond; cond] hidden states, built once per request
 
@@ -305,7 +345,7 @@ def guided_eps(backend: Backend, model: str, cond: torch.Tensor, uncond: torch.T
         b = x.shape[0]
         if b not in pairs:
             pairs[b] = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
-        e_u, e_c = backend.eps(model, torch.cat([x, x]), t, pairs[b]).chunk(2)
+        e_u, e_c = (yield Call("eps", (torch.cat([x, x]), pairs[b]), t, model)).chunk(2)
         return e_u + guidance * (e_c - e_u)
     return eps
 
@@ -320,11 +360,14 @@ class IreceStep:
         self.report: irece.IreceReport | None = None
         self.seconds = 0.0
 
-    def __call__(self, i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, i: int, t: torch.Tensor, x: torch.Tensor) -> Machine:
         if i not in self.plan:
             return x
+        return self._intervene(i, t, x)
+
+    def _intervene(self, i: int, t: torch.Tensor, x: torch.Tensor) -> Machine:
         t0 = time.perf_counter()
-        mask, concepts = self.pipe.localize(x, t, self.cfg, self.plan[i])
+        mask, concepts = yield from self.pipe.localize_steps(x, t, self.cfg, self.plan[i])
         # noise seeded per request and step: the same request gives the same image alone or beside others
         xi = torch.randn(x.shape, generator=torch.Generator().manual_seed((self.seed + 1_000_003 + i) % 2**63)).to(x)
         x = irece.perturb(x, mask.to(x), xi, self.cfg.mode)

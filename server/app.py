@@ -55,6 +55,7 @@ class BearerAuth(grpc.ServerInterceptor):
 class Server:
     def __init__(self, cfg: ServerConfig, service: GenerationService | None = None, metrics: Metrics | None = None):
         cfg.check_security()  # before loading the model: refuse to start rather than serve less securely
+        cfg.check_serving()
         creds = None
         if cfg.tls_cert:  # both or neither (check_security); read now, so a missing file fails before the model loads
             with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
@@ -62,7 +63,7 @@ class Server:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
         self.service = service or GenerationService(cfg, self.metrics)
-        capacity = cfg.workers + cfg.queue_size
+        capacity = self.service.admission.capacity
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes)]
         tokens = cfg.tokens()
@@ -112,6 +113,7 @@ class Server:
         # the service answers every call by `grace` (its handlers poll); gRPC's own cutoff, which would tell
         # clients CANCELLED, comes later and is only a backstop
         self.grpc.stop(grace + 2).wait()
+        self.service.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()

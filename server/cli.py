@@ -1,6 +1,7 @@
 """`irece serve` and `irece client` verbs."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -15,7 +16,8 @@ def cmd_serve(a):
     cfg = ServerConfig.load(a.config) if a.config else ServerConfig()
     for key in ("model", "erased", "backend", "graphs", "port", "metrics_port", "host", "workers", "queue_size",
                 "tau", "t_star", "gate", "threshold", "device", "tls_cert", "tls_key", "auth_token_file",
-                "max_side", "cost_budget", "max_request_seconds", "drain_seconds", "nonfinite"):
+                "max_side", "cost_budget", "max_request_seconds", "drain_seconds", "nonfinite", "batching",
+                "max_batch", "gather_ms", "threads"):
         v = getattr(a, key)
         if v is not None:
             setattr(cfg, key, v)
@@ -50,8 +52,17 @@ def register(sub) -> None:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--metrics-port", type=int)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--queue-size", type=int)
+    p.add_argument("--workers", type=int, help="requests generating at once (default: --max-batch when batching, "
+                                                "else 1)")
+    p.add_argument("--queue-size", type=int, help="requests waiting beyond --workers; more: RESOURCE_EXHAUSTED")
+    p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=None,
+                   help="step-level batching: one scheduler runs the engine calls of all generating requests "
+                        "together (default: on); --no-batching: one denoising loop per worker thread")
+    p.add_argument("--max-batch", type=int, help="images per engine call when batching (default 16; a UNet call "
+                                                  "carries both guidance branches, 2 x this)")
+    p.add_argument("--threads", type=int, help="intra-op threads of torch and ONNX Runtime (default: theirs)")
+    p.add_argument("--gather-ms", type=float, help="an idle scheduler waits this long for requests arriving "
+                                                    "together (default 2)")
     p.add_argument("--tau", type=float, help=f"localization threshold (default {DEFAULTS.tau})")
     p.add_argument("--t-star", type=parse_t_star,
                    help=f"intervention step: a fraction or a step index (default {DEFAULTS.t_star})")

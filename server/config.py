@@ -24,6 +24,7 @@ class ServerConfig:
     backend: str = "torch"  # torch | onnx | tensorrt
     graphs: str | None = None  # exported graph folder (onnx/tensorrt backends)
     device: str = "cpu"
+    threads: int | None = None  # intra-op threads of torch (process-wide) and ONNX Runtime; None: their defaults
     localizer_layers: list[str] | None = None  # torch backend: attention layers the localizer averages (None = all)
     # operator policy
     concepts: list[str] = field(default_factory=list)  # always suppressed with IRECE
@@ -42,8 +43,13 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = 9464
-    workers: int = 1  # requests generating at once
+    # requests generating at once; None: max_batch when batching, else 1
+    workers: int | None = None
     queue_size: int = 4  # requests waiting beyond the workers; more get RESOURCE_EXHAUSTED
+    # step-level batching: one scheduler runs the engine calls of all generating requests together
+    batching: bool = True  # False: each request runs its own denoising loop in its own thread (the old server)
+    max_batch: int = 16  # images per engine call (a UNet call carries 2 x this: both guidance branches)
+    gather_ms: float = 2.0  # an idle scheduler waits this long for requests arriving together before its first tick
     default_steps: int = 25
     max_steps: int = 100
     default_guidance: float = 5.0
@@ -95,6 +101,17 @@ class ServerConfig:
         if self.tokens() and not self.tls_cert and not is_loopback(self.host) and not self.insecure:
             raise ValueError(f"bearer tokens without TLS on {self.host} would travel in clear: set tls_cert and "
                              "tls_key, serve on a loopback host, or pass --insecure (insecure = true)")
+
+    def check_serving(self) -> None:
+        """Refuse to start on serving settings that cannot work (instead of failing every request)."""
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+        if not 0 <= self.gather_ms <= 1000:
+            raise ValueError(f"gather_ms must be in 0..1000, got {self.gather_ms}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

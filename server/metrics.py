@@ -33,6 +33,11 @@ class Metrics:
                                          buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
         self.queue_depth = Gauge("irece_queue_depth", "Requests admitted and waiting for a worker", registry=r)
         self.inflight = Gauge("irece_inflight_requests", "Requests generating now", registry=r)
+        self.batch_size = Histogram("irece_batch_size", "Requests whose calls ran as one engine call (batched "
+                                    "server; 1 = alone), by call: eps (UNet noise prediction, inversion steps "
+                                    "included), concept_map / gate (IRECE's localizer), encode_text, vae_encode, "
+                                    "vae_decode",
+                                    ["call"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r)
         self.gpu_memory = Gauge("irece_gpu_memory_bytes", "GPU memory allocated by the server process", registry=r)
 
     def observe_irece(self, report) -> None:

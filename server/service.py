@@ -2,9 +2,12 @@
 
 Every request takes one path: cheap validation in the handler thread (image headers, the work budget), admission
 (a worker slot or a place in the queue, else RESOURCE_EXHAUSTED), then, in a worker thread, the image decode and
-the generation. A `Guard` ends the request early - client cancelled or past its deadline, the server's time limit,
-a drain - checked between engine steps, before every UNet/VAE block (torch backend), and by the handler while it
-waits, so a worker stuck inside one engine call cannot keep its client waiting.
+the generation. Generation is the pipeline's state machine for the request (`Pipeline.machine`): with batching on
+(the default) it joins the one `Scheduler`, which runs the engine calls of every generating request together, step
+by step (`server/scheduler.py`); with batching off the worker thread runs it alone (`Pipeline.generate`). A
+`Guard` ends the request early - client cancelled or past its deadline, the server's time limit, a drain - checked
+between engine steps, before every UNet/VAE block (torch backend), and by the handler while it waits, so a worker
+stuck inside one engine call cannot keep its client waiting.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from protos.irece.v1 import generation_pb2_grpc as pb_grpc
 from . import report
 from .config import ServerConfig
 from .metrics import Metrics
+from .scheduler import Scheduler
 from .validation import Limits, RequestError, invalid, irece_config, parse_request
 
 log = logging.getLogger("irece.server")
@@ -126,8 +130,11 @@ class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, cfg: ServerConfig, metrics: Metrics, pipe: Pipeline | None = None):
         self.cfg = cfg
         self.metrics = metrics
+        if pipe is None and cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.pipe = pipe or load_pipeline(cfg.model, cfg.erased, cfg.backend, cfg.graphs, device=cfg.device,
-                                          layers=tuple(cfg.localizer_layers) if cfg.localizer_layers else None)
+                                          layers=tuple(cfg.localizer_layers) if cfg.localizer_layers else None,
+                                          threads=cfg.threads)
         e = self.pipe.backend
         native = self.pipe.sample_size * e.vae_scale_factor  # the model's own image side, in pixels
         self.limits = Limits(embed_dim=e.embed_dim, latent_channels=e.latent_channels,
@@ -142,7 +149,12 @@ class GenerationService(pb_grpc.GenerationServicer):
                                     gate=cfg.gate, threshold=cfg.threshold, vocabulary=tuple(cfg.vocabulary),
                                     nonfinite=cfg.nonfinite)
         self.allowed = concept_catalogue(cfg)
-        self.admission = Admission(cfg.workers, cfg.queue_size, metrics)
+        cfg.check_serving()
+        # images per engine call: the operator's limit, within what the backend can run (TensorRT's profile)
+        self.max_batch = min(cfg.max_batch, e.limits.max_batch or cfg.max_batch)
+        self.scheduler = Scheduler(e, self.max_batch, cfg.gather_ms / 1000, metrics) if cfg.batching else None
+        workers = cfg.workers if cfg.workers is not None else (self.max_batch if cfg.batching else 1)
+        self.admission = Admission(workers, cfg.queue_size, metrics)
         self.decodes = threading.BoundedSemaphore(cfg.max_decodes)
         self.draining = threading.Event()
         self.drain_deadline = math.inf
@@ -153,6 +165,11 @@ class GenerationService(pb_grpc.GenerationServicer):
         """One small generation through every engine the service uses (and the localizer's prompt cache)."""
         cfg = self.operator if self.operator.concepts else None
         self.pipe.generate(Request(prompt="warm up", steps=2), cfg)
+
+    def close(self) -> None:
+        """After the drain: the scheduler takes no more requests (its thread ends once the last one has left)."""
+        if self.scheduler is not None:
+            self.scheduler.close()
 
     def drain(self, grace: float) -> None:
         """Queued and new requests are refused from now on; running ones are aborted after `grace` seconds."""
@@ -209,7 +226,10 @@ class GenerationService(pb_grpc.GenerationServicer):
                         with self.decodes:
                             req.init_image = image.decode(self.limits)
                     with checkpoints.checking(guard):
-                        res = self.pipe.generate(req, cfg, callback)
+                        if self.scheduler is not None:  # joins the batch at the next tick
+                            res = self.scheduler.run(self.pipe.machine(req, cfg, callback), guard)
+                        else:
+                            res = self.pipe.generate(req, cfg, callback)
                     res.timings["queue"] = t_start - t_arrive
                     outcome["result"] = res
             except Aborted as exc:

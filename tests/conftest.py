@@ -70,3 +70,22 @@ def random_latent(pipe, batch: int = 1, seed: int = 0) -> torch.Tensor:
     b = pipe.backend
     return torch.randn(batch, b.latent_channels, pipe.sample_size, pipe.sample_size,
                        generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def erased_dir(tmp_path_factory):
+    """A UCE-erased UNet (closed form, seconds) so the erased and standard engines differ."""
+    from erasure.methods import erase
+    out = tmp_path_factory.mktemp("uce-star")
+    erase("uce", MODEL, "star", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory, erased_dir):
+    """The ONNX graph folder of the model and its erased UNet (`irece export`), shared by the export and batching
+    tests."""
+    from export.onnx_export import export_onnx
+    out = tmp_path_factory.mktemp("engines")
+    export_onnx(MODEL, erased_dir, out)
+    return out

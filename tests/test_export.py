@@ -19,23 +19,6 @@ from .conftest import MODEL, SHAPES10, image_side, model_image
 
 
 @pytest.fixture(scope="module")
-def erased_dir(tmp_path_factory):
-    """A UCE-erased UNet (closed form, seconds) so the erased and standard engines differ."""
-    from erasure.methods import erase
-    out = tmp_path_factory.mktemp("uce-star")
-    erase("uce", MODEL, "star", out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory, erased_dir):
-    from export.onnx_export import export_onnx
-    out = tmp_path_factory.mktemp("engines")
-    export_onnx(MODEL, erased_dir, out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def both(engine_dir, erased_dir):
     from irece_runtime.backends.onnxruntime_backend import OrtBackend
     return TorchBackend(MODEL, erased_dir), OrtBackend(engine_dir)
@@ -207,3 +190,46 @@ def test_onnx_runtime_sessions_share_one_thread_pool(both, engine_dir):
     assert run.returncode == 0, run.stderr[-2000:]
     flags = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(flags) >= 4 and flags == [expected[other]] * len(flags), other
+
+
+def test_graphs_take_one_timestep_per_sample(both, pipe):
+    """Format irece-engines/3: the UNet and localizer graphs take a (B,) timestep, so a batched server can run
+    requests at different steps in one call; each row matches torch at its own timestep, and the row run alone."""
+    te, oe = both
+    side, n_tok = pipe.sample_size, pipe.tokenizer.model_max_length
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, te.latent_channels, side, side, generator=g)
+    h = torch.randn(3, n_tok, te.embed_dim, generator=g)
+    t = torch.tensor([981, 421, 1])
+    w = torch.zeros(3, n_tok)
+    w[:, 3] = 1.0
+    for name, run in (("eps", lambda b, *a: b.eps("erased", *a[:2], a[2])),
+                      ("concept_map", lambda b, *a: b.concept_map(*a, w[:a[0].shape[0]]))):
+        ours, ref = run(oe, x, t, h), run(te, x, t, h)
+        assert (ours - ref).abs().max() <= 1e-4, name
+        for i in range(3):  # a row in the batch = that row alone
+            alone = run(oe, x[i:i + 1], t[i], h[i:i + 1])
+            assert (ours[i:i + 1] - alone).abs().max() <= 1e-5, (name, i)
+    with pytest.raises(ValueError, match="one per sample"):
+        oe.eps("erased", x, torch.tensor([1, 2]), h)
+
+
+def test_tensorrt_profiles_cover_the_batched_server(engine_dir):
+    """The TensorRT builder's one optimization profile, read from the ONNX inputs (no GPU needed): every batch axis,
+    the per-sample timestep included, spans 1..the rows a batched call of max_batch images carries (the UNet: both
+    guidance branches), K spans 1..MAX_CONCEPTS, static axes keep their size."""
+    from export.tensorrt_build import MAX_CONCEPTS, engine_batch, profile_shapes
+    from irece_runtime.calls import row_limit
+    m = json.loads((engine_dir / "manifest.json").read_text())
+    c, lh, lw = m["shapes"]["latent"]
+    n = 16
+    assert engine_batch("unet_erased", n) == row_limit("eps", n) == 2 * n
+    assert engine_batch("localizer", n) == row_limit("gate", n) == n
+    unet = profile_shapes(engine_dir / m["components"]["unet_erased"]["file"], engine_batch("unet_erased", n))
+    assert unet["timestep"] == ((1,), (2 * n,), (2 * n,))
+    assert unet["sample"] == ((1, c, lh, lw), (2 * n, c, lh, lw), (2 * n, c, lh, lw))
+    assert unet["encoder_hidden_states"][0] == (1, 77, m["config"]["embed_dim"])
+    loc = profile_shapes(engine_dir / m["components"]["localizer"]["file"], engine_batch("localizer", n))
+    assert loc["timestep"] == ((1,), (n,), (n,))
+    assert loc["token_weights"] == ((1, 1, 77), (n, MAX_CONCEPTS, 77), (n, MAX_CONCEPTS, 77))
+    assert loc["tau"] == ((1,), (MAX_CONCEPTS,), (MAX_CONCEPTS,))

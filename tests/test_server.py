@@ -108,7 +108,8 @@ def start_server():
 class HeldPipe:
     """The pipeline under test, except that every request waits before each step until `release` is set. While it
     waits the service's step callback keeps running, so cancellation and deadlines are noticed as usual: a request
-    holds its slot exactly as long as the test wants, whatever the model's speed."""
+    holds its slot exactly as long as the test wants, whatever the model's speed. Both ways the service runs a
+    request are held: `generate` (batching off) and `machine` (the batched scheduler drives it)."""
 
     def __init__(self, pipe):
         self.pipe, self.release = pipe, threading.Event()
@@ -116,12 +117,18 @@ class HeldPipe:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def generate(self, req, cfg=None, callback=None):
+    def _held(self, callback):
         def held(stage, step, total):
             while not self.release.wait(0.01):
                 callback(stage, step, total)
             callback(stage, step, total)
-        return self.pipe.generate(req, cfg, held)
+        return held
+
+    def generate(self, req, cfg=None, callback=None):
+        return self.pipe.generate(req, cfg, self._held(callback))
+
+    def machine(self, req, cfg=None, callback=None):
+        return self.pipe.machine(req, cfg, self._held(callback))
 
 
 def wait_until(condition, what: str, timeout: float = 60.0) -> None:
@@ -637,6 +644,10 @@ class StuckPipe:  # a request that enters one engine call and never comes back, 
             print("entered the engine call", file=sys.stderr, flush=True)
             threading.Event().wait()
 
+    def machine(self, req, cfg=None, callback=None):  # the batched server: stuck in the scheduler's thread
+        self.generate(req, cfg, callback)
+        yield
+
 cfg = ServerConfig(port=0, metrics_port=None, drain_seconds=float(sys.argv[1]))
 serve(cfg, GenerationService(cfg, Metrics(), StuckPipe()))
 """
@@ -857,10 +868,15 @@ def test_errors_echo_no_input_and_no_policy(pipe, start_server):
 
 
 class FailingPipe(HeldPipe):
-    """The pipeline, except that generation fails inside the engine with a message that names a file."""
+    """The pipeline, except that generation fails inside the engine with a message that names a file (alone, or in
+    the batched scheduler's thread)."""
 
     def generate(self, req, cfg=None, callback=None):
         raise RuntimeError("/srv/models/secret-erasure.safetensors: CUDA error: an illegal memory access")
+
+    def machine(self, req, cfg=None, callback=None):
+        self.generate(req, cfg, callback)
+        yield
 
 
 def test_internal_errors_carry_a_request_id_and_the_details_go_to_the_log(pipe, start_server, caplog):

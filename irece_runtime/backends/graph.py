@@ -8,7 +8,7 @@ from pathlib import Path
 from . import BackendLimits, check_model
 
 MANIFEST = "manifest.json"
-FORMAT = "irece-engines/2"  # 2: the localizer graph ends with the presence gate
+FORMAT = "irece-engines/3"  # 2: the localizer graph ends with the presence gate; 3: one timestep per sample (B,)
 
 
 class GraphMismatch(RuntimeError):
@@ -49,7 +49,8 @@ class GraphBackend:
         return self._run("text_encoder", token_embeds=token_embeds)
 
     def eps(self, model, sample, timestep, hidden):
-        return self._run(f"unet_{check_model(model)}", sample=sample, timestep=_timestep(timestep), encoder_hidden_states=hidden)
+        return self._run(f"unet_{check_model(model)}", sample=sample, timestep=_timestep(timestep, sample.shape[0]),
+                         encoder_hidden_states=hidden)
 
     def concept_map(self, sample, timestep, hidden, token_weights):
         import torch
@@ -60,7 +61,8 @@ class GraphBackend:
         return maps[:, 0] if single else maps
 
     def gate(self, sample, timestep, hidden, token_weights, tau, threshold):
-        return self._run("localizer", sample=sample, timestep=_timestep(timestep), encoder_hidden_states=hidden,
+        return self._run("localizer", sample=sample, timestep=_timestep(timestep, sample.shape[0]),
+                         encoder_hidden_states=hidden,
                          token_weights=token_weights, tau=tau, threshold=threshold)
 
     def vae_encode(self, images):
@@ -70,6 +72,11 @@ class GraphBackend:
         return self._run("vae_decoder", latents=latents)
 
 
-def _timestep(t):
+def _timestep(t, batch: int):
+    """The graphs take one float timestep per sample, (B,): a scalar is repeated, a (B,) vector kept (rows of a
+    batched call at different steps)."""
     import torch
-    return torch.as_tensor(t, dtype=torch.float32).reshape(1)  # the graphs take a 1-element float timestep
+    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+    if t.numel() not in (1, batch):
+        raise ValueError(f"timestep must be a scalar or one per sample ({batch}), got {t.numel()}")
+    return t.expand(batch)
