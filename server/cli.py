@@ -30,7 +30,7 @@ def cmd_serve(a):
         from .ray_serve import serve_on_ray
         serve_on_ray(a.config, serve_overrides(a), replicas=a.replicas, max_replicas=a.max_replicas,
                      address=None if a.ray == "local" else a.ray, replica_cpus=a.replica_cpus,
-                     metrics_export_port=a.ray_metrics_port)
+                     router_queue=a.router_queue, metrics_export_port=a.ray_metrics_port)
         return
     from .app import serve
     # refuses to start (ValueError: `irece: error: ...`, exit 2) on half a TLS config
@@ -87,6 +87,8 @@ def register(sub) -> None:
     p.add_argument("--max-replicas", type=int,
                    help="with --ray: autoscale up to this many replicas on ongoing requests (target: --workers each)")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs each replica reserves")
+    p.add_argument("--router-queue", type=int, help="with --ray: requests Ray's router holds for a free replica, per "
+                   "proxy, before RESOURCE_EXHAUSTED (default: the deployment's capacity; -1: no bound)")
     p.add_argument("--ray-metrics-port", type=int,
                    help="with a local --ray: the port where Ray's metrics agent serves every replica's metrics "
                         "(default: --metrics-port)")

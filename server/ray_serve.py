@@ -3,9 +3,9 @@ which serves the unchanged irece.v1 API (`irece client` works against it as is).
 
 Every replica builds its own GenerationService from the same config file and flags (`configure`): the operator
 policy and the limits are the same on each. A replica takes at most workers + queue_size requests (Ray routes no
-more to it: `max_ongoing_requests`), Ray's router holds at most queue_size more per proxy, and past that the client
-gets RESOURCE_EXHAUSTED, as from one server. With max_replicas > replicas, Ray autoscales on ongoing requests,
-aiming at `workers` requests per replica.
+more to it: `max_ongoing_requests`); Ray's router holds up to the deployment's capacity again per proxy
+(`deployment_options`), and past that the client gets RESOURCE_EXHAUSTED at once. With max_replicas > replicas, Ray
+autoscales on ongoing requests, aiming at `workers` requests per replica.
 
 What differs behind Ray's proxy (it has no interceptors, serves plaintext only, and listens on every interface):
 - status codes: the service's `context.abort` sets code and details on Ray's gRPC context before raising, and Ray
@@ -265,8 +265,16 @@ def check_ray_security(cfg: ServerConfig) -> None:
     cfg.check_security()
 
 
-def deployment_options(cfg: ServerConfig, replicas: int, max_replicas: int | None, replica_cpus: float) -> dict:
-    opts = dict(max_ongoing_requests=cfg.workers + cfg.queue_size, max_queued_requests=max(cfg.queue_size, 1),
+def deployment_options(cfg: ServerConfig, replicas: int, max_replicas: int | None, replica_cpus: float,
+                       router_queue: int | None = None) -> dict:
+    """A replica takes workers + queue_size requests, as one server admits. Ray's router counts every request as
+    queued until a replica takes it (a burst is all "queued" at once), so its bound defaults to the deployment's
+    whole capacity: a burst that size is never refused while replicas have room; past capacity + that,
+    RESOURCE_EXHAUSTED at once. -1: no bound (requests wait for a replica, e.g. while autoscaling adds one)."""
+    capacity = cfg.workers + cfg.queue_size
+    if router_queue is None:
+        router_queue = capacity * max(replicas, max_replicas or 0)
+    opts = dict(max_ongoing_requests=capacity, max_queued_requests=router_queue,
                 graceful_shutdown_timeout_s=cfg.drain_seconds, ray_actor_options={"num_cpus": replica_cpus})
     if max_replicas is not None and max_replicas > replicas:
         opts["autoscaling_config"] = {"min_replicas": replicas, "initial_replicas": replicas,
@@ -277,21 +285,22 @@ def deployment_options(cfg: ServerConfig, replicas: int, max_replicas: int | Non
 
 
 def application(config: str | Path | None = None, overrides: dict | None = None, replicas: int = 1,
-                max_replicas: int | None = None, replica_cpus: float = 1.0):
+                max_replicas: int | None = None, replica_cpus: float = 1.0, router_queue: int | None = None):
     """The Ray Serve application: checks the configuration here, before any replica starts."""
     overrides = dict(overrides or {})
     cfg = configure(config, overrides)
     check_ray_security(cfg)
     path = str(Path(config).resolve()) if config else None  # every replica reads this file (shared or baked in)
     deployment = serve.deployment(GenerationDeployment, name=DEPLOYMENT_NAME)
-    return deployment.options(**deployment_options(cfg, replicas, max_replicas, replica_cpus)).bind(path, overrides)
+    opts = deployment_options(cfg, replicas, max_replicas, replica_cpus, router_queue)
+    return deployment.options(**opts).bind(path, overrides)
 
 
 def build_app(args: dict):
     """Application builder for `serve run` / `serve deploy` (deploy/ray-serve.yaml): args config, overrides,
-    replicas, max_replicas, replica_cpus."""
+    replicas, max_replicas, replica_cpus, router_queue."""
     return application(args.get("config"), args.get("overrides"), int(args.get("replicas", 1)),
-                       args.get("max_replicas"), float(args.get("replica_cpus", 1.0)))
+                       args.get("max_replicas"), float(args.get("replica_cpus", 1.0)), args.get("router_queue"))
 
 
 def grpc_options(port: int) -> gRPCOptions:
@@ -319,15 +328,16 @@ def free_port() -> int:
 
 def start_ray_server(config: str | Path | None = None, replicas: int = 2, port: int | None = None, *,
                      overrides: dict | None = None, max_replicas: int | None = None, address: str | None = None,
-                     replica_cpus: float = 1.0, num_cpus: int | None = None, metrics_export_port: int | None = None,
-                     object_store_memory: int = 200 * 1024 * 1024, metrics_report_ms: int | None = None) -> RayServer:
+                     replica_cpus: float = 1.0, router_queue: int | None = None, num_cpus: int | None = None,
+                     metrics_export_port: int | None = None, object_store_memory: int = 200 * 1024 * 1024,
+                     metrics_report_ms: int | None = None) -> RayServer:
     """Deploy the service on Ray (a local instance, or the cluster at `address`) and return once every replica is
     warm. `port` overrides the config's port (Ray's gRPC proxy listens there); `stop()` undoes it all."""
     overrides = dict(overrides or {})
     if port is not None:
         overrides["port"] = port
     cfg = configure(config, overrides)
-    app = application(config, overrides, replicas, max_replicas, replica_cpus)  # refuses here, before Ray starts
+    app = application(config, overrides, replicas, max_replicas, replica_cpus, router_queue)  # refuses before Ray starts
     started = not ray.is_initialized()
     if started:
         if address:
@@ -353,14 +363,16 @@ def start_ray_server(config: str | Path | None = None, replicas: int = 2, port: 
 
 
 def serve_on_ray(config: str | None, overrides: dict, replicas: int = 1, max_replicas: int | None = None,
-                 address: str | None = None, replica_cpus: float = 1.0, metrics_export_port: int | None = None) -> None:
+                 address: str | None = None, replica_cpus: float = 1.0, router_queue: int | None = None,
+                 metrics_export_port: int | None = None) -> None:
     """`irece serve --ray`: deploy, serve until SIGTERM/SIGINT, then take it all down (Ray drains each replica)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = configure(config, overrides)
     if metrics_export_port is None:
         metrics_export_port = cfg.metrics_port
     server = start_ray_server(config, replicas, overrides=overrides, max_replicas=max_replicas, address=address,
-                              replica_cpus=replica_cpus, metrics_export_port=metrics_export_port)
+                              replica_cpus=replica_cpus, router_queue=router_queue,
+                              metrics_export_port=metrics_export_port)
     log.info("serving %s on Ray: %d replica(s) (max %s) behind the gRPC proxy at %s; metrics at :%s/metrics",
              SERVICE_NAME, replicas, max_replicas or replicas, server.address, server.metrics_port)
     stop = threading.Event()
