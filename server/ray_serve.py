@@ -330,9 +330,11 @@ def start_ray_server(config: str | Path | None = None, replicas: int = 2, port: 
                      overrides: dict | None = None, max_replicas: int | None = None, address: str | None = None,
                      replica_cpus: float = 1.0, router_queue: int | None = None, num_cpus: int | None = None,
                      metrics_export_port: int | None = None, object_store_memory: int = 200 * 1024 * 1024,
-                     metrics_report_ms: int | None = None) -> RayServer:
+                     metrics_report_ms: int | None = None, log_to_driver: bool = True) -> RayServer:
     """Deploy the service on Ray (a local instance, or the cluster at `address`) and return once every replica is
-    warm. `port` overrides the config's port (Ray's gRPC proxy listens there); `stop()` undoes it all."""
+    warm. `port` overrides the config's port (Ray's gRPC proxy listens there); `stop()` undoes it all. A local
+    instance: `num_cpus` (default: Ray's count), Ray's metrics agent on `metrics_export_port` (default: any free
+    port, in `.metrics_port`), reporting every `metrics_report_ms` (Ray's default 10 s)."""
     overrides = dict(overrides or {})
     if port is not None:
         overrides["port"] = port
@@ -341,13 +343,13 @@ def start_ray_server(config: str | Path | None = None, replicas: int = 2, port: 
     started = not ray.is_initialized()
     if started:
         if address:
-            ray.init(address=address)
+            ray.init(address=address, log_to_driver=log_to_driver)
         else:
             # the proxy refuses what one server would (read by Ray's processes when they start)
             os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(cfg.max_message_bytes))
             system = {"metrics_report_interval_ms": metrics_report_ms} if metrics_report_ms else None
             ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_memory,
-                     _metrics_export_port=metrics_export_port, _system_config=system, log_to_driver=False)
+                     _metrics_export_port=metrics_export_port, _system_config=system, log_to_driver=log_to_driver)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(cfg.port))
         serve.run(app, name=APP_NAME)  # gRPC routes to the one application (HTTP: only on 127.0.0.1)

@@ -80,7 +80,8 @@ class Cluster:
 def cluster(tmp_path_factory, pipe):
     tmp = tmp_path_factory.mktemp("ray")
     server = ray_serve.start_ray_server(config_file(tmp), replicas=2, port=ray_serve.free_port(), num_cpus=2,
-                                        metrics_export_port=ray_serve.free_port(), metrics_report_ms=500)
+                                        metrics_export_port=ray_serve.free_port(), metrics_report_ms=500,
+                                        log_to_driver=False)
     c = Cluster(server, image_side(pipe))
     try:
         yield c
