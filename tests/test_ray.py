@@ -3,7 +3,6 @@ in this process, 2 replicas behind Ray Serve's gRPC proxy, the unchanged irece.v
 codes through the proxy (INVALID_ARGUMENT naming the field, UNAUTHENTICATED, RESOURCE_EXHAUSTED, a deadline that
 stops the replica's work), health, `irece client`, and every replica's metrics at Ray's Prometheus endpoint.
 Skipped only where ray is not installed (`pip install -e '.[ray]'`)."""
-import argparse
 import io
 import threading
 import time
