@@ -10,10 +10,11 @@ OPEN_CLIP_WHEEL := .cache/wheels/open_clip_torch-3.3.0-py3-none-any.whl
 setup: $(STAMP) protos
 
 # torch is pinned to 2.13.0 in pyproject.toml: on our machines pip takes the CPU build from local disk.
+# The ray extra (ray[serve], pinned) is part of the set-up: the Ray Serve and Ray sweep tests run in make test.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,ray]'
 	touch $@
 
 # gRPC stubs are generated at set-up (not committed) from protos/irece/v1/*.proto

@@ -26,7 +26,8 @@ def cmd_crr(a):
         concepts = concepts or ["star"]
     if a.n:
         s.n = a.n
-    res = crr.run(a.model, concepts or list(crr.shapes.CONCEPTS), methods or list(crr.METHODS), scenarios, s)
+    res = crr.run(a.model, concepts or list(crr.shapes.CONCEPTS), methods or list(crr.METHODS), scenarios, s,
+                  ray=a.ray, ray_cpus=a.ray_cpus, ray_threads=a.ray_threads)
     _write(res, a.json)
     md = report.crr_markdown(res)
     print(md)
@@ -147,6 +148,13 @@ def register(sub) -> None:
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--markdown", metavar="FILE")
     p.add_argument("--chart", metavar="PNG")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the missing (method, concept) cells as Ray tasks: a local Ray instance, or the cluster at "
+                        "ADDRESS; same cache, same table (needs the ray extra: pip install 'irece[ray]')")
+    p.add_argument("--ray-cpus", type=int, help="with a local --ray: CPUs (default: this process's CPU affinity)")
+    p.add_argument("--ray-threads", type=int,
+                   help="with --ray: torch threads per cell (default: this process's; the sequential run's result "
+                        "is reproduced with the same thread count)")
     p.set_defaults(func=cmd_crr)
 
     p = bsub.add_parser("tune", help="sweep t* and tau; per-concept choice on a calibration split")

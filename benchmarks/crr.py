@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from miniworld.prompts import concept_prompts, erase_prompts
 
 from . import attacks
 from . import batch as gen
-from .cache import key, model_fingerprint
+from .cache import atomic_path, key, model_fingerprint, write_atomic
 from .stats import psnr, ssim, wilson
 
 METHODS = ("standard", "uce", "esd-x", "esd-u", "receler")
@@ -85,7 +86,8 @@ def ti_embedding(pipe, model_dir, erased, which: str, concept: str, s: BenchSett
     if path.exists():
         return load_file(str(path))["<c>"]
     vec = attacks.textual_inversion(pipe, which, concept, steps=s.ti_steps, seed=s.seed)
-    save_file({"<c>": vec.contiguous()}, str(path))
+    with atomic_path(path) as tmp:
+        save_file({"<c>": vec.contiguous()}, str(tmp))
     return vec
 
 
@@ -94,7 +96,7 @@ def adv_prompt(pipe, model_dir, concept: str, s: BenchSettings) -> str:
     if path.exists():
         return json.loads(path.read_text())["prompt"]
     prompt = attacks.ring_a_bell(pipe, concept, seed=s.seed)
-    path.write_text(json.dumps({"prompt": prompt}))
+    write_atomic(path, json.dumps({"prompt": prompt}))
     return prompt
 
 
@@ -113,7 +115,8 @@ def inverted(pipe, model_dir, erased, concept, which: str, perturbed: bool, s: B
     if path.exists():
         return load_file(str(path))["x_T"]
     x_T = gen.invert_images(pipe, references(concept, s.n, perturbed, s.seed), which, s.steps)
-    save_file({"x_T": x_T.contiguous()}, str(path))
+    with atomic_path(path) as tmp:
+        save_file({"x_T": x_T.contiguous()}, str(tmp))
     return x_T
 
 
@@ -149,67 +152,90 @@ def outside_mask_change(off: np.ndarray, on: np.ndarray, masks: np.ndarray) -> t
     return float(np.mean(ps)), float(np.mean(ss))
 
 
-def run(model_dir: str = str(DEFAULT_MODEL), concepts=shapes.CONCEPTS, methods=METHODS, scenarios=SCENARIOS,
-        s: BenchSettings | None = None, log=print) -> dict:
-    s = s or BenchSettings()
-    judge = load_judge()
+def cell_path(model_dir: str, method: str, concept: str, scenarios, s: BenchSettings) -> Path:
+    """Where a finished (method, concept) cell is cached."""
+    return key("cell", model=model_fingerprint(model_dir), method=method, concept=concept,
+               scenarios=list(scenarios), settings=s.__dict__).with_suffix(".json")
+
+
+def run_cell(model_dir: str, method: str, concept: str, scenarios, s: BenchSettings, judge) -> dict:
+    """One (method, concept) cell of the table, computed and cached: its rows, quality, preservation and controls.
+    It depends on nothing but its arguments and the content-hash cache, so cells can run anywhere, in any order
+    (`irece bench crr --ray`)."""
     rows, quality, preservation, controls = [], [], [], []
-    t0 = time.time()
-    for method in methods:
-        for concept in concepts:
-            cell = key("cell", model=model_fingerprint(model_dir), method=method, concept=concept,
-                       scenarios=list(scenarios), settings=s.__dict__).with_suffix(".json")
-            if cell.exists():  # a finished (method, concept) from an earlier run: resume past it
-                done = json.loads(cell.read_text())
-                rows += done["rows"]
-                quality += done["quality"]
-                preservation += done["preservation"]
-                controls += done["controls"]
+    erased = erased_unet(model_dir, method, concept, s)
+    pipe = load_pipeline(model_dir, erased)
+    cfgs = {d: defence_config(d, concept, s) for d in s.defences}
+    for scenario in tqdm(scenarios, desc=f"{method}/{concept}", leave=False):
+        made = {d: scenario_images(pipe, scenario, concept, model_dir, erased, s, cfg)
+                for d, cfg in cfgs.items()}
+        for d, (images, masks) in made.items():
+            k = int(shows(judge, images, concept).sum())  # multi-label: the concept, whatever else is drawn
+            rows.append({"method": method, "scenario": scenario, "defence": d, "concept": concept,
+                         "crr": k / len(images), "n": len(images), "k": k, "ci95": list(wilson(k, len(images)))})
+            if d != "none" and "none" in made:
+                p, q = outside_mask_change(made["none"][0], images, masks)
+                quality.append({"method": method, "scenario": scenario, "defence": d, "concept": concept,
+                                "psnr_outside": p, "ssim_outside": q, "mask_area": float(masks.mean()),
+                                "intervened": float(masks.reshape(len(masks), -1).any(1).mean())})
+    # control: IRECE aimed at a different concept. If CRR fell as far, the effect would be noise on a
+    # large region, not localization of the erased concept.
+    if "inv_white_null" in scenarios:
+        wrong = shapes.CONCEPTS[(shapes.CONCEPTS.index(concept) + 5) % len(shapes.CONCEPTS)]
+        for d in s.defences:
+            if d == "none":
                 continue
-            n_rows, n_quality, n_pres, n_ctrl = len(rows), len(quality), len(preservation), len(controls)
-            erased = erased_unet(model_dir, method, concept, s)
-            pipe = load_pipeline(model_dir, erased)
-            cfgs = {d: defence_config(d, concept, s) for d in s.defences}
-            for scenario in tqdm(scenarios, desc=f"{method}/{concept}", leave=False):
-                made = {d: scenario_images(pipe, scenario, concept, model_dir, erased, s, cfg)
-                        for d, cfg in cfgs.items()}
-                for d, (images, masks) in made.items():
-                    k = int(shows(judge, images, concept).sum())  # multi-label: the concept, whatever else is drawn
-                    rows.append({"method": method, "scenario": scenario, "defence": d, "concept": concept,
-                                 "crr": k / len(images), "n": len(images), "k": k, "ci95": list(wilson(k, len(images)))})
-                    if d != "none" and "none" in made:
-                        p, q = outside_mask_change(made["none"][0], images, masks)
-                        quality.append({"method": method, "scenario": scenario, "defence": d, "concept": concept,
-                                        "psnr_outside": p, "ssim_outside": q, "mask_area": float(masks.mean()),
-                                        "intervened": float(masks.reshape(len(masks), -1).any(1).mean())})
-            # control: IRECE aimed at a different concept. If CRR fell as far, the effect would be noise on a
-            # large region, not localization of the erased concept.
-            if "inv_white_null" in scenarios:
-                wrong = shapes.CONCEPTS[(shapes.CONCEPTS.index(concept) + 5) % len(shapes.CONCEPTS)]
-                for d in s.defences:
-                    if d == "none":
-                        continue
-                    imgs, m = scenario_images(pipe, "inv_white_null", concept, model_dir, erased, s,
-                                              defence_config(d, wrong, s))
-                    k = int(shows(judge, imgs, concept).sum())
-                    controls.append({"method": method, "concept": concept, "scenario": "inv_white_null",
-                                     "defence": d, "localized": wrong, "crr": k / len(imgs), "k": k, "n": len(imgs),
-                                     "ci95": list(wilson(k, len(imgs))), "mask_area": float(m.mean())})
-            others = [c for c in shapes.CONCEPTS if c != concept]
-            prompts = [p for c in others for p in concept_prompts(c, s.n_preserve, s.seed + 1)]
-            want = [c for c in others for _ in range(s.n_preserve)]
-            seeds = list(range(50_000, 50_000 + len(prompts)))
-            for d, cfg in cfgs.items():
-                images, _ = gen.from_prompts(pipe, prompts, seeds, cfg, steps=s.steps, guidance=s.guidance)
-                labels, _ = classify(judge, images)
-                preservation.append({"method": method, "concept": concept, "defence": d,
-                                     "accuracy": float(np.mean([a == b for a, b in zip(labels, want)])),
-                                     "n": len(labels)})
-            cell.write_text(json.dumps({"rows": rows[n_rows:], "quality": quality[n_quality:],
-                                        "preservation": preservation[n_pres:], "controls": controls[n_ctrl:]}))
+            imgs, m = scenario_images(pipe, "inv_white_null", concept, model_dir, erased, s,
+                                      defence_config(d, wrong, s))
+            k = int(shows(judge, imgs, concept).sum())
+            controls.append({"method": method, "concept": concept, "scenario": "inv_white_null",
+                             "defence": d, "localized": wrong, "crr": k / len(imgs), "k": k, "n": len(imgs),
+                             "ci95": list(wilson(k, len(imgs))), "mask_area": float(m.mean())})
+    others = [c for c in shapes.CONCEPTS if c != concept]
+    prompts = [p for c in others for p in concept_prompts(c, s.n_preserve, s.seed + 1)]
+    want = [c for c in others for _ in range(s.n_preserve)]
+    seeds = list(range(50_000, 50_000 + len(prompts)))
+    for d, cfg in cfgs.items():
+        images, _ = gen.from_prompts(pipe, prompts, seeds, cfg, steps=s.steps, guidance=s.guidance)
+        labels, _ = classify(judge, images)
+        preservation.append({"method": method, "concept": concept, "defence": d,
+                             "accuracy": float(np.mean([a == b for a, b in zip(labels, want)])),
+                             "n": len(labels)})
+    cell = {"rows": rows, "quality": quality, "preservation": preservation, "controls": controls}
+    write_atomic(cell_path(model_dir, method, concept, scenarios, s), json.dumps(cell))
+    return cell
+
+
+def run(model_dir: str = str(DEFAULT_MODEL), concepts=shapes.CONCEPTS, methods=METHODS, scenarios=SCENARIOS,
+        s: BenchSettings | None = None, log=print, ray: str | None = None, ray_cpus: int | None = None,
+        ray_threads: int | None = None) -> dict:
+    """The table: every (method, concept) cell, read back from the cache when an earlier run finished it. `ray`:
+    the missing cells run as Ray tasks instead ("local": a Ray instance started here; else a cluster address),
+    each with the same content-hash cache, and the table is assembled in the same order: the same result."""
+    s = s or BenchSettings()
+    t0 = time.time()
+    todo = [(method, concept) for method in methods for concept in concepts]
+    cells = {}
+    for method, concept in todo:
+        path = cell_path(model_dir, method, concept, scenarios, s)
+        if path.exists():  # a finished (method, concept) from an earlier run: resume past it
+            cells[method, concept] = json.loads(path.read_text())
+    missing = [mc for mc in todo if mc not in cells]
+    if missing and ray is None:
+        judge = load_judge()
+        for method, concept in missing:
+            cells[method, concept] = run_cell(model_dir, method, concept, scenarios, s, judge)
             log(f"[{time.time() - t0:6.0f}s] {method}/{concept} done")
-    return {"settings": s.__dict__, "model": model_dir, "rows": rows, "quality": quality,
-            "preservation": preservation, "controls": controls, "seconds": round(time.time() - t0, 1)}
+    elif missing:
+        from .ray_sweep import run_cells
+        for (method, concept), cell in run_cells(ray, model_dir, missing, scenarios, s, ray_cpus, ray_threads):
+            # the worker cached it where it ran; cache it here too, so that a rerun here resumes past it
+            write_atomic(cell_path(model_dir, method, concept, scenarios, s), json.dumps(cell))
+            cells[method, concept] = cell
+            log(f"[{time.time() - t0:6.0f}s] {method}/{concept} done (ray)")
+    table = {part: [x for mc in todo for x in cells[mc][part]]
+             for part in ("rows", "quality", "preservation", "controls")}
+    return {"settings": s.__dict__, "model": model_dir, **table, "seconds": round(time.time() - t0, 1)}
 
 
 def pooled(rows: list[dict], **match) -> dict:

@@ -10,22 +10,33 @@ from irece_runtime.irece import GATES, NONFINITE, IreceConfig, parse_t_star
 DEFAULTS = IreceConfig.defaults()
 
 
-def cmd_serve(a):
-    from .app import serve
-    from .config import ServerConfig
-    cfg = ServerConfig.load(a.config) if a.config else ServerConfig()
-    for key in ("model", "erased", "backend", "graphs", "port", "metrics_port", "host", "workers", "queue_size",
-                "tau", "t_star", "gate", "threshold", "device", "tls_cert", "tls_key", "auth_token_file",
-                "max_side", "cost_budget", "max_request_seconds", "drain_seconds", "nonfinite", "batching",
-                "max_batch", "gather_ms", "threads"):
-        v = getattr(a, key)
-        if v is not None:
-            setattr(cfg, key, v)
+SERVE_FLAGS = ("model", "erased", "backend", "graphs", "port", "metrics_port", "host", "workers", "queue_size", "tau",
+               "t_star", "gate", "threshold", "device", "tls_cert", "tls_key", "auth_token_file", "max_side",
+               "cost_budget", "max_request_seconds", "drain_seconds", "nonfinite", "batching", "max_batch",
+               "gather_ms", "threads")
+
+
+def serve_overrides(a) -> dict:
+    """The config fields that `irece serve`'s flags set (they override the --config file)."""
+    overrides = {key: getattr(a, key) for key in SERVE_FLAGS if getattr(a, key) is not None}
     if a.concept:
-        cfg.concepts = list(a.concept)
+        overrides["concepts"] = list(a.concept)
     if a.insecure:
-        cfg.insecure = True
-    serve(cfg)  # refuses to start (ValueError: `irece: error: ...`, exit 2) on half a TLS config
+        overrides["insecure"] = True
+    return overrides
+
+
+def cmd_serve(a):
+    from .config import configure
+    if a.ray is not None:  # every replica builds its config from the same file and flags
+        from .ray_serve import serve_on_ray
+        serve_on_ray(a.config, serve_overrides(a), replicas=a.replicas, max_replicas=a.max_replicas,
+                     address=None if a.ray == "local" else a.ray, replica_cpus=a.replica_cpus,
+                     router_queue=a.router_queue, metrics_export_port=a.ray_metrics_port)
+        return
+    from .app import serve
+    # refuses to start (ValueError: `irece: error: ...`, exit 2) on half a TLS config
+    serve(configure(a.config, serve_overrides(a)))
 
 
 def cmd_client(a):
@@ -80,6 +91,18 @@ def register(sub) -> None:
                    help="work per request in native-image steps (default: 2 x max_steps)")
     p.add_argument("--max-request-seconds", type=float, help="hard limit on one request's generation time")
     p.add_argument("--drain-seconds", type=float, help="on SIGTERM, how long running requests get to finish")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="serve on Ray Serve: --replicas copies of the service behind Ray's gRPC proxy on --port; a "
+                        "local Ray instance, or the cluster at ADDRESS (needs the ray extra: pip install 'irece[ray]')")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (the minimum when autoscaling)")
+    p.add_argument("--max-replicas", type=int,
+                   help="with --ray: autoscale up to this many replicas on ongoing requests (target: --workers each)")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs each replica reserves")
+    p.add_argument("--router-queue", type=int, help="with --ray: requests Ray's router holds for a free replica, per "
+                   "proxy, before RESOURCE_EXHAUSTED (default: the deployment's capacity; -1: no bound)")
+    p.add_argument("--ray-metrics-port", type=int,
+                   help="with a local --ray: the port where Ray's metrics agent serves every replica's metrics "
+                        "(default: --metrics-port)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("client", help="send one generation request to a server")

@@ -126,3 +126,15 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a host name other than localhost may resolve to any address
         return False
+
+
+def configure(path: str | Path | None, overrides: dict | None = None) -> ServerConfig:
+    """The config file (or the defaults) with `overrides` (flags) applied: how `irece serve` and every Ray replica
+    build the same configuration."""
+    cfg = ServerConfig.load(path) if path else ServerConfig()
+    known = {f.name for f in fields(ServerConfig)}
+    for key, value in (overrides or {}).items():
+        if key not in known:
+            raise ValueError(f"unknown config key {key!r}")
+        setattr(cfg, key, value)
+    return cfg
