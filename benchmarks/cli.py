@@ -118,7 +118,7 @@ def cmd_serve(a):
     from . import serve
     spec = serve.Spec(model=a.model, erased=a.erased, graphs=a.graphs, concept=a.concept, steps=a.steps,
                       clients=tuple(a.clients), requests=a.requests, threads=a.threads, max_batch=a.max_batch,
-                      gather_ms=a.gather_ms, unbatched_workers=a.unbatched_workers)
+                      gather_ms=a.gather_ms, unbatched_workers=a.unbatched_workers, ray_replicas=a.ray_replicas)
     if a.quick:
         spec.steps, spec.requests, spec.warmup, spec.rounds = min(spec.steps, 10), min(spec.requests, 8), 3, 2
     res = serve.run(spec, backends=tuple(a.backends), modes=tuple(a.modes))
@@ -216,8 +216,9 @@ def register(sub) -> None:
     p.add_argument("--erased", help="erased UNet; default: the model's own (every mode does the same work)")
     p.add_argument("--graphs", help="ONNX graph folder for the onnx backend; default: exported once into .cache/bench")
     p.add_argument("--backends", nargs="+", choices=("torch", "onnx"), default=["torch", "onnx"])
-    p.add_argument("--modes", nargs="+", default=["batched", "unbatched"], help="serving modes (benchmarks/serve.py "
-                                                                              "MODES)")
+    p.add_argument("--modes", nargs="+", default=["batched", "unbatched", "ray"],
+                   help="serving modes (benchmarks/serve.py MODES; ray needs the irece[ray] extra)")
+    p.add_argument("--ray-replicas", type=int, default=2, help="replicas of the ray mode")
     p.add_argument("--clients", nargs="+", type=int, default=list(CLIENT_COUNTS))
     p.add_argument("--requests", type=int, default=32, help="requests per mode and client count")
     p.add_argument("--steps", type=int, default=25)

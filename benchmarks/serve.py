@@ -13,8 +13,8 @@ for the unbatched server, whose requests each run their own loop). Request n is 
 seed n) at every client count and in every mode, so the run also compares each image served batched beside others
 with the same request served alone by the unbatched server (`determinism`).
 
-A mode is a function (spec, backend) -> a context manager that starts the server and yields a `Target`; adding
-one (e.g. a Ray Serve deployment) is a new entry in MODES.
+A mode is a function (spec, backend) -> a context manager that starts the server and yields a `Target`: "batched",
+"unbatched" (`irece serve` processes) and "ray" (the batched service on Ray Serve, `spec.ray_replicas` replicas).
 """
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ class Spec:
     unbatched_workers: int = 2  # the server as it was: one denoising loop per worker thread
     timeout_s: float = 600.0  # per request
     extra_args: dict = field(default_factory=dict)  # mode name -> extra `irece serve` flags
+    ray_replicas: int = 2  # the "ray" mode's replicas
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Target:
     address: str
     metrics_url: str | None = None
     batched: bool = True  # False: requests run alone by construction (mean batch 1)
+    metrics_lag_s: float = 0.0  # how long its metrics endpoint may lag behind the requests it served
 
 
 def free_port() -> int:
@@ -130,10 +132,34 @@ def serve_process(spec: Spec, backend: str, batching: bool, args: list[str] | No
                 proc.wait()
 
 
+@contextmanager
+def serve_ray(spec: Spec, backend: str) -> Iterator[Target]:
+    """The batched service as a Ray Serve deployment of `spec.ray_replicas` replicas behind Ray's gRPC proxy, on a
+    local Ray instance started in this process (the clients' threads do not compete with the replicas' processes
+    for the GIL). Its mean batch is read from Ray's metrics agent, which reports every second here."""
+    from server.ray_serve import start_ray_server
+    overrides = {"model": spec.model, "concepts": [spec.concept], "backend": backend, "host": "127.0.0.1",
+                 "threads": spec.threads, "batching": True, "max_batch": spec.max_batch, "gather_ms": spec.gather_ms,
+                 "workers": max(spec.max_batch, 1), "queue_size": max(spec.clients) + 4, "drain_seconds": 0,
+                 "max_request_seconds": spec.timeout_s}
+    if spec.erased:
+        overrides["erased"] = spec.erased
+    if backend == "onnx":
+        overrides["graphs"] = spec.graphs
+    server = start_ray_server(None, spec.ray_replicas, free_port(), overrides=overrides,
+                              replica_cpus=1.0 / spec.ray_replicas, metrics_report_ms=1000, log_to_driver=False)
+    try:
+        yield Target(server.address, f"http://127.0.0.1:{server.metrics_port}/metrics", batched=True,
+                     metrics_lag_s=2.5)
+    finally:
+        server.stop()
+
+
 # mode name -> (spec, backend) -> context manager yielding a Target. Another serving mode is one more entry.
 MODES: dict[str, Callable[[Spec, str], ContextManager[Target]]] = {
     "batched": lambda spec, backend: serve_process(spec, backend, True, spec.extra_args.get("batched")),
     "unbatched": lambda spec, backend: serve_process(spec, backend, False, spec.extra_args.get("unbatched")),
+    "ray": serve_ray,
 }
 
 
@@ -183,7 +209,8 @@ def request_mix(spec: Spec) -> list[Callable[[int], object]]:
 
 # -- measuring ---------------------------------------------------------------------------------------------------
 def batch_histogram(metrics_url: str | None) -> tuple[float, float]:
-    """(sum, count) of irece_batch_size{call="eps"}: requests per UNet call, summed and counted."""
+    """(sum, count) of irece_batch_size{call="eps"}: requests per UNet call, summed and counted (over every
+    replica's series; Ray's metrics agent prefixes the names with `ray_`, and the exact sum is a counter there)."""
     if not metrics_url:
         return 0.0, 0.0
     from prometheus_client.parser import text_string_to_metric_families
@@ -192,10 +219,10 @@ def batch_histogram(metrics_url: str | None) -> tuple[float, float]:
     for family in text_string_to_metric_families(body):
         for s in family.samples:
             if s.labels.get("call") == "eps":
-                if s.name == "irece_batch_size_sum":
-                    total = s.value
-                elif s.name == "irece_batch_size_count":
-                    count = s.value
+                if s.name in ("irece_batch_size_sum", "ray_irece_batch_size_observed_sum_total"):
+                    total += s.value  # (Ray's own ray_irece_batch_size_sum is summed from bucket midpoints)
+                elif s.name in ("irece_batch_size_count", "ray_irece_batch_size_count"):
+                    count += s.value
     return total, count
 
 
@@ -309,6 +336,7 @@ def run(spec: Spec, backends: tuple[str, ...] = ("torch", "onnx"), modes: tuple[
                         target, a = targets[mode], acc[mode]
                         before = batch_histogram(target.metrics_url)
                         res = load(target, makers, deal(first, clients, n), spec.timeout_s)
+                        time.sleep(target.metrics_lag_s)
                         after = batch_histogram(target.metrics_url)
                         images[mode].setdefault(clients, {}).update(res["images"])
                         a["lat"] += res["latencies_s"]

@@ -63,8 +63,8 @@ SERVICE_NAME = "irece.v1.Generation"
 class _TeeChild:
     """One labelled series: the prometheus_client child and its Ray twin's tags."""
 
-    def __init__(self, prom, twin, tags: dict, lock: threading.Lock):
-        self.prom, self.twin, self.tags, self.lock = prom, twin, tags, lock
+    def __init__(self, prom, twin, tags: dict, lock: threading.Lock, sum_twin=None):
+        self.prom, self.twin, self.tags, self.lock, self.sum_twin = prom, twin, tags, lock, sum_twin
 
     def inc(self, amount: float = 1.0) -> None:
         with self.lock:
@@ -88,6 +88,8 @@ class _TeeChild:
     def observe(self, value: float) -> None:
         self.prom.observe(value)
         self.twin.observe(value, tags=self.tags)
+        if self.sum_twin is not None and value > 0:
+            self.sum_twin.inc(value, tags=self.tags)
 
     def __getattr__(self, name):  # anything else (the service reads counters' _value) from prometheus_client
         return getattr(self.prom, name)
@@ -97,7 +99,7 @@ class _Tee:
     """A prometheus_client metric and a Ray metric of the same name, kind, labels and buckets, updated together."""
 
     def __init__(self, prom):
-        self.prom, self.lock = prom, threading.Lock()
+        self.prom, self.lock, self.sum_twin = prom, threading.Lock(), None
         name, doc, keys = prom._name, prom._documentation, tuple(prom._labelnames)
         if isinstance(prom, Counter):
             self.twin = ray_metrics.Counter(f"{name}_total", doc, tag_keys=keys)
@@ -106,13 +108,17 @@ class _Tee:
         else:  # Ray's buckets must be positive: the 0 bucket becomes 1e-9, +Inf is implied
             bounds = [b if b > 0 else 1e-9 for b in prom._upper_bounds if b != float("inf")]
             self.twin = ray_metrics.Histogram(name, doc, boundaries=bounds, tag_keys=keys)
+            # Ray exports a histogram's _sum from its buckets' midpoints (an observed 1 adds 0.5): the exact sum
+            # travels as a counter beside it, {name}_observed_sum_total
+            self.sum_twin = ray_metrics.Counter(f"{name}_observed_sum_total", f"{doc} (exact sum of observations)",
+                                                tag_keys=keys)
 
     def labels(self, *values, **named) -> _TeeChild:
         tags = {k: str(v) for k, v in zip(self.prom._labelnames, values)} | {k: str(v) for k, v in named.items()}
-        return _TeeChild(self.prom.labels(*values, **named), self.twin, tags, self.lock)
+        return _TeeChild(self.prom.labels(*values, **named), self.twin, tags, self.lock, self.sum_twin)
 
     def _bare(self) -> _TeeChild:
-        return _TeeChild(self.prom, self.twin, {}, self.lock)
+        return _TeeChild(self.prom, self.twin, {}, self.lock, self.sum_twin)
 
     def inc(self, amount: float = 1.0) -> None:
         self._bare().inc(amount)

@@ -277,26 +277,27 @@ def test_bench_defaults_are_irece_defaults():
 
 
 def test_bench_serve_rows_for_every_mode_and_client_count(tmp_path, capsys):
-    """`irece bench serve` end to end at a toy size: both servers as processes, every (mode, client count) row with
-    the fields the issue names, the batched server's batches counted from its metrics, the ratios against the
-    unbatched server."""
+    """`irece bench serve` end to end at a toy size: both servers as processes and the Ray Serve deployment, every
+    (mode, client count) row with the fields the issue names, the batched servers' batches counted from their
+    metrics (Ray's: summed over both replicas' series), the ratios against the unbatched server."""
     from irece_cli.main import main
     out = tmp_path / "serve.json"
     assert main(["bench", "serve", "--backends", "torch", "--clients", "1", "3", "--requests", "3", "--steps", "2",
                  "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     rows = res["rows"]
-    assert {(r["mode"], r["clients"]) for r in rows} == {(m, c) for m in ("batched", "unbatched") for c in (1, 3)}
+    assert {(r["mode"], r["clients"]) for r in rows} == {(m, c) for m in ("batched", "unbatched", "ray") for c in (1, 3)}
     for r in rows:
         assert set(r) >= {"mode", "backend", "clients", "rps", "p50_ms", "p95_ms", "mean_batch"}
         assert r["backend"] == "torch" and r["codes"] == {"OK": r["requests"]} and r["rps"] > 0
         assert r["p95_ms"] >= r["p50_ms"] > 0
     assert all(r["mean_batch"] == 1.0 for r in rows if r["mode"] == "unbatched")
-    assert all(r["mean_batch"] >= 1.0 for r in rows if r["mode"] == "batched")
+    assert all(r["mean_batch"] >= 1.0 for r in rows if r["mode"] in ("batched", "ray"))
     assert set(res["ratios"]["torch: batched / unbatched"]) == {"rps_1_clients", "rps_3_clients", "p50_1_client"}
     # request n is the same request at every client count: the 3-client batched images against the same requests
     # served alone (the unbatched server), within the documented bound
     same = res["determinism"]["torch"]
     assert same["batched"]["compared"] == 12 and same["batched"]["max_abs_diff_255"] <= 1
+    assert same["ray"]["compared"] == 12 and same["ray"]["max_abs_diff_255"] <= 1
     assert same["unbatched across client counts"]["max_abs_diff_255"] == 0
     assert "| torch | batched | 3 |" in capsys.readouterr().out
