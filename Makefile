@@ -46,7 +46,7 @@ demo: setup
 test: setup $(OPEN_CLIP_WHEEL) $(PEERS_STAMP)
 	$(VENV)/bin/pytest -q
 
-# Retrain the mini world (Shapes-10 v2: scenes of 1-3 shapes, 16x16 latent, grounding stage) from scratch: about 2.5 h on 2 cores;
+# Retrain the mini world (Shapes-10 v4: scenes of 1-3 shapes, f=4 VAE, 8x8 latent, grounding stage) from scratch: about 2.5 h on 2 cores;
 # every stage resumes from .cache/world_train. The committed weights are still the first world's (issue #11).
 train: setup
 	$(VENV)/bin/irece world train
