@@ -24,7 +24,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from typing import Callable, ContextManager, Iterator
 import numpy as np
 
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
+from server.config import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = (1, 4, 8, 16)
@@ -72,12 +72,6 @@ class Target:
     metrics_url: str | None = None
     batched: bool = True  # False: requests run alone by construction (mean batch 1)
     metrics_lag_s: float = 0.0  # how long its metrics endpoint may lag behind the requests it served
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +21,12 @@ import numpy as np
 from PIL import Image
 
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
+from server.config import free_port
 
 
 def _grid(rows: list[np.ndarray], scale: int = 3) -> Image.Image:
     img = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
     return Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 16, benign: str = "moon") -> dict:
@@ -122,7 +116,7 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
     from server import report
     from server.client import build_request
 
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "irece_cli.main", "serve", "--model", str(DEFAULT_MODEL),
                              "--erased", str(erased), "--concept", concept, "--port", str(port),
                              "--metrics-port", str(metrics_port)])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -138,3 +139,10 @@ def configure(path: str | Path | None, overrides: dict | None = None) -> ServerC
             raise ValueError(f"unknown config key {key!r}")
         setattr(cfg, key, value)
     return cfg
+
+
+def free_port() -> int:
+    """A loopback port free right now, for a server whose port its starter must know before it listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -33,7 +33,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from ray import serve
 from ray.serve import metrics as ray_metrics
 from ray.serve.config import gRPCOptions
 
-from .config import ServerConfig, configure
+from .config import ServerConfig, configure, free_port
 from .metrics import Metrics
 
 log = logging.getLogger("irece.server")
@@ -324,12 +323,6 @@ class RayServer:
         serve.shutdown()
         if self.started_ray:
             ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ray_server(config: str | Path | None = None, replicas: int = 2, port: int | None = None, *,
