@@ -97,7 +97,7 @@ def cmd_localization(a):
 def cmd_presence(a):
     from . import presence
     res = presence.run(a.model, n=a.n or (12 if a.quick else 100), steps=10 if a.quick else 25, tau=a.tau,
-                       t_star=a.t_star)
+                       t_star=a.t_star, gate=a.gate)
     _write(res, a.json)
     print(json.dumps({k: v for k, v in res.items() if k != "by_concept"}, indent=1))
 
@@ -105,7 +105,7 @@ def cmd_presence(a):
 def cmd_gate(a):
     from . import gate
     from .crr import BenchSettings
-    s = BenchSettings(n=a.n or (2 if a.quick else 16), seed=a.seed)
+    s = BenchSettings(n=a.n or (2 if a.quick else 16), seed=a.seed, t_star=a.t_star)
     if a.quick:
         s.steps, s.erase_steps = 10, 20
     res = gate.run(a.model, concept=a.concept, wrong=a.wrong, methods=a.methods, n_pairs=4 if a.quick else 20,
@@ -163,7 +163,7 @@ def register(sub) -> None:
     p.add_argument("--concepts", nargs="+")
     p.add_argument("--config-out", metavar="TOML", help="write the choice in the server's config format")
     p.add_argument("--gate", choices=GATES, default="off",
-                   help="contrastive: calibrate the presence threshold first, and tune with the gate on")
+                   help="classifier or contrastive: calibrate that gate's presence threshold first, and tune with it on")
     p.add_argument("--n-calibration", type=int, default=100, help="calibration scenes for the presence threshold")
     p.add_argument("--max-fpr", type=float, default=0.03,
                    help="presence threshold rule: most concepts caught with at most this share of absent ones")
@@ -196,12 +196,14 @@ def register(sub) -> None:
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--localizer-layers", nargs="+", metavar="NAME")
-    p.add_argument("--gate", choices=GATES, default=DEFAULTS.gate, help="masks of the paper (off) or contrastive")
+    p.add_argument("--gate", choices=GATES, default=DEFAULTS.gate, help="masks of the paper (off), contrastive, or the paper's behind the classifier gate")
     p.add_argument("--threshold", type=float, default=DEFAULTS.threshold)
     p.set_defaults(func=cmd_localization)
 
-    p = bsub.add_parser("presence", help="contrastive gate: presence-score AUC and calibrated threshold")
+    p = bsub.add_parser("presence", help="presence gate: presence-score AUC and calibrated threshold")
     common(p)
+    p.add_argument("--gate", choices=[g for g in GATES if g != "off"], default="classifier",
+                   help="the presence score: diffusion classifier or competing cross-attention")
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.set_defaults(func=cmd_presence)
@@ -235,4 +237,5 @@ def register(sub) -> None:
     p.add_argument("--wrong", default="moon")
     p.add_argument("--methods", nargs="+", default=["uce"], choices=("uce", "esd-x", "esd-u", "receler"))
     p.add_argument("--threshold", type=float, help="presence threshold (default: IreceConfig's)")
+    p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.set_defaults(func=cmd_gate)

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from irece_runtime.irece import IreceConfig
+from irece_runtime.irece import PRESENCE_GATE, IreceConfig
 from irece_runtime.loading import load_pipeline
 from miniworld import shapes
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
@@ -41,7 +41,7 @@ SCENARIOS = ("text", "adv_prompt", "ti_white", "ti_black", "inv_white_null", "in
 REFERENCE_SEED = 7_000_000  # renders used as inversion references (never used in training)
 DEFAULTS = IreceConfig.defaults()
 # none: the erased model alone; irece-paper: IRECE as published (always intervenes, gate off);
-# irece-gated: IRECE behind the contrastive presence gate (intervenes only where the concept is present)
+# irece-gated: IRECE behind the presence gate (irece.PRESENCE_GATE: intervenes only where the concept is present)
 DEFENCES = ("none", "irece-paper", "irece-gated")
 
 
@@ -56,14 +56,14 @@ class BenchSettings:
     erase_steps: int | None = None
     ti_steps: int = 200
     seed: int = 0
-    threshold: float = DEFAULTS.threshold  # the gate's presence threshold (`irece bench tune --gate contrastive`)
+    threshold: float = DEFAULTS.threshold  # the gate's presence threshold (`irece bench tune --gate classifier`)
     defences: tuple = DEFENCES
 
 
 def defence_config(defence: str, concept: str, s: BenchSettings) -> IreceConfig | None:
     if defence == "none":
         return None
-    gate = {"irece-paper": "off", "irece-gated": "contrastive"}[defence]
+    gate = {"irece-paper": "off", "irece-gated": PRESENCE_GATE}[defence]
     return IreceConfig(concepts=(concept,), tau=s.tau, t_star=s.t_star, gate=gate, threshold=s.threshold)
 
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from irece_runtime.irece import IreceConfig
+from irece_runtime.irece import PRESENCE_GATE, IreceConfig
 from irece_runtime.loading import load_pipeline
 from miniworld import shapes
 from miniworld.judge import load_judge, shows
@@ -23,7 +23,7 @@ from miniworld.prompts import concept_prompts
 from . import batch as gen
 from .crr import BenchSettings, erased_unet, inverted, outside_mask_change
 
-GATES = ("off", "contrastive")
+GATES = ("off", PRESENCE_GATE)
 PAIR_SEED = 7_300_000
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from irece_runtime.irece import IreceConfig
+from irece_runtime.irece import PRESENCE_GATE, IreceConfig
 from irece_runtime.loading import load_pipeline
 from irece_runtime.pipeline import Request
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
@@ -72,7 +72,7 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
     from miniworld.shapes import render
     d = IreceConfig.defaults()
     settings = {"off": None, "paper": IreceConfig(concepts=(concept,)),
-                "gated": IreceConfig(concepts=(concept,), gate="contrastive",
+                "gated": IreceConfig(concepts=(concept,), gate=PRESENCE_GATE,
                                      threshold=d.threshold if threshold is None else threshold)}
     cfg = settings["paper"]
     rows, overhead = [], {}

@@ -1,7 +1,8 @@
-"""`irece bench presence`: does the contrastive gate tell a concept that is there from one that is not?
+"""`irece bench presence`: does the presence gate tell a concept that is there from one that is not?
 
-At t*, on the standard model's own trajectory (text prompts, and renders inverted with the null prompt), the
-localizer scores every concept of the vocabulary (irece.presence_scores). Scores of concepts a scene shows are
+At t*, on the standard model's own trajectory (text prompts, and renders inverted with the null prompt), the gate
+scores every concept of the vocabulary (`Pipeline.presence`: the diffusion classifier, irece.classifier_scores,
+or competing cross-attention, irece.presence_scores). Scores of concepts a scene shows are
 positives, of the others negatives. Reported: ROC AUC (all, per source, per concept) on held-out seeds, and the
 threshold calibrated on a separate calibration split (Youden's J), with its held-out true/false positive rates.
 """
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from irece_runtime.irece import IreceConfig, presence_scores
+from irece_runtime.irece import IreceConfig
 from irece_runtime.calls import drive
 from irece_runtime.pipeline import guided_eps, sample
 from miniworld import shapes
@@ -118,7 +119,7 @@ def score_scenes(pipe, items: list, source: str, cfg: IreceConfig, steps: int, g
         else:
             x = gen.invert_images(pipe, np.stack([sc.image for sc in chunk]), "standard", steps)
             x_t, t = latents_at(pipe, x, uncond, uncond, guidance, steps, step)
-        sc_ = presence_scores(pipe.concept_maps(x_t, t, concepts), cfg.tau).cpu().numpy()
+        sc_ = pipe.presence(x_t, t, cfg).cpu().numpy()
         for k, scene in enumerate(chunk):
             shown = {sh.concept for sh in scene.shapes}
             for j, c in enumerate(concepts):
@@ -149,18 +150,18 @@ def score_splits(pipe, n: int, steps: int, guidance: float, cfg: IreceConfig,
 
 
 def run(model_dir, n: int = 100, steps: int = 25, guidance: float = 5.0, tau: float | None = None,
-        t_star=None, layers=None, max_fpr: float = 0.03) -> dict:
+        t_star=None, layers=None, max_fpr: float = 0.03, gate: str = "contrastive") -> dict:
     from irece_runtime.loading import load_pipeline
 
     pipe = load_pipeline(model_dir, layers=layers)
     d = IreceConfig.defaults()
-    cfg = IreceConfig(concepts=(), gate="contrastive", tau=d.tau if tau is None else tau,
+    cfg = IreceConfig(concepts=(), gate=gate, tau=d.tau if tau is None else tau,
                       t_star=d.t_star if t_star is None else t_star)
     split = score_splits(pipe, n, steps, guidance, cfg)
     cal = calibrate(split["calibration"], max_fpr)
     threshold = cal["threshold"]
     held = split["held_out"]
-    res = {"n_scenes": n, "steps": steps, "tau": cfg.tau, "t_star": cfg.t_star, "threshold": threshold,
+    res = {"gate": gate, "n_scenes": n, "steps": steps, "tau": cfg.tau, "t_star": cfg.t_star, "threshold": threshold,
            "calibration": cal,
            "held_out": summarize(held, threshold),
            "held_out_youden": summarize(held, cal["youden"]),

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from irece_runtime.irece import IreceConfig
+from irece_runtime.irece import PRESENCE_GATE, IreceConfig
 from irece_runtime.loading import load_pipeline
 from miniworld import shapes
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
@@ -37,12 +37,12 @@ def evaluate(pipe, judge, model_dir, erased, concept, s: BenchSettings, tau, t_s
     return crr, float(np.mean([a == b for a, b in zip(labels, want)]))
 
 
-def calibrate_gate(pipe, n: int, steps: int, max_fpr: float) -> dict:
-    """The contrastive gate's presence threshold(s), from the presence benchmark's calibration split only (text
+def calibrate_gate(pipe, n: int, steps: int, max_fpr: float, gate: str = PRESENCE_GATE, t_star=None) -> dict:
+    """The presence gate's threshold(s), from the presence benchmark's calibration split only (text
     prompts and inverted renders of 1-2 shapes, seeds the held-out figures never use)."""
     from . import presence
     d = IreceConfig.defaults()
-    cfg = IreceConfig(gate="contrastive", tau=d.tau, t_star=d.t_star)
+    cfg = IreceConfig(gate=gate, tau=d.tau, t_star=d.t_star if t_star is None else t_star)
     rows = presence.score_splits(pipe, n, steps, 5.0, cfg,
                                  splits=(("calibration", presence.CALIBRATION_SEED),))["calibration"]
     return presence.calibrate(rows, max_fpr)
@@ -57,8 +57,9 @@ def tune(model_dir: str = str(DEFAULT_MODEL), method: str = "uce", concepts=shap
     paper = IreceConfig.defaults()  # the paper's setting, the baseline every choice is compared with
     out = {"method": method, "grid": {"t_star": list(t_stars), "tau": list(taus)}, "concepts": {}, "gate": gate}
     thresholds: dict = {}
-    if gate == "contrastive":
-        out["calibration"] = cal = calibrate_gate(load_pipeline(model_dir), n_calibration, s.steps, max_fpr)
+    if gate != "off":
+        out["calibration"] = cal = calibrate_gate(load_pipeline(model_dir), n_calibration, s.steps, max_fpr, gate,
+                                                  s.t_star)
         log(f"presence threshold {cal['threshold']:.3f} ({cal['rule']}); per concept: "
             + ", ".join(f"{c} {t:.3f}" for c, t in cal["per_concept"].items()))
         thresholds = {c: cal["per_concept"].get(c, cal["threshold"]) for c in concepts}
@@ -89,8 +90,8 @@ def tune(model_dir: str = str(DEFAULT_MODEL), method: str = "uce", concepts=shap
 def server_config(result: dict, concepts: list[str]) -> str:
     """The chosen values in the server's TOML config format (per_concept table)."""
     lines = ["# written by `irece bench tune`", f"concepts = {json.dumps(list(concepts))}"]
-    if result.get("gate") == "contrastive":
-        lines += ['gate = "contrastive"', f'threshold = {result["calibration"]["threshold"]:.4f}']
+    if result.get("gate", "off") != "off":
+        lines += [f'gate = "{result["gate"]}"', f'threshold = {result["calibration"]["threshold"]:.4f}']
     lines += ["", "[per_concept]"]
     for c, r in result["concepts"].items():
         lines.append("{} = {{ {} }}".format(c, ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"

@@ -4,9 +4,10 @@
 2. erase one concept with UCE, attack it by white-box DDIM inversion, and let IRECE suppress it again: as the
    paper does it (always re-noising) and behind the presence gate (threshold calibrated here, on renders the
    benchmarks never use), which also leaves benign requests (another concept) bit-identical;
-3. serve the erased model over gRPC (`irece serve`, the paper's IRECE: the gate is not yet reliable on the
-   committed world, BENCHMARKS.md), send one request per modality for the erased concept and one benign request,
-   and print each IRECE report and the Prometheus metrics.
+3. serve the erased model over gRPC (`irece serve` with the classifier gate at the calibrated threshold), send one
+   request per modality for the erased concept and one benign request, and print each IRECE report (presence
+   score against threshold: the benign request passes untouched beside the suppressed ones) and the Prometheus
+   metrics.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from PIL import Image
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 from server.config import free_port
 
+GATED_T_STAR = 0.5  # where the demo's gated IRECE scores and intervenes (see run())
+
 
 def _grid(rows: list[np.ndarray], scale: int = 3) -> Image.Image:
     img = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
@@ -34,7 +37,7 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     from benchmarks import batch as gen
     from benchmarks.tune import calibrate_gate
     from erasure.methods import erase
-    from irece_runtime.irece import IreceConfig
+    from irece_runtime.irece import PRESENCE_GATE, IreceConfig
     from irece_runtime.loading import load_pipeline
     from miniworld import shapes
     from miniworld.judge import classify, load_judge, shows
@@ -63,12 +66,14 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     erased = out / f"uce-{concept}"
     erase("uce", DEFAULT_MODEL, concept, erased, prompts=erase_prompts)  # the mini world's phrasings
     epipe = load_pipeline(DEFAULT_MODEL, erased)
-    cal = calibrate_gate(pipe, n=40, steps=25, max_fpr=0.03)  # the standard model, loaded in step 1
+    # the classifier gate scores x0 as predicted at t*: at t* = 0.5 that prediction is sharp enough (held-out AUC
+    # 0.90 against 0.83 at the paper's 0.3, BENCHMARKS.md), so the gated setting intervenes there
+    cal = calibrate_gate(pipe, n=40, steps=25, max_fpr=0.03, t_star=GATED_T_STAR)  # standard model, from step 1
     threshold = cal["threshold"]
-    print(f"     presence threshold {threshold:.3f} (calibrated on 40 scenes: {cal['rule']}); on this world the gate "
-          f"cannot see the concept yet (concept words do not bind to regions; BENCHMARKS.md)", flush=True)
-    paper, gated = IreceConfig(concepts=(concept,)), IreceConfig(concepts=(concept,), gate="contrastive",
-                                                                 threshold=threshold)
+    print(f"     {PRESENCE_GATE} gate's presence threshold {threshold:.3f} (calibrated on 40 scenes: {cal['rule']})",
+          flush=True)
+    paper, gated = IreceConfig(concepts=(concept,)), IreceConfig(concepts=(concept,), gate=PRESENCE_GATE,
+                                                                 threshold=threshold, t_star=GATED_T_STAR)
     text, _ = gen.from_prompts(epipe, [f"an image of a {concept}"] * n_attack, list(range(n_attack)), None)
     rng = np.random.default_rng(123)
     refs = np.stack([shapes.render(concept, rng=rng).image for _ in range(n_attack)])
@@ -97,7 +102,7 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     summary["crr"], summary["benign_untouched"], summary["threshold"] = crr, untouched, threshold
 
     print("3/3  gRPC server with IRECE on the erased model: one request per modality", flush=True)
-    summary["server"] = serve_and_call(erased, concept, out, refs[0], epipe, benign)
+    summary["server"] = serve_and_call(erased, concept, out, refs[0], epipe, benign, threshold)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"outputs in {out}: grid.png (standard model), irece.png (references / attacked / paper IRECE / gated mask / gated IRECE), "
@@ -105,13 +110,15 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     return summary
 
 
-def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray, pipe, benign: str) -> dict:
+def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray, pipe, benign: str,
+                   threshold: float) -> dict:
     import grpc
     import torch
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from prometheus_client.parser import text_string_to_metric_families
 
     from irece_runtime.embeddings import save_learned_embedding
+    from irece_runtime.irece import PRESENCE_GATE
     from protos.irece.v1 import generation_pb2_grpc as pb_grpc
     from server import report
     from server.client import build_request
@@ -119,7 +126,8 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "irece_cli.main", "serve", "--model", str(DEFAULT_MODEL),
                              "--erased", str(erased), "--concept", concept, "--port", str(port),
-                             "--metrics-port", str(metrics_port)])
+                             "--metrics-port", str(metrics_port), "--gate", PRESENCE_GATE,
+                             "--threshold", f"{threshold:.4f}", "--t-star", str(GATED_T_STAR)])
     try:
         target = f"127.0.0.1:{port}"
         with grpc.insecure_channel(target) as ch:

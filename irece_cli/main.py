@@ -63,9 +63,10 @@ def add_irece_flags(p):
     p.add_argument("--mode", choices=PERTURB_MODES, default=DEFAULTS.mode)
     p.add_argument("--template", default=DEFAULTS.template, help="localization prompt (default: %(default)r)")
     p.add_argument("--gate", choices=GATES, default=DEFAULTS.gate,
-                   help="off: always intervene (the paper); contrastive: only where the concept is present")
+                   help="off: always intervene (the paper); classifier (a diffusion classifier on the standard UNet) or "
+                        "contrastive (competing cross-attention): only where the concept is present")
     p.add_argument("--threshold", type=float, default=DEFAULTS.threshold,
-                   help="contrastive gate's presence threshold (default: %(default)s)")
+                   help="presence gate's threshold (default: %(default)s)")
     p.add_argument("--localizer-layers", nargs="+", metavar="NAME",
                    help="cross-attention layers the localizer averages (name substrings, e.g. up_blocks); "
                         "default: all (torch backend; exported graphs fix theirs at export)")

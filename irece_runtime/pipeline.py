@@ -29,6 +29,7 @@ from .backends import Backend
 from .calls import Call, Machine, drive
 
 StepCallback = Callable[[str, int, int], None]
+CLASSIFIER_SEED = 20_231_002  # the diffusion-classifier gate's fixed re-noising noise (seed + index of t')
 
 
 @dataclass
@@ -172,20 +173,99 @@ class Pipeline:
             return self._fail_closed(x, cfg, targets, "latent")
         if cfg.gate == "contrastive":
             return (yield from self._localize_contrastive(x, t, cfg, targets))
+        if cfg.gate == "classifier":
+            return (yield from self._localize_classifier(x, t, cfg, targets))
+        masks, peaks = yield from self._concept_masks(x, t, cfg, targets)
+        if masks is None:
+            return self._fail_closed(x, cfg, targets, "concept map")
+        reports = [irece.ConceptReport(c, float(masks[i].mean()), float(peaks[i].max()), bool(masks[i].any()))
+                   for i, (c, _, _) in enumerate(targets)]
+        return masks.amax(0), reports
+
+    def _concept_masks(self, x, t, cfg: irece.IreceConfig, targets) -> Machine:
+        """The paper's masks: each target's own localization prompt, min-max of its map >= its tau. Returns masks
+        (n, B, h, w) and peaks (n, B), or (None, None) where a map is not finite."""
         b = x.shape[0]
-        concepts = [c for c, _, _ in targets]
-        hidden, weights = zip(*(self.localization(c, cfg.template) for c in concepts))
-        n = len(concepts)
+        hidden, weights = zip(*(self.localization(c, cfg.template) for c, _, _ in targets))
+        n = len(targets)
         maps = yield Call("concept_map", (x.repeat(n, 1, 1, 1), torch.cat(hidden).repeat_interleave(b, 0),
                                           torch.cat(weights).repeat_interleave(b, 0)), t)
         if not torch.isfinite(maps).all():
-            return self._fail_closed(x, cfg, targets, "concept map")
+            return None, None
         maps = maps.view(n, b, *maps.shape[1:])
         masks = torch.stack([irece.concept_mask(maps[i], tau, cfg.min_peak) for i, (_, tau, _) in enumerate(targets)])
-        peaks = maps.flatten(2).max(2).values
-        reports = [irece.ConceptReport(c, float(masks[i].mean()), float(peaks[i].max()), bool(masks[i].any()))
-                   for i, c in enumerate(concepts)]
-        return masks.amax(0), reports
+        return masks, maps.flatten(2).max(2).values
+
+    # -- the diffusion-classifier gate -------------------------------------------------------------------------
+    def classifier_prompts(self, concepts: tuple[str, ...]) -> torch.Tensor:
+        """(K + 1, 77, D) hidden states of "a c" for each concept, then of the null prompt (cached)."""
+        key = ("classifier", concepts)
+        if key not in self._loc_cache:
+            self._loc_cache[key] = torch.cat([self.encode_prompt(f"a {c}") for c in concepts] +
+                                             [self.encode_prompt("")])
+        return self._loc_cache[key]
+
+    def presence_steps(self, x, t, cfg: irece.IreceConfig) -> Machine:
+        """(B, K) diffusion-classifier presence scores of the contrast set's concepts at x_t, from the standard
+        UNet: x0 predicted with the null prompt (one row per image), re-noised at each t' in
+        irece.CLASSIFIER_TIMESTEPS with fixed noise (the same for every request, so a request's score does not
+        depend on its batch), and denoised under each concept's prompt and the null prompt (K + 1 rows per image
+        and t'; one call per t', so no call outgrows an engine's batch profile)."""
+        concepts = self.contrast_set(cfg)
+        hidden = self.classifier_prompts(concepts)
+        b, k1 = x.shape[0], hidden.shape[0]
+        alphas = self._alphas_cumprod()
+        eps0 = yield Call("eps", (x, hidden[-1:].expand(b, -1, -1)), t, "standard")
+        x0 = irece.predicted_x0(x, eps0, alphas[int(t)])
+        errors = []
+        for j, t_prime in enumerate(irece.CLASSIFIER_TIMESTEPS):
+            xi = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(CLASSIFIER_SEED + j)).to(x0)
+            x_tp = irece.renoise(x0, xi, alphas[t_prime])
+            eps = yield Call("eps", (x_tp.repeat_interleave(k1, 0), hidden.repeat(b, 1, 1)),
+                             torch.tensor(t_prime), "standard")
+            errors.append(((eps - xi) ** 2).flatten(1).mean(1).view(b, k1))
+        return irece.classifier_scores(torch.stack(errors, 1))
+
+    def presence(self, x: torch.Tensor, t: torch.Tensor, cfg: irece.IreceConfig) -> torch.Tensor:
+        """(B, K) presence scores of the contrast set at x_t under cfg's gate (benchmarks, calibration)."""
+        if cfg.gate == "classifier":
+            return drive(self.presence_steps(x, t, cfg), self.backend)
+        return irece.presence_scores(self.concept_maps(x, t, self.contrast_set(cfg)), cfg.tau)
+
+    def _alphas_cumprod(self) -> torch.Tensor:
+        if "alphas_cumprod" not in self._loc_cache:
+            self._loc_cache["alphas_cumprod"] = DDIMScheduler.from_config(self.scheduler_config).alphas_cumprod
+        return self._loc_cache["alphas_cumprod"]
+
+    def _localize_classifier(self, x, t, cfg, targets):
+        """The diffusion-classifier gate: score every concept of the contrast set; only targets whose score
+        reaches their threshold are localized (the paper's masks), and only in the images that show them. Where
+        no target passes, no localizer call runs and x_t is left exactly as it was."""
+        concepts = self.contrast_set(cfg)
+        scores = yield from self.presence_steps(x, t, cfg)
+        if not torch.isfinite(scores).all():
+            return self._fail_closed(x, cfg, targets, "presence score")
+        b = x.shape[0]
+        present = {c: scores[:, concepts.index(c)] >= thr for c, _, thr in targets}
+        hit = [tg for tg in targets if present[tg[0]].any()]
+        masks, peaks = {}, {}
+        if hit:
+            m, p = yield from self._concept_masks(x, t, cfg, hit)
+            if m is None:
+                return self._fail_closed(x, cfg, targets, "concept map")
+            for i, (c, _, _) in enumerate(hit):
+                masks[c] = m[i] * present[c][:, None, None].to(m.dtype)
+                peaks[c] = float(p[i].max())
+        union = torch.zeros(b, *x.shape[2:], dtype=torch.float32, device=x.device)
+        reports = []
+        for c, _, threshold_c in targets:
+            mask = masks.get(c)
+            if mask is not None:
+                union = torch.maximum(union, mask.to(union))
+            reports.append(irece.ConceptReport(c, float(mask.mean()) if mask is not None else 0.0,
+                                               peaks.get(c, float("nan")), bool(mask is not None and mask.any()),
+                                               float(scores[:, concepts.index(c)].max()), threshold_c))
+        return union, reports
 
     def contrast_set(self, cfg: irece.IreceConfig) -> tuple[str, ...]:
         """The concepts that compete in the localization prompt: the operator's, then the configured

@@ -32,7 +32,8 @@ def cmd_train(a):
     out = Path(a.out) if a.out else MODEL_DIR
     judge = Path(a.judge_out) if a.judge_out else JUDGE_PATH
     work = Path(a.work) if a.work else Path(".cache") / ("world_quick" if a.quick else "world_train")
-    emit(train_world(out, judge, work, quick=a.quick, seed=a.seed, unet_steps=a.unet_steps), a.json)
+    emit(train_world(out, judge, work, quick=a.quick, seed=a.seed, unet_steps=a.unet_steps,
+                     ground_steps=a.ground_steps), a.json)
 
 
 def register_world(world) -> None:
@@ -54,6 +55,7 @@ def register_world(world) -> None:
     p.add_argument("--judge-out")
     p.add_argument("--work", help="cache folder for resumable stages (default .cache/world_train)")
     p.add_argument("--unet-steps", type=int, help="UNet steps (a larger value than a finished run's continues it)")
+    p.add_argument("--ground-steps", type=int, help="steps of the optional attention-grounding stage (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)

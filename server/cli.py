@@ -78,7 +78,7 @@ def register(sub) -> None:
     p.add_argument("--t-star", type=parse_t_star,
                    help=f"intervention step: a fraction or a step index (default {DEFAULTS.t_star})")
     p.add_argument("--gate", choices=GATES, help=f"presence gate (default {DEFAULTS.gate!r}: always intervene)")
-    p.add_argument("--threshold", type=float, help=f"contrastive gate's presence threshold (default {DEFAULTS.threshold})")
+    p.add_argument("--threshold", type=float, help=f"presence gate's threshold (default {DEFAULTS.threshold})")
     p.add_argument("--nonfinite", choices=NONFINITE,
                    help="NaN/inf at t*: refuse the request (error, default) or re-noise the whole latent")
     p.add_argument("--tls-cert", help="PEM certificate chain; needs --tls-key (half a TLS config refuses to start)")

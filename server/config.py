@@ -35,8 +35,8 @@ class ServerConfig:
     template: str = IRECE.template
     min_peak: float = IRECE.min_peak
     per_concept: dict = field(default_factory=dict)  # concept -> {"tau", "t_star", "threshold"} (`irece bench tune`)
-    gate: str = IRECE.gate  # "off": always intervene (the paper); "contrastive": only where the concept is present
-    threshold: float = IRECE.threshold  # the contrastive gate's presence threshold (`irece bench tune`)
+    gate: str = IRECE.gate  # "off": always intervene (the paper); "classifier" / "contrastive": only where present
+    threshold: float = IRECE.threshold  # the presence gate's threshold (`irece bench tune --gate G`)
     vocabulary: list[str] = field(default_factory=list)  # competing concepts beside the model's concepts.json
     allowed_concepts: list[str] | None = None  # what requests may add; None = model's concepts.json + operator's
     nonfinite: str = IRECE.nonfinite  # NaN/inf latent or concept map at t*: "error" (refuse) or "full_mask"

@@ -99,7 +99,7 @@ def test_whole_pipeline_with_irece_on_onnx_runtime_matches_torch(pipelines, pipe
     pt, po = pipelines
     learned = {"<x>": torch.randn(1, pipe.backend.embed_dim)}
     requests = [Request(prompt="a red star on a black background"), Request(prompt="a <x>", learned=learned)]
-    for gate in ("off", "contrastive"):  # threshold 0: the gate passes, so the masks themselves are compared
+    for gate in ("off", "contrastive", "classifier"):  # threshold 0: the gate passes, so the masks are compared
         cfg = IreceConfig(concepts=("star", "moon"), gate=gate, threshold=0.0)
         agree, diffs = _agreement(pt, po, requests, cfg)
         assert min(agree) >= 0.99 and max(diffs) <= 2 / 255, (gate, agree, diffs)

@@ -142,3 +142,31 @@ def test_parse_t_star():
     assert irece.parse_t_star(5) == 5
     with pytest.raises(ValueError, match="t_star must be"):
         irece.parse_t_star("soon")
+
+
+def test_predicted_x0_inverts_the_forward_process():
+    g = torch.Generator().manual_seed(0)
+    x0, xi = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for a in (0.9, 0.3, 0.02):
+        x_t = irece.renoise(x0, xi, a)
+        assert torch.allclose(x_t, a ** 0.5 * x0 + (1 - a) ** 0.5 * xi, atol=1e-6)  # DDPM's q(x_t | x0)
+        assert torch.allclose(irece.predicted_x0(x_t, xi, a), x0, atol=1e-4)  # the true noise gives x0 back
+
+
+def test_classifier_scores_favour_the_concept_that_denoises_best():
+    # (B=2, T'=2, K=3 + null): image 0 is explained by concept 1, image 1 by concepts 0 and 2 alike
+    err = torch.tensor([[[1.0, 0.8, 1.0, 1.0], [0.5, 0.4, 0.5, 0.5]],
+                        [[0.9, 1.0, 0.9, 1.0], [0.9, 1.0, 0.9, 1.0]]])
+    s = irece.classifier_scores(err, temperature=50.0)
+    assert s.shape == (2, 3) and torch.allclose(s.sum(1), torch.ones(2))
+    assert s[0].argmax() == 1 and s[0, 1] > 0.99  # relative error 0.8 against 1.0: e^-10 for the others
+    assert torch.allclose(s[1, 0], s[1, 2]) and s[1, 1] < 0.01  # two shown concepts share the mass
+    # errors are read relative to the null prompt's: scaling an image's (or a timestep's) errors changes nothing
+    assert torch.allclose(irece.classifier_scores(err * torch.tensor([[[3.0]], [[0.1]]])), s)
+    # nothing explains the image better than anything else: every concept 1/K
+    assert torch.allclose(irece.classifier_scores(torch.ones(1, 3, 5)), torch.full((1, 4), 0.25))
+
+
+def test_classifier_gate_is_a_gate():
+    assert "classifier" in irece.GATES and irece.PRESENCE_GATE in irece.GATES
+    assert irece.IreceConfig(gate="classifier").gate == "classifier"

@@ -6,6 +6,8 @@ import pytest
 
 from .conftest import MODEL
 
+from irece_runtime.irece import PRESENCE_GATE
+
 from benchmarks.presence import auc, calibrate, constrained_threshold, summarize, youden_threshold
 
 
@@ -57,9 +59,9 @@ def test_bench_gate_quick_reports_both_gates_for_every_study(tmp_path):
     assert main(["bench", "gate", "--model", str(MODEL), "--quick", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     for study in ("wrong_concept", "benign", "pairs"):
-        assert {r["gate"] for r in res[study]} == {"off", "contrastive"}
+        assert {r["gate"] for r in res[study]} == {"off", PRESENCE_GATE}
     # the paper's always-intervene re-noises every benign request: none comes back bit-identical
     off = next(r for r in res["benign"] if r["gate"] == "off")
     assert off["identical_text"] == 0.0 and off["identical_inverted"] == 0.0
     aims = {(r["aimed_at"], r["gate"]) for r in res["wrong_concept"]}
-    assert aims == {("star", "off"), ("moon", "off"), ("star", "contrastive"), ("moon", "contrastive")}
+    assert aims == {("star", "off"), ("moon", "off"), ("star", PRESENCE_GATE), ("moon", PRESENCE_GATE)}
