@@ -19,7 +19,8 @@ def _write(obj: dict, path: str | None) -> None:
 
 def cmd_crr(a):
     from . import crr, report
-    s = crr.BenchSettings(tau=a.tau, t_star=a.t_star, seed=a.seed)
+    s = crr.BenchSettings(tau=a.tau, t_star=a.t_star, seed=a.seed,
+                          threshold=DEFAULTS.threshold if a.threshold is None else a.threshold)
     concepts, methods, scenarios = a.concepts, a.methods, crr.SCENARIOS
     if a.quick:
         s.n, s.n_preserve, s.erase_steps, s.ti_steps = 2, 1, 20, 20
@@ -97,7 +98,7 @@ def cmd_localization(a):
 def cmd_presence(a):
     from . import presence
     res = presence.run(a.model, n=a.n or (12 if a.quick else 100), steps=10 if a.quick else 25, tau=a.tau,
-                       t_star=a.t_star, gate=a.gate)
+                       t_star=a.t_star, gate=a.gate, classifier_timesteps=a.classifier_timesteps)
     _write(res, a.json)
     print(json.dumps({k: v for k, v in res.items() if k != "by_concept"}, indent=1))
 
@@ -146,6 +147,7 @@ def register(sub) -> None:
     p.add_argument("--methods", nargs="+", choices=("standard", "uce", "esd-x", "esd-u", "receler"))
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
+    p.add_argument("--threshold", type=float, help="the gated defence's presence threshold (default: IreceConfig's)")
     p.add_argument("--markdown", metavar="FILE")
     p.add_argument("--chart", metavar="PNG")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -204,6 +206,8 @@ def register(sub) -> None:
     common(p)
     p.add_argument("--gate", choices=[g for g in GATES if g != "off"], default="classifier",
                    help="the presence score: diffusion classifier or competing cross-attention")
+    p.add_argument("--classifier-timesteps", nargs="+", type=int, metavar="T",
+                   help="the classifier gate's re-noising timesteps (default: IreceConfig's)")
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.set_defaults(func=cmd_presence)

@@ -150,18 +150,20 @@ def score_splits(pipe, n: int, steps: int, guidance: float, cfg: IreceConfig,
 
 
 def run(model_dir, n: int = 100, steps: int = 25, guidance: float = 5.0, tau: float | None = None,
-        t_star=None, layers=None, max_fpr: float = 0.03, gate: str = "contrastive") -> dict:
+        t_star=None, layers=None, max_fpr: float = 0.03, gate: str = "contrastive",
+        classifier_timesteps: tuple[int, ...] | None = None) -> dict:
     from irece_runtime.loading import load_pipeline
 
     pipe = load_pipeline(model_dir, layers=layers)
     d = IreceConfig.defaults()
     cfg = IreceConfig(concepts=(), gate=gate, tau=d.tau if tau is None else tau,
+                      classifier_timesteps=tuple(classifier_timesteps or d.classifier_timesteps),
                       t_star=d.t_star if t_star is None else t_star)
     split = score_splits(pipe, n, steps, guidance, cfg)
     cal = calibrate(split["calibration"], max_fpr)
     threshold = cal["threshold"]
     held = split["held_out"]
-    res = {"gate": gate, "n_scenes": n, "steps": steps, "tau": cfg.tau, "t_star": cfg.t_star, "threshold": threshold,
+    res = {"gate": gate, "classifier_timesteps": list(cfg.classifier_timesteps), "n_scenes": n, "steps": steps, "tau": cfg.tau, "t_star": cfg.t_star, "threshold": threshold,
            "calibration": cal,
            "held_out": summarize(held, threshold),
            "held_out_youden": summarize(held, cal["youden"]),

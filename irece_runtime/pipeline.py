@@ -208,7 +208,7 @@ class Pipeline:
     def presence_steps(self, x, t, cfg: irece.IreceConfig) -> Machine:
         """(B, K) diffusion-classifier presence scores of the contrast set's concepts at x_t, from the standard
         UNet: x0 predicted with the null prompt (one row per image), re-noised at each t' in
-        irece.CLASSIFIER_TIMESTEPS with fixed noise (the same for every request, so a request's score does not
+        cfg.classifier_timesteps with fixed noise (the same for every request, so a request's score does not
         depend on its batch), and denoised under each concept's prompt and the null prompt (K + 1 rows per image
         and t'; one call per t', so no call outgrows an engine's batch profile)."""
         concepts = self.contrast_set(cfg)
@@ -218,7 +218,7 @@ class Pipeline:
         eps0 = yield Call("eps", (x, hidden[-1:].expand(b, -1, -1)), t, "standard")
         x0 = irece.predicted_x0(x, eps0, alphas[int(t)])
         errors = []
-        for j, t_prime in enumerate(irece.CLASSIFIER_TIMESTEPS):
+        for j, t_prime in enumerate(cfg.classifier_timesteps):
             xi = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(CLASSIFIER_SEED + j)).to(x0)
             x_tp = irece.renoise(x0, xi, alphas[t_prime])
             eps = yield Call("eps", (x_tp.repeat_interleave(k1, 0), hidden.repeat(b, 1, 1)),

@@ -94,3 +94,18 @@ def test_classifier_gate_names_the_shape_an_inverted_render_shows(pipe, vocab):
     concepts = pipe.contrast_set(cfg)
     top = [concepts[int(i)] for i in scores.argmax(1)]
     assert sum(a == b for a, b in zip(top, shapes.CONCEPTS)) >= 8, list(zip(shapes.CONCEPTS, top))
+
+
+def test_classifier_gate_runs_one_unet_call_per_re_noising_timestep(pipe, vocab, monkeypatch):
+    x = torch.randn(1, pipe.backend.latent_channels, pipe.sample_size, pipe.sample_size,
+                    generator=torch.Generator().manual_seed(1))
+    t = pipe.scheduler(6).timesteps[3]
+    rows = []
+    real = pipe.backend.eps
+    monkeypatch.setattr(pipe.backend, "eps", lambda m, s, ts, h: rows.append((m, s.shape[0])) or real(m, s, ts, h))
+    for ts in ((300,), (100, 300, 500)):
+        rows.clear()
+        cfg = IreceConfig(concepts=(vocab[0],), gate="classifier", classifier_timesteps=ts)
+        pipe.presence(x, t, cfg)
+        k = len(pipe.contrast_set(cfg))
+        assert rows == [("standard", 1)] + [("standard", k + 1)] * len(ts)  # x0, then K concepts + null per t'

@@ -170,3 +170,9 @@ def test_classifier_scores_favour_the_concept_that_denoises_best():
 def test_classifier_gate_is_a_gate():
     assert "classifier" in irece.GATES and irece.PRESENCE_GATE in irece.GATES
     assert irece.IreceConfig(gate="classifier").gate == "classifier"
+
+
+@pytest.mark.parametrize("bad", [(), (1000,), (-1,), (300.0,), (True,)])
+def test_classifier_timesteps_are_validated(bad):
+    with pytest.raises(ValueError, match="classifier_timesteps"):
+        irece.IreceConfig(gate="classifier", classifier_timesteps=bad)
