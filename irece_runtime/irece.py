@@ -237,7 +237,7 @@ def token_weights(prompt_ids: list[int], concept_ids: list[int], length: int = 7
 class ConceptReport:
     concept: str
     mask_area: float  # fraction of latent cells in the mask
-    peak: float  # the raw map's maximum (attention probability mass)
+    peak: float  # the raw map's maximum (attention probability mass; NaN: no localizer ran, the gate said absent)
     intervened: bool
     score: float = float("nan")  # presence score of the concept at t* (NaN: no presence gate ran)
     threshold: float = float("nan")  # the gate's threshold for this concept (NaN: always intervene, the paper)
@@ -246,7 +246,7 @@ class ConceptReport:
         """JSON form: NaN (no gate ran) becomes null, which strict JSON parsers accept."""
         def num(v: float) -> float | None:
             return None if math.isnan(v) else v
-        return {"concept": self.concept, "mask_area": self.mask_area, "peak": self.peak,
+        return {"concept": self.concept, "mask_area": self.mask_area, "peak": num(self.peak),
                 "intervened": self.intervened, "score": num(self.score), "threshold": num(self.threshold)}
 
 

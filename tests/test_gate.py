@@ -1,4 +1,6 @@
 """The presence gates inside the pipeline (model-agnostic: any SD v1.x folder with a vocabulary)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,8 @@ def test_classifier_gate_below_threshold_leaves_the_image_bit_identical_and_skip
     (c,) = gated.irece.concepts
     assert not c.intervened and c.mask_area == 0.0
     assert 0.0 <= c.score <= 1.0 and c.threshold == pytest.approx(1.01)
+    report = json.loads(json.dumps(gated.irece.to_dict(), allow_nan=False))  # strict JSON: no map, peak null
+    assert report["concepts"][0]["peak"] is None and report["concepts"][0]["score"] == pytest.approx(c.score)
 
 
 def test_classifier_gate_at_zero_threshold_masks_like_the_paper(pipe, vocab):
