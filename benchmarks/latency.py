@@ -66,14 +66,15 @@ def _pipe(model_dir, erased, backend, kw):
 
 def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, graphs_dir: str | None = None,
             concept: str = "star", steps: int = 25, n: int = 10, warmup: int = 2, modality: str = "text",
-            threshold: float | None = None) -> dict:
+            threshold: float | None = None, classifier_timesteps: tuple[int, ...] | None = None) -> dict:
     """p50/p95, throughput and peak memory with IRECE off, as the paper runs it ("paper": always intervening) and
     behind the presence gate ("gated"), interleaved per request; ratios on/off and gated/paper per backend."""
     from miniworld.shapes import render
     d = IreceConfig.defaults()
     settings = {"off": None, "paper": IreceConfig(concepts=(concept,)),
                 "gated": IreceConfig(concepts=(concept,), gate=PRESENCE_GATE,
-                                     threshold=d.threshold if threshold is None else threshold)}
+                                     threshold=d.threshold if threshold is None else threshold,
+                                     classifier_timesteps=tuple(classifier_timesteps or d.classifier_timesteps))}
     cfg = settings["paper"]
     rows, overhead = [], {}
     req_of = {"text": lambda s: Request(prompt=f"a red {concept} on a black background", steps=steps, seed=s),
@@ -125,7 +126,10 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
                              "floor_ratio": float(1 + floor),
                              "localization_share_of_request": float(np.mean(
                                  [st.get("localization", 0) / sum(st.values()) for st in stage["paper"]]))}
-    return {"rows": rows, "overhead": overhead, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    gated = settings["gated"]
+    return {"rows": rows, "overhead": overhead, "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "gated": {"gate": gated.gate, "threshold": gated.threshold,
+                      "classifier_timesteps": list(gated.classifier_timesteps)}}
 
 
 def measure_server(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, concept: str = "star",
