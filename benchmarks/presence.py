@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from irece_runtime.irece import IreceConfig
+from irece_runtime.irece import PRESENCE_GATE, IreceConfig
 from irece_runtime.calls import drive
 from irece_runtime.pipeline import guided_eps, sample
 from miniworld import shapes
@@ -150,7 +150,7 @@ def score_splits(pipe, n: int, steps: int, guidance: float, cfg: IreceConfig,
 
 
 def run(model_dir, n: int = 100, steps: int = 25, guidance: float = 5.0, tau: float | None = None,
-        t_star=None, layers=None, max_fpr: float = 0.03, gate: str = "contrastive",
+        t_star=None, layers=None, max_fpr: float = 0.03, gate: str = PRESENCE_GATE,
         classifier_timesteps: tuple[int, ...] | None = None) -> dict:
     from irece_runtime.loading import load_pipeline
 

@@ -15,6 +15,7 @@ import inspect
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -76,7 +77,8 @@ class Pipeline:
         self.scheduler_config = dict(scheduler_config)
         self.sample_size = sample_size  # default latent side
         self.vocabulary: tuple[str, ...] = tuple(vocabulary)  # the model's concepts (contrastive localization)
-        self._loc_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        # localization prompts' hidden states and token weights, and the classifier gate's prompts
+        self._loc_cache: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_model_dir(cls, backend: Backend, model_dir: str | Path) -> "Pipeline":
@@ -214,7 +216,7 @@ class Pipeline:
         concepts = self.contrast_set(cfg)
         hidden = self.classifier_prompts(concepts)
         b, k1 = x.shape[0], hidden.shape[0]
-        alphas = self._alphas_cumprod()
+        alphas = self.alphas_cumprod
         eps0 = yield Call("eps", (x, hidden[-1:].expand(b, -1, -1)), t, "standard")
         x0 = irece.predicted_x0(x, eps0, alphas[int(t)])
         errors = []
@@ -232,10 +234,10 @@ class Pipeline:
             return drive(self.presence_steps(x, t, cfg), self.backend)
         return irece.presence_scores(self.concept_maps(x, t, self.contrast_set(cfg)), cfg.tau)
 
-    def _alphas_cumprod(self) -> torch.Tensor:
-        if "alphas_cumprod" not in self._loc_cache:
-            self._loc_cache["alphas_cumprod"] = DDIMScheduler.from_config(self.scheduler_config).alphas_cumprod
-        return self._loc_cache["alphas_cumprod"]
+    @cached_property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The noise schedule's cumulative alphas (the same for every number of sampling steps)."""
+        return DDIMScheduler.from_config(self.scheduler_config).alphas_cumprod
 
     def _localize_classifier(self, x, t, cfg, targets):
         """The diffusion-classifier gate: score every concept of the contrast set; only targets whose score
