@@ -20,8 +20,9 @@ def _write(obj: dict, path: str | None) -> None:
 def cmd_crr(a):
     from . import crr, report
     s = crr.BenchSettings(tau=a.tau, t_star=a.t_star, seed=a.seed,
-                          threshold=DEFAULTS.threshold if a.threshold is None else a.threshold)
-    concepts, methods, scenarios = a.concepts, a.methods, crr.SCENARIOS
+                          threshold=DEFAULTS.threshold if a.threshold is None else a.threshold,
+                          defences=tuple(a.defences) if a.defences else crr.DEFENCES)
+    concepts, methods, scenarios = a.concepts, a.methods, tuple(a.scenarios or crr.SCENARIOS)
     if a.quick:
         s.n, s.n_preserve, s.erase_steps, s.ti_steps = 2, 1, 20, 20
         concepts = concepts or ["star"]
@@ -149,6 +150,11 @@ def register(sub) -> None:
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--threshold", type=float, help="the gated defence's presence threshold (default: IreceConfig's)")
+    p.add_argument("--defences", nargs="+", choices=("none", "irece-paper", "irece-gated", "full"),
+                   help="defences to compare (default: none irece-paper irece-gated; full adds the conditioning "
+                        "defence and a recheck to irece-gated)")
+    p.add_argument("--scenarios", nargs="+", choices=("text", "adv_prompt", "ti_white", "ti_black", "inv_white_null",
+                                                       "inv_white_prompt", "inv_black_null", "inv_black_prompt"))
     p.add_argument("--markdown", metavar="FILE")
     p.add_argument("--chart", metavar="PNG")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",

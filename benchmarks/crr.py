@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from irece_runtime.irece import PRESENCE_GATE, IreceConfig
+from irece_runtime.irece import PRESENCE_GATE, RECHECK, IreceConfig
 from irece_runtime.loading import load_pipeline
 from miniworld import shapes
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
@@ -41,8 +41,10 @@ SCENARIOS = ("text", "adv_prompt", "ti_white", "ti_black", "inv_white_null", "in
 REFERENCE_SEED = 7_000_000  # renders used as inversion references (never used in training)
 DEFAULTS = IreceConfig.defaults()
 # none: the erased model alone; irece-paper: IRECE as published (always intervenes, gate off);
-# irece-gated: IRECE behind the presence gate (irece.PRESENCE_GATE: intervenes only where the concept is present)
+# irece-gated: IRECE behind the presence gate (irece.PRESENCE_GATE: intervenes only where the concept is present);
+# full: irece-gated, and an image it re-noised is denoised without its conditioning from t* on (issue #12)
 DEFENCES = ("none", "irece-paper", "irece-gated")
+ALL_DEFENCES = DEFENCES + ("full",)
 
 
 @dataclass
@@ -63,8 +65,10 @@ class BenchSettings:
 def defence_config(defence: str, concept: str, s: BenchSettings) -> IreceConfig | None:
     if defence == "none":
         return None
-    gate = {"irece-paper": "off", "irece-gated": PRESENCE_GATE}[defence]
-    return IreceConfig(concepts=(concept,), tau=s.tau, t_star=s.t_star, gate=gate, threshold=s.threshold)
+    gate = {"irece-paper": "off", "irece-gated": PRESENCE_GATE, "full": PRESENCE_GATE}[defence]
+    full = defence == "full"
+    return IreceConfig(concepts=(concept,), tau=s.tau, t_star=s.t_star, gate=gate, threshold=s.threshold,
+                       conditioning="null" if full else "keep", recheck=RECHECK if full else ())
 
 
 def erased_unet(model_dir: str, method: str, concept: str, s: BenchSettings) -> str | None:

@@ -12,12 +12,12 @@ def _cell(p: dict) -> str:
     return f"{100 * p['crr']:.0f}" if p["n"] else "–"
 
 
-LABEL = {"none": "off", "irece-paper": "paper", "irece-gated": "gated"}
+LABEL = {"none": "off", "irece-paper": "paper", "irece-gated": "gated", "full": "full"}
 
 
 def _defences(res: dict) -> list[str]:
-    from .crr import DEFENCES
-    return [d for d in DEFENCES if any(r.get("defence") == d for r in res["rows"])]
+    from .crr import ALL_DEFENCES
+    return [d for d in ALL_DEFENCES if any(r.get("defence") == d for r in res["rows"])]
 
 
 def crr_markdown(res: dict) -> str:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from erasure.cli import register as register_erase
-from irece_runtime.irece import GATES, PERTURB_MODES, IreceConfig, IreceReport, parse_t_star
+from irece_runtime.irece import CONDITIONING, GATES, PERTURB_MODES, IreceConfig, IreceReport, parse_t_star
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 from miniworld.cli import register_world
 
@@ -28,7 +28,7 @@ def irece_config_from_args(a) -> IreceConfig | None:
     if not a.irece:
         return None
     return IreceConfig(concepts=tuple(a.irece), tau=a.tau, t_star=a.t_star, mode=a.mode, template=a.template,
-                       gate=a.gate, threshold=a.threshold)
+                       gate=a.gate, threshold=a.threshold, conditioning=a.conditioning, recheck=tuple(a.recheck or ()))
 
 
 def cmd_generate(a):
@@ -67,6 +67,11 @@ def add_irece_flags(p):
                         "contrastive (competing cross-attention): only where the concept is present")
     p.add_argument("--threshold", type=float, default=DEFAULTS.threshold,
                    help="presence gate's threshold (default: %(default)s)")
+    p.add_argument("--conditioning", choices=CONDITIONING, default=DEFAULTS.conditioning,
+                   help="after IRECE re-noises an image: keep its conditioning (the paper) or denoise it on the null "
+                        "prompt from then on (null: a learned embedding cannot redraw the concept)")
+    p.add_argument("--recheck", nargs="+", type=parse_t_star, metavar="T",
+                   help="later points of the schedule where IRECE runs again (fractions or step indices)")
     p.add_argument("--localizer-layers", nargs="+", metavar="NAME",
                    help="cross-attention layers the localizer averages (name substrings, e.g. up_blocks); "
                         "default: all (torch backend; exported graphs fix theirs at export)")

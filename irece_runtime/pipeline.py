@@ -235,6 +235,11 @@ class Pipeline:
         return irece.presence_scores(self.concept_maps(x, t, self.contrast_set(cfg)), cfg.tau)
 
     @cached_property
+    def null_hidden(self) -> torch.Tensor:
+        """(1, 77, D) hidden states of the empty prompt."""
+        return self.encode_prompt("")
+
+    @cached_property
     def alphas_cumprod(self) -> torch.Tensor:
         """The noise schedule's cumulative alphas (the same for every number of sampling steps)."""
         return DDIMScheduler.from_config(self.scheduler_config).alphas_cumprod
@@ -337,10 +342,11 @@ class Pipeline:
                       scheduler=None) -> Machine:
         """`denoise` as a machine: a UNet call per step (both guidance branches in one), the localizer at t*."""
         scheduler = scheduler or self.scheduler(steps)
-        hook = IreceStep(self, cfg, len(scheduler.timesteps), seed) if cfg and cfg.concepts else None
+        conditioning = Conditioning(cond, uncond if uncond is not None else self.null_hidden)
+        hook = IreceStep(self, cfg, len(scheduler.timesteps), seed, conditioning) if cfg and cfg.concepts else None
         t0 = time.perf_counter()
-        x = yield from sample(guided_eps("erased", cond, uncond, guidance), x.to(self.backend.device), scheduler,
-                              (hook,) if hook else (), callback)
+        x = yield from sample(guided_eps("erased", conditioning, uncond, guidance), x.to(self.backend.device),
+                              scheduler, (hook,) if hook else (), callback)
         if hook and not torch.isfinite(x).all():  # e.g. a full mask cannot help a non-finite conditioning
             raise irece.NonFiniteError("the denoised latent is not finite: no image IRECE cannot vouch for")
         timings = timings if timings is not None else {}
@@ -412,32 +418,50 @@ def sample(eps: EpsSteps, x: torch.Tensor, scheduler, hooks: tuple[StepHook, ...
     return x
 
 
-def guided_eps(model: str, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float) -> EpsSteps:
+class Conditioning:
+    """A request's text conditioning (1 or B, 77, D), which IRECE may take from some of its images mid-loop
+    (IreceConfig.conditioning "null"): those rows are conditioned on `null` from then on."""
+
+    def __init__(self, cond: torch.Tensor, null: torch.Tensor):
+        self.cond, self.null = cond, null
+
+    def drop(self, rows: torch.Tensor) -> None:
+        """rows: bool (B,) - these images' conditioning becomes the null conditioning."""
+        cond = self.cond.expand(rows.shape[0], -1, -1)
+        self.cond = torch.where(rows[:, None, None].to(cond.device), self.null.to(cond).expand_as(cond), cond)
+
+
+def guided_eps(model: str, cond: "torch.Tensor | Conditioning", uncond: torch.Tensor | None,
+               guidance: float) -> EpsSteps:
     """Classifier-free guidance as a noise-prediction wrapper: eps_u + w (eps_c - eps_u), one UNet call for both
     branches (the guidance pair stays together when calls are batched). A null prompt on both branches (or w = 1)
-    makes guidance a no-op: one UNet pass per step instead of two."""
-    if uncond is None or guidance == 1.0 or torch.equal(cond, uncond):
+    makes guidance a no-op: one UNet pass per step instead of two. cond may be a Conditioning, read at every step."""
+    state = cond if isinstance(cond, Conditioning) else Conditioning(cond, cond)
+    if uncond is None or guidance == 1.0 or torch.equal(state.cond, uncond):
+        # (dropping a conditioning equal to uncond changes nothing, so this stays one pass per step)
         def plain(x, t):
-            return (yield Call("eps", (x, cond.expand(x.shape[0], -1, -1)), t, model))
+            return (yield Call("eps", (x, state.cond.expand(x.shape[0], -1, -1)), t, model))
         return plain
 
-    pairs: dict[int, torch.Tensor] = {}  # batch size -> [uncond; cond] hidden states, built once per request
+    pairs: dict[int, tuple] = {}  # batch size -> (cond, [uncond; cond]): built once per request and conditioning
 
     def eps(x, t):
         b = x.shape[0]
-        if b not in pairs:
-            pairs[b] = torch.cat([uncond.expand(b, -1, -1), cond.expand(b, -1, -1)])
-        e_u, e_c = (yield Call("eps", (torch.cat([x, x]), pairs[b]), t, model)).chunk(2)
+        if b not in pairs or pairs[b][0] is not state.cond:
+            pairs[b] = (state.cond, torch.cat([uncond.expand(b, -1, -1), state.cond.expand(b, -1, -1)]))
+        e_u, e_c = (yield Call("eps", (torch.cat([x, x]), pairs[b][1]), t, model)).chunk(2)
         return e_u + guidance * (e_c - e_u)
     return eps
 
 
 class IreceStep:
     """IRECE as a step hook: at each planned step (t*, or each concept's tuned t*) the standard UNet localizes
-    the concepts and the masked latent is replaced by seeded noise. Owns the request's report."""
+    the concepts and the masked latent is replaced by seeded noise; with conditioning "null", the images it
+    re-noised lose their conditioning for the rest of the loop. Owns the request's report."""
 
-    def __init__(self, pipe: "Pipeline", cfg: irece.IreceConfig, steps: int, seed: int):
-        self.pipe, self.cfg, self.seed = pipe, cfg, seed
+    def __init__(self, pipe: "Pipeline", cfg: irece.IreceConfig, steps: int, seed: int,
+                 conditioning: Conditioning | None = None):
+        self.pipe, self.cfg, self.seed, self.conditioning = pipe, cfg, seed, conditioning
         self.plan = cfg.plan(steps)
         self.report: irece.IreceReport | None = None
         self.seconds = 0.0
@@ -454,6 +478,11 @@ class IreceStep:
         xi = torch.randn(x.shape, generator=torch.Generator().manual_seed((self.seed + 1_000_003 + i) % 2**63)).to(x)
         x = irece.perturb(x, mask.to(x), xi, self.cfg.mode)
         step = irece.IreceReport(i, int(t), concepts, mask)
+        if self.cfg.conditioning == "null" and self.conditioning is not None:
+            hit = mask.flatten(1).amax(1) > 0  # the images IRECE re-noised
+            if hit.any():
+                self.conditioning.drop(hit)
+                step.unconditioned = True
         self.report = step if self.report is None else self.report.merge(step)
         self.seconds += time.perf_counter() - t0
         return x

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from irece_runtime.irece import GATES, NONFINITE, IreceConfig, parse_t_star
+from irece_runtime.irece import CONDITIONING, GATES, NONFINITE, IreceConfig, parse_t_star
 
 DEFAULTS = IreceConfig.defaults()
 
@@ -13,7 +13,7 @@ DEFAULTS = IreceConfig.defaults()
 SERVE_FLAGS = ("model", "erased", "backend", "graphs", "port", "metrics_port", "host", "workers", "queue_size", "tau",
                "t_star", "gate", "threshold", "device", "tls_cert", "tls_key", "auth_token_file", "max_side",
                "cost_budget", "max_request_seconds", "drain_seconds", "nonfinite", "batching", "max_batch",
-               "gather_ms", "threads")
+               "gather_ms", "threads", "conditioning", "recheck")
 
 
 def serve_overrides(a) -> dict:
@@ -79,6 +79,11 @@ def register(sub) -> None:
                    help=f"intervention step: a fraction or a step index (default {DEFAULTS.t_star})")
     p.add_argument("--gate", choices=GATES, help=f"presence gate (default {DEFAULTS.gate!r}: always intervene)")
     p.add_argument("--threshold", type=float, help=f"presence gate's threshold (default {DEFAULTS.threshold})")
+    p.add_argument("--conditioning", choices=CONDITIONING,
+                   help="after IRECE re-noises an image: keep its conditioning (default, the paper) or denoise it on "
+                        "the negative/null prompt from then on (null)")
+    p.add_argument("--recheck", nargs="+", type=parse_t_star, metavar="T",
+                   help="later points of the schedule where IRECE runs again (fractions or step indices)")
     p.add_argument("--nonfinite", choices=NONFINITE,
                    help="NaN/inf at t*: refuse the request (error, default) or re-noise the whole latent")
     p.add_argument("--tls-cert", help="PEM certificate chain; needs --tls-key (half a TLS config refuses to start)")

@@ -41,6 +41,8 @@ class ServerConfig:
     classifier_timesteps: list[int] = field(default_factory=lambda: list(IRECE.classifier_timesteps))  # gate's t'
     allowed_concepts: list[str] | None = None  # what requests may add; None = model's concepts.json + operator's
     nonfinite: str = IRECE.nonfinite  # NaN/inf latent or concept map at t*: "error" (refuse) or "full_mask"
+    conditioning: str = IRECE.conditioning  # after an intervention: "keep" the request's conditioning, or "null"
+    recheck: list[float | int] = field(default_factory=list)  # later points where IRECE runs again (like t_star)
     # serving
     host: str = "127.0.0.1"
     port: int = 50051
@@ -81,6 +83,8 @@ class ServerConfig:
             raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
         if "t_star" in raw:
             raw["t_star"] = parse_t_star(raw["t_star"])
+        if "recheck" in raw:
+            raw["recheck"] = [parse_t_star(r) for r in raw["recheck"]]
         return cls(**raw)
 
     def tokens(self) -> list[str]:

@@ -21,6 +21,10 @@ class Metrics:
                                  "Interventions / localizations: share of localized requests in which IRECE "
                                  "re-noised part of the latent for the concept (1.0 without a presence gate)",
                                  ["concept"], registry=r)
+        self.unconditioned = Counter("irece_unconditioned_total",
+                                     "Requests in which an image IRECE re-noised lost its conditioning for the rest "
+                                     "of the denoising (conditioning = null: a learned embedding or prompt that drew "
+                                     "the concept)", registry=r)
         self.mask_area = Histogram("irece_mask_area_ratio", "Fraction of latent cells IRECE masked, per concept",
                                    ["concept"], buckets=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r)
         self.presence = Histogram("irece_presence_score", "Presence score of each localized concept at t* "
@@ -41,16 +45,24 @@ class Metrics:
         self.gpu_memory = Gauge("irece_gpu_memory_bytes", "GPU memory allocated by the server process", registry=r)
 
     def observe_irece(self, report) -> None:
+        """Counts once per request and concept: a concept checked again later (recheck) is one localization,
+        intervened if any of its checks intervened; its histograms see its largest mask and score."""
+        per_concept: dict[str, list] = {}
         for c in report.concepts:
-            self.localizations.labels(c.concept).inc()
-            if c.intervened:
-                self.interventions.labels(c.concept).inc()
-            self.mask_area.labels(c.concept).observe(c.mask_area)
-            if c.score == c.score:  # NaN: no presence gate ran for this request
-                self.presence.labels(c.concept).observe(c.score)
-            done = self.localizations.labels(c.concept)._value.get()
-            hit = self.interventions.labels(c.concept)._value.get()
-            self.suppression.labels(c.concept).set(hit / done if done else 0.0)
+            per_concept.setdefault(c.concept, []).append(c)
+        for concept, checks in per_concept.items():
+            self.localizations.labels(concept).inc()
+            if any(c.intervened for c in checks):
+                self.interventions.labels(concept).inc()
+            self.mask_area.labels(concept).observe(max(c.mask_area for c in checks))
+            scores = [c.score for c in checks if c.score == c.score]  # NaN: no presence gate ran
+            if scores:
+                self.presence.labels(concept).observe(max(scores))
+            done = self.localizations.labels(concept)._value.get()
+            hit = self.interventions.labels(concept)._value.get()
+            self.suppression.labels(concept).set(hit / done if done else 0.0)
+        if report.unconditioned:
+            self.unconditioned.inc()
 
     def observe_timings(self, timings: dict) -> None:
         for stage, seconds in timings.items():

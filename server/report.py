@@ -16,12 +16,14 @@ def to_proto(report: IreceReport | None) -> pb.IreceReport:
     """None (no concept to suppress, IRECE did not run) is the empty report: step_index and timestep -1."""
     r = report if report is not None else IreceReport()
     return pb.IreceReport(intervened=r.intervened, mask_area=r.mask_area, step_index=r.step_index,
-                          timestep=r.timestep, concepts=[pb.ConceptReport(**asdict(c)) for c in r.concepts])
+                          timestep=r.timestep, concepts=[pb.ConceptReport(**asdict(c)) for c in r.concepts],
+                          unconditioned=r.unconditioned)
 
 
 def to_dict(msg: pb.IreceReport) -> dict:
     """The wire report as `IreceReport.to_dict()` gives it (floats as float32, the wire's precision)."""
     concepts = [ConceptReport(**{f.name: getattr(c, f.name) for f in fields(ConceptReport)}) for c in msg.concepts]
-    d = IreceReport(step_index=msg.step_index, timestep=msg.timestep, concepts=concepts).to_dict()
+    d = IreceReport(step_index=msg.step_index, timestep=msg.timestep, concepts=concepts,
+                    unconditioned=msg.unconditioned).to_dict()
     d.update(intervened=msg.intervened, mask_area=msg.mask_area)  # the union mask stays on the server; its area travels
     return d

@@ -147,7 +147,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.operator = IreceConfig(concepts=tuple(cfg.concepts), tau=cfg.tau, t_star=cfg.t_star, mode=cfg.mode,
                                     template=cfg.template, min_peak=cfg.min_peak, per_concept=cfg.per_concept,
                                     gate=cfg.gate, threshold=cfg.threshold, vocabulary=tuple(cfg.vocabulary),
-                                    classifier_timesteps=tuple(cfg.classifier_timesteps), nonfinite=cfg.nonfinite)
+                                    classifier_timesteps=tuple(cfg.classifier_timesteps), nonfinite=cfg.nonfinite,
+                                    conditioning=cfg.conditioning, recheck=tuple(cfg.recheck))
         self.allowed = concept_catalogue(cfg)
         cfg.check_serving()
         # images per engine call: the operator's limit, within what the backend can run (TensorRT's profile)

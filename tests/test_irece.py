@@ -176,3 +176,28 @@ def test_classifier_gate_is_a_gate():
 def test_classifier_timesteps_are_validated(bad):
     with pytest.raises(ValueError, match="classifier_timesteps"):
         irece.IreceConfig(gate="classifier", classifier_timesteps=bad)
+
+
+def test_recheck_adds_later_intervention_steps_for_every_concept():
+    cfg = irece.IreceConfig(concepts=("cat", "dog"), t_star=0.5, recheck=(0.7, 20),
+                            per_concept={"dog": {"t_star": 0.3, "tau": 0.6}})
+    plan = cfg.plan(25)
+    assert list(plan) == [8, 12, 18, 20]  # in schedule order
+    assert plan[12] == [("cat", 0.4, 0.5)] and plan[8] == [("dog", 0.6, 0.5)]
+    assert plan[18] == plan[20] == [("cat", 0.4, 0.5), ("dog", 0.6, 0.5)]
+    assert irece.IreceConfig(concepts=("cat",), t_star=0.5, recheck=(0.5,)).plan(25) == {12: [("cat", 0.4, 0.5)]}
+
+
+@pytest.mark.parametrize("kw", [dict(conditioning="drop"), dict(recheck=(1.5,)), dict(recheck=(-1,)),
+                                dict(recheck=("0.7",)), dict(recheck=(True,))])
+def test_conditioning_and_recheck_are_validated(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        irece.IreceConfig(**kw)
+
+
+def test_reports_merge_the_conditioning_flag():
+    a = irece.IreceReport(3, 500, [irece.ConceptReport("cat", 0.0, 0.1, False)], torch.zeros(1, 2, 2))
+    b = irece.IreceReport(5, 300, [irece.ConceptReport("cat", 0.5, 0.3, True)], torch.ones(1, 2, 2),
+                          unconditioned=True)
+    d = a.merge(b).to_dict()
+    assert d["unconditioned"] and d["step_index"] == 3 and [c["intervened"] for c in d["concepts"]] == [False, True]

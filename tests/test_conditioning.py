@@ -1,0 +1,60 @@
+"""The conditioning defence (IreceConfig.conditioning = "null", issue #12) inside the denoising loop: an image
+IRECE re-noised is denoised on the null prompt from then on; an image it left alone keeps its conditioning and
+comes back bit-identical."""
+import numpy as np
+import pytest
+import torch
+
+from irece_runtime.irece import IreceConfig
+from irece_runtime.pipeline import Request
+
+
+def spy_eps(pipe, monkeypatch) -> list:
+    """Every erased-UNet eps call's (timestep, hidden states)."""
+    seen = []
+    real = pipe.backend.eps
+
+    def eps(model, x, t, hidden):
+        if model == "erased":
+            seen.append(hidden.clone())
+        return real(model, x, t, hidden)
+    monkeypatch.setattr(pipe.backend, "eps", eps)
+    return seen
+
+
+def test_null_conditioning_after_an_intervention_reaches_the_erased_unet(pipe, monkeypatch):
+    """The paper's gate-off IRECE always intervenes: with conditioning "null" every step after t* runs the
+    guided pair on [null; null], every step before it on [null; prompt]."""
+    seen = spy_eps(pipe, monkeypatch)
+    req = Request(prompt="a cat on a mat", steps=6, seed=1, batch=2)
+    res = pipe.generate(req, IreceConfig(concepts=("cat",), t_star=3, conditioning="null"))
+    null, cond = pipe.encode_prompt(""), pipe.encode_prompt("a cat on a mat")
+    assert len(seen) == 6 and res.irece.unconditioned and res.irece.to_dict()["unconditioned"]
+    for i, hidden in enumerate(seen):
+        assert hidden.shape[0] == 4  # [uncond; cond] for 2 images
+        assert torch.equal(hidden[:2], null.expand(2, -1, -1))
+        assert torch.equal(hidden[2:], (null if i >= 3 else cond).expand(2, -1, -1))
+    kept = pipe.generate(req, IreceConfig(concepts=("cat",), t_star=3))
+    assert not kept.irece.unconditioned and not np.array_equal(kept.uint8(), res.uint8())
+
+
+def test_only_the_images_irece_re_noised_lose_their_conditioning(pipe):
+    from irece_runtime.pipeline import Conditioning
+    cond, null = torch.ones(1, 3, 2), torch.zeros(1, 3, 2)
+    c = Conditioning(cond, null)
+    c.drop(torch.tensor([False, True, False]))
+    assert c.cond.shape == (3, 3, 2)
+    assert c.cond[0].eq(1).all() and c.cond[1].eq(0).all() and c.cond[2].eq(1).all()
+
+
+def test_a_gate_that_never_fires_keeps_the_conditioning_and_the_image(pipe):
+    if len(pipe.vocabulary) < 2:
+        pytest.skip("the model folder has no concepts.json to score against")
+    vocab = pipe.vocabulary
+    req = Request(prompt=f"a {vocab[1]}", steps=6, seed=3)
+    off = pipe.generate(req)
+    on = pipe.generate(req, IreceConfig(concepts=(vocab[0],), gate="classifier", threshold=1.01, t_star=2,
+                                        recheck=(4,), conditioning="null"))
+    assert np.array_equal(off.uint8(), on.uint8())
+    assert not on.irece.unconditioned and [c.intervened for c in on.irece.concepts] == [False, False]
+    assert on.irece.step_index == 2
