@@ -72,42 +72,55 @@ def ring_a_bell(pipe: Pipeline, concept: str, n_tokens: int = 6, eta: float = 1.
 TI_TEMPLATES = ("a {}", "an image of a {}", "a photo of a {}", "a {} on a background")
 
 
+class TiObjective:
+    """Textual inversion's loss: the chosen UNet's noise-prediction error on renders of the concept, prompted by
+    templates holding the placeholder (Gal et al. 2022). Torch backend only (needs gradients)."""
+
+    def __init__(self, pipe: Pipeline, model: str, concept: str, token: str = "<c>", n_images: int = 25,
+                 seed: int = 0):
+        from diffusers import DDPMScheduler
+        e = self.e = require_torch(pipe.backend, "textual inversion")
+        self.unet = e.unets[model]
+        for p in self.unet.parameters():
+            p.requires_grad_(False)
+        self.sched = DDPMScheduler.from_config(pipe.scheduler_config)
+        rng = np.random.default_rng(seed)
+        images = np.stack([shapes.render(concept, rng=rng).image for _ in range(n_images)])
+        with torch.no_grad():
+            self.latents = e.vae_encode(to_tensor(images))
+        self.n_tokens = pipe.tokenizer.model_max_length
+        self.base = []  # per template: token embeddings, and the placeholder's position
+        for t in TI_TEMPLATES:
+            ids, sl = pipe.token_ids(t.format(token), {token: 1})
+            padded = torch.tensor([ids + [pipe.tokenizer.pad_token_id] * (self.n_tokens - len(ids))])
+            self.base.append((e.embed_tokens(padded)[0].detach(), sl[0][0]))
+        init_ids = pipe.tokenizer("shape", add_special_tokens=False).input_ids
+        self.init = e.embed_tokens(torch.tensor([init_ids]))[0, :1].clone()  # the word 'shape'
+
+    def loss(self, vec: torch.Tensor, batch: int, g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(self.latents), (batch,), generator=g)
+        tpl = torch.randint(len(self.base), (batch,), generator=g)
+        emb = torch.stack([self.base[k][0] for k in tpl.tolist()])
+        mask = torch.zeros(batch, self.n_tokens, 1)
+        for r, k in enumerate(tpl.tolist()):
+            mask[r, self.base[k][1]] = 1.0
+        emb = emb * (1 - mask) + mask * vec[None]
+        hidden = text_encoder_from_embeds(self.e.text_encoder, emb)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        n = torch.randn(self.latents[idx].shape, generator=g)
+        return F.mse_loss(self.unet(self.sched.add_noise(self.latents[idx], n, t), t, hidden).sample, n)
+
+
 def textual_inversion(pipe: Pipeline, model: str, concept: str, token: str = "<c>", steps: int = 300,
                       batch: int = 16, lr: float = 5e-3, n_images: int = 25, seed: int = 0) -> torch.Tensor:
     """Learn one vector for `token` from renders of the concept, through the chosen UNet ('erased' = white-box,
     'standard' = black-box). Torch backend only (needs gradients). Initialised from the word 'shape'."""
-    e = require_torch(pipe.backend, "textual inversion")
-    unet = e.unets[model]
-    from diffusers import DDPMScheduler
-    sched = DDPMScheduler.from_config(pipe.scheduler_config)
-    rng = np.random.default_rng(seed)
-    images = np.stack([shapes.render(concept, rng=rng).image for _ in range(n_images)])
-    with torch.no_grad():
-        latents = e.vae_encode(to_tensor(images))
-    init_ids = pipe.tokenizer("shape", add_special_tokens=False).input_ids
-    vec = e.embed_tokens(torch.tensor([init_ids]))[0, :1].clone().requires_grad_(True)
+    objective = TiObjective(pipe, model, concept, token, n_images, seed)
+    vec = objective.init.clone().requires_grad_(True)
     opt = torch.optim.AdamW([vec], lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    slots = [pipe.token_ids(t.format(token), {token: 1}) for t in TI_TEMPLATES]
-    n_tokens = pipe.tokenizer.model_max_length
-    base = []
-    for ids, sl in slots:
-        padded = torch.tensor([ids + [pipe.tokenizer.pad_token_id] * (n_tokens - len(ids))])
-        base.append((e.embed_tokens(padded)[0].detach(), sl[0][0]))
-    for p in unet.parameters():
-        p.requires_grad_(False)
     for _ in tqdm(range(steps), desc=f"TI {concept} on {model}", mininterval=10, leave=False):
-        idx = torch.randint(len(latents), (batch,), generator=g)
-        tpl = torch.randint(len(base), (batch,), generator=g)
-        emb = torch.stack([base[k][0] for k in tpl.tolist()])
-        mask = torch.zeros(batch, n_tokens, 1)
-        for r, k in enumerate(tpl.tolist()):
-            mask[r, base[k][1]] = 1.0
-        emb = emb * (1 - mask) + mask * vec[None]
-        hidden = text_encoder_from_embeds(e.text_encoder, emb)
-        t = torch.randint(0, 1000, (batch,), generator=g)
-        n = torch.randn(latents[idx].shape, generator=g)
-        loss = F.mse_loss(unet(sched.add_noise(latents[idx], n, t), t, hidden).sample, n)
+        loss = objective.loss(vec, batch, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

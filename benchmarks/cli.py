@@ -39,6 +39,31 @@ def cmd_crr(a):
         report.crr_chart(res, a.chart)
 
 
+def cmd_adaptive(a):
+    from . import adaptive
+    s = adaptive.AdaptiveSettings(t_star=a.t_star, seed=a.seed, model=a.model,
+                                  threshold=DEFAULTS.threshold if a.threshold is None else a.threshold)
+    methods, attack_names = a.methods or ["uce", "esd-x", "esd-u", "receler"], a.attacks or list(adaptive.BUDGET_UNITS)
+    s.n, s.budgets = 16, dict(adaptive.FULL_BUDGETS)
+    if a.quick:
+        s.n, s.steps, s.erase_steps, s.ti_steps = 2, 10, 20, 20
+        s.budgets = dict(adaptive.QUICK_BUDGETS)
+        methods = a.methods or ["uce"]
+    if a.n:
+        s.n = a.n
+    for spec in a.budget or []:
+        name, _, values = spec.partition("=")
+        s.budgets[name] = sorted({0, *(int(v) for v in values.split(","))})
+    res = adaptive.run(a.model, a.concept, methods, attack_names, s)
+    _write(res, a.json)
+    md = adaptive.markdown(res)
+    print(md)
+    if a.markdown:
+        Path(a.markdown).write_text(md)
+    if a.chart:
+        adaptive.chart(res, a.chart)
+
+
 def cmd_tune(a):
     from . import tune
     from .crr import BenchSettings
@@ -165,6 +190,20 @@ def register(sub) -> None:
                    help="with --ray: torch threads per cell (default: this process's; the sequential run's result "
                         "is reproduced with the same thread count)")
     p.set_defaults(func=cmd_crr)
+
+    p = bsub.add_parser("adaptive", help="attacks that know the defence: TI through it, PGD and query search "
+                                         "against its gate (issue #12)")
+    common(p)
+    p.add_argument("--concept", default="star")
+    p.add_argument("--methods", nargs="+", choices=("uce", "esd-x", "esd-u", "receler"))
+    p.add_argument("--attacks", nargs="+", choices=("ti", "pgd", "pgd-bb", "prompt"))
+    p.add_argument("--budget", action="append", metavar="ATTACK=B1,B2",
+                   help="budgets of one attack (0 is always measured), e.g. ti=10,25,50 (repeatable)")
+    p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
+    p.add_argument("--threshold", type=float, help="the gate's presence threshold (default: IreceConfig's)")
+    p.add_argument("--markdown", metavar="FILE")
+    p.add_argument("--chart", metavar="PNG", help="CRR against budget under the full defence")
+    p.set_defaults(func=cmd_adaptive)
 
     p = bsub.add_parser("tune", help="sweep t* and tau; per-concept choice on a calibration split")
     common(p)

@@ -73,22 +73,32 @@ class _Stop(Exception):
     pass
 
 
+def trajectory(pipe, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, steps: int,
+               at, model: str = "standard", backend=None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Run the pipeline's own sampler with `model` from x, without IRECE, and return (i, t, x_t) at each schedule
+    index in `at`, stopping after the last. `backend`: pipe.backend, or a differentiable stand-in (adaptive
+    attacks)."""
+    at, seen = set(at), []
+
+    def capture(i, t, x_t):
+        if i in at:
+            seen.append((i, t, x_t))
+            if i == max(at):
+                raise _Stop
+        return x_t
+    try:
+        drive(sample(guided_eps(model, cond, uncond, guidance), x, pipe.scheduler(steps), (capture,)),
+              backend or pipe.backend)
+    except _Stop:
+        pass
+    return seen
+
+
 def latents_at(pipe, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, steps: int,
                step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the standard model's sampler from x up to schedule index `step`; returns (x_t, t) there."""
-    seen = {}
-
-    def capture(i, t, x_t):
-        if i == step:
-            seen["x"], seen["t"] = x_t, t
-            raise _Stop
-        return x_t
-    try:
-        drive(sample(guided_eps("standard", cond, uncond, guidance), x, pipe.scheduler(steps), (capture,)),
-              pipe.backend)
-    except _Stop:
-        pass
-    return seen["x"], seen["t"]
+    ((_, t, x_t),) = trajectory(pipe, x, cond, uncond, guidance, steps, (step,))
+    return x_t, t
 
 
 def scenes(n: int, seed: int, pair_share: float = 0.4) -> list:
