@@ -116,7 +116,7 @@ def adaptive_ti(pipe: Pipeline, vec0: torch.Tensor, concept: str, cfg: IreceConf
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(evade))
+        losses.append(float(evade.detach()))
         if step in budgets:
             out[step] = vec.detach().clone()
     out["losses"] = losses
@@ -144,7 +144,7 @@ def pgd_references(pipe: Pipeline, images: np.ndarray, concept: str, cfg: IreceC
         loss = hinge(gate_scores(pipe, grad, seen, cfg, concept), cfg.threshold)
         delta.grad = None
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         with torch.no_grad():
             delta -= scale * alpha * delta.grad.sign()
             delta.clamp_(-scale * epsilon, scale * epsilon)
@@ -291,6 +291,32 @@ def run(model_dir: str = str(DEFAULT_MODEL), concept: str = "star", methods=("uc
             log(f"[{time.time() - t0:6.0f}s] {method}/{name} done")
     return {"settings": {k: v for k, v in s.__dict__.items()}, "budget_units": BUDGET_UNITS, "rows": rows,
             "objective_curves": curves, "seconds": round(time.time() - t0, 1)}
+
+
+def benign_embeddings(model_dir: str, concept: str, methods, others, s: AdaptiveSettings, log=print) -> list[dict]:
+    """Benign learned embeddings under each defence: white-box textual inversion of *other* concepts, learned on the
+    model erasing `concept`. Per (method, other concept, defence): the other concept's own CRR, its share of that
+    CRR without any defence, and the share of images bit-identical to the undefended ones."""
+    judge = load_judge()
+    rows = []
+    seeds = [EVAL_SEED + 500 + k for k in range(s.n)]
+    prompts = [attacks.TI_TEMPLATES[k % len(attacks.TI_TEMPLATES)].format("<c>") for k in range(s.n)]
+    for method in methods:
+        erased = erased_unet(model_dir, method, concept, s)
+        pipe = load_pipeline(model_dir, erased)
+        for other in others:
+            vec = ti_embedding(pipe, model_dir, erased, "erased", other, s)
+            made = {d: gen.from_prompts(pipe, prompts, seeds, defence_config(d, concept, s), learned={"<c>": vec},
+                                        steps=s.steps, guidance=s.guidance)[0] for d in ALL_DEFENCES}
+            base = float(shows(judge, made["none"], other).mean())
+            for d, images in made.items():
+                k = int(shows(judge, images, other).sum())
+                rows.append({"method": method, "erased": concept, "embedding_of": other, "defence": d, "n": s.n,
+                             "crr_own": k / s.n, "kept_of_undefended": (k / s.n) / base if base else float("nan"),
+                             "identical": float(np.mean([np.array_equal(a, b)
+                                                         for a, b in zip(made["none"], images)]))})
+        log(f"{method}: benign embeddings done")
+    return rows
 
 
 BUDGET_UNITS = {"ti": "optimisation steps (4 generations + 16 TI samples each)", "pgd": "PGD steps (L-inf)",

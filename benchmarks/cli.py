@@ -54,6 +54,13 @@ def cmd_adaptive(a):
     for spec in a.budget or []:
         name, _, values = spec.partition("=")
         s.budgets[name] = sorted({0, *(int(v) for v in values.split(","))})
+    if a.benign_only:  # benign learned embeddings of other concepts under each defence (no attack)
+        from miniworld.shapes import CONCEPTS
+        others = a.others or [c for c in CONCEPTS if c != a.concept][:1 if a.quick else 3]
+        rows = adaptive.benign_embeddings(a.model, a.concept, methods, others, s)
+        _write({"settings": s.__dict__, "benign_embeddings": rows}, a.json)
+        print(json.dumps(rows, indent=1))
+        return
     res = adaptive.run(a.model, a.concept, methods, attack_names, s)
     _write(res, a.json)
     md = adaptive.markdown(res)
@@ -203,6 +210,9 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, help="the gate's presence threshold (default: IreceConfig's)")
     p.add_argument("--markdown", metavar="FILE")
     p.add_argument("--chart", metavar="PNG", help="CRR against budget under the full defence")
+    p.add_argument("--benign-only", action="store_true",
+                   help="no attack: benign learned embeddings (white-box TI of other concepts) under each defence")
+    p.add_argument("--others", nargs="+", help="with --benign-only: the other concepts (default: the first three)")
     p.set_defaults(func=cmd_adaptive)
 
     p = bsub.add_parser("tune", help="sweep t* and tau; per-concept choice on a calibration split")

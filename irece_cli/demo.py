@@ -4,10 +4,11 @@
 2. erase one concept with UCE, attack it by white-box DDIM inversion, and let IRECE suppress it again: as the
    paper does it (always re-noising) and behind the presence gate (threshold calibrated here, on renders the
    benchmarks never use), which also leaves benign requests (another concept) bit-identical;
-3. serve the erased model over gRPC (`irece serve` with the classifier gate at the calibrated threshold), send one
-   request per modality for the erased concept and one benign request, and print each IRECE report (presence
-   score against threshold: the benign request passes untouched beside the suppressed ones) and the Prometheus
-   metrics.
+3. serve the erased model over gRPC (`irece serve` with the full defence: the classifier gate at the calibrated
+   threshold, conditioning dropped where it fires, a recheck), send one request per modality for the erased concept
+   (the embedding: textual inversion learned on the erased model) and one benign request, and print each IRECE
+   report (presence scores against threshold: the benign request passes untouched beside the suppressed ones) and
+   the Prometheus metrics.
 """
 from __future__ import annotations
 
@@ -113,12 +114,12 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
 def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray, pipe, benign: str,
                    threshold: float) -> dict:
     import grpc
-    import torch
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from prometheus_client.parser import text_string_to_metric_families
 
     from irece_runtime.embeddings import save_learned_embedding
-    from irece_runtime.irece import PRESENCE_GATE
+    from benchmarks.attacks import textual_inversion
+    from irece_runtime.irece import PRESENCE_GATE, RECHECK
     from protos.irece.v1 import generation_pb2_grpc as pb_grpc
     from server import report
     from server.client import build_request
@@ -127,7 +128,9 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
     proc = subprocess.Popen([sys.executable, "-m", "irece_cli.main", "serve", "--model", str(DEFAULT_MODEL),
                              "--erased", str(erased), "--concept", concept, "--port", str(port),
                              "--metrics-port", str(metrics_port), "--gate", PRESENCE_GATE,
-                             "--threshold", f"{threshold:.4f}", "--t-star", str(GATED_T_STAR)])
+                             "--threshold", f"{threshold:.4f}", "--t-star", str(GATED_T_STAR),
+                             # the full defence: an image the gate caught loses its conditioning, and a second look
+                             "--conditioning", "null", "--recheck", *map(str, RECHECK)])
     try:
         target = f"127.0.0.1:{port}"
         with grpc.insecure_channel(target) as ch:
@@ -143,9 +146,9 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
                     raise RuntimeError("server did not become SERVING")
                 time.sleep(0.5)
             Image.fromarray(reference).save(out / "reference.png")
-            ids = pipe.tokenizer(concept, add_special_tokens=False).input_ids
-            save_learned_embedding(out / "learned_embeds.safetensors",
-                                   {"<x>": pipe.backend.embed_tokens(torch.tensor([ids]))[0]})
+            # the attack on the embedding path: textual inversion learned on the erased model itself (white-box)
+            vec = textual_inversion(pipe, "erased", concept, steps=200)
+            save_learned_embedding(out / "learned_embeds.safetensors", {"<x>": vec})
             stub = pb_grpc.GenerationStub(ch)
             reports = {}
             for modality, req in (("text", build_request(f"a {concept} on a black background")),
@@ -156,14 +159,15 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
                 resp = stub.Generate(req, timeout=120)
                 (out / f"server_{modality}.png").write_bytes(resp.png)
                 reports[modality] = report.to_dict(resp.irece)
-                c = resp.irece.concepts[0]
-                gate = f" presence {c.score:.2f} vs threshold {c.threshold:.2f}" if c.score == c.score else ""
+                scores = " ".join(f"{c.score:.2f}" for c in resp.irece.concepts if c.score == c.score)
+                gate = f" presence {scores} (t*, recheck) vs threshold {resp.irece.concepts[0].threshold:.2f}"
                 print(f"     {modality:16s} intervened={resp.irece.intervened} mask_area={resp.irece.mask_area:.2f}"
-                      f"{gate}", flush=True)
+                      f"{gate} unconditioned={resp.irece.unconditioned}", flush=True)
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
         shown = {}
         for fam in text_string_to_metric_families(body):
-            if fam.name in ("irece_requests", "irece_interventions", "irece_suppression_ratio", "irece_localizations"):
+            if fam.name in ("irece_requests", "irece_interventions", "irece_suppression_ratio", "irece_localizations",
+                            "irece_unconditioned"):
                 for smp in fam.samples:
                     if smp.name.endswith("_created"):
                         continue

@@ -342,7 +342,9 @@ class Pipeline:
                       scheduler=None) -> Machine:
         """`denoise` as a machine: a UNet call per step (both guidance branches in one), the localizer at t*."""
         scheduler = scheduler or self.scheduler(steps)
-        conditioning = Conditioning(cond, uncond if uncond is not None else self.null_hidden)
+        # with conditioning "null", an image IRECE re-noised continues on uncond (without one: the empty prompt)
+        dropping = cfg is not None and cfg.conditioning == "null"
+        conditioning = Conditioning(cond, uncond if uncond is not None or not dropping else self.null_hidden)
         hook = IreceStep(self, cfg, len(scheduler.timesteps), seed, conditioning) if cfg and cfg.concepts else None
         t0 = time.perf_counter()
         x = yield from sample(guided_eps("erased", conditioning, uncond, guidance), x.to(self.backend.device),

@@ -219,6 +219,19 @@ def test_one_request_per_modality_and_metrics(served, pipe):
     assert s.metric("irece_stage_duration_seconds_count", stage="inversion") >= 1
 
 
+def test_conditioning_defence_and_recheck_reach_the_wire_and_metrics(start_server, pipe):
+    """conditioning = null with a recheck (the gate off: IRECE always intervenes): the response says the image lost
+    its conditioning, lists the concept once per check, and Prometheus counts the request once."""
+    s = start_server(pipe, conditioning="null", recheck=[0.8])
+    assert s.server.service.operator.conditioning == "null" and s.server.service.operator.recheck == (0.8,)
+    r = s.stub.Generate(text_req())
+    s.decode(r)
+    assert r.irece.unconditioned and report.to_dict(r.irece)["unconditioned"]
+    assert [c.concept for c in r.irece.concepts] == ["star", "star"]  # t* and the recheck
+    assert s.metric("irece_unconditioned_total") == 1
+    assert s.metric("irece_localizations_total", concept="star") == 1  # one request, however many checks
+
+
 def test_stream_reports_progress_then_result(served):
     events = list(served.stub.GenerateStream(text_req()))
     progress = [e.progress for e in events if e.HasField("progress")]
