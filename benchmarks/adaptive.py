@@ -23,6 +23,7 @@ irece-gated, full (irece-gated + conditioning defence + recheck).
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ from miniworld.judge import load_judge, shows
 
 from . import attacks
 from . import batch as gen
+from .cache import key, model_fingerprint, write_atomic
 from .presence import trajectory
 from .crr import ALL_DEFENCES, BenchSettings, defence_config, erased_unet, references, ti_embedding
 from .stats import wilson
@@ -233,7 +235,7 @@ class AdaptiveSettings(BenchSettings):
 
 
 QUICK_BUDGETS = {"ti": [0, 2], "pgd": [0, 2], "pgd-bb": [0, 2], "prompt": [0, 2]}
-FULL_BUDGETS = {"ti": [0, 10, 25, 50], "pgd": [0, 4, 8, 16], "pgd-bb": [0, 8, 16, 32], "prompt": [0, 16, 32, 64]}
+FULL_BUDGETS = {"ti": [0, 10, 25, 50], "pgd": [0, 4, 8, 16], "pgd-bb": [0, 4, 8, 16], "prompt": [0, 16, 32, 64]}
 
 
 def evaluate(pipe: Pipeline, judge, attack: str, artefact, concept: str, s: AdaptiveSettings,
@@ -270,6 +272,15 @@ def run(model_dir: str = str(DEFAULT_MODEL), concept: str = "star", methods=("uc
         full = cfgs["full"]
         for name in attack_names:
             b = sorted(budgets[name])
+            path = key("adaptive", model=model_fingerprint(model_dir), method=method, concept=concept, attack=name,
+                       budgets=b, settings=s.__dict__).with_suffix(".json")
+            if path.exists():  # a finished (method, attack) of an earlier run: resume past it
+                cell = json.loads(path.read_text())
+                rows += cell["rows"]
+                curves += cell["curves"]
+                log(f"[{time.time() - t0:6.0f}s] {method}/{name} cached")
+                continue
+            cell = {"rows": [], "curves": []}
             if name == "ti":
                 made = adaptive_ti(pipe, ti_embedding(pipe, model_dir, erased, "erased", concept, s), concept, full,
                                    b, s)
@@ -283,11 +294,14 @@ def run(model_dir: str = str(DEFAULT_MODEL), concept: str = "star", methods=("uc
             for budget in b:
                 for d, (k, n) in evaluate(pipe, judge, "ti" if name == "ti" else "prompt" if name == "prompt"
                                           else "pgd", made[budget], concept, s, cfgs).items():
-                    rows.append({"attack": name, "access": access, "method": method, "defence": d,
-                                 "concept": concept, "crr": k / n, "n": n, "k": k, "ci95": list(wilson(k, n)),
-                                 "budget": budget})
-            curves.append({"attack": name, "access": access, "method": method, "concept": concept,
-                           "objective": made["losses"]})
+                    cell["rows"].append({"attack": name, "access": access, "method": method, "defence": d,
+                                         "concept": concept, "crr": k / n, "n": n, "k": k,
+                                         "ci95": list(wilson(k, n)), "budget": budget})
+            cell["curves"].append({"attack": name, "access": access, "method": method, "concept": concept,
+                                   "objective": made["losses"]})
+            write_atomic(path, json.dumps(cell))
+            rows += cell["rows"]
+            curves += cell["curves"]
             log(f"[{time.time() - t0:6.0f}s] {method}/{name} done")
     return {"settings": {k: v for k, v in s.__dict__.items()}, "budget_units": BUDGET_UNITS, "rows": rows,
             "objective_curves": curves, "seconds": round(time.time() - t0, 1)}

@@ -13,7 +13,7 @@ DEFAULTS = IreceConfig.defaults()
 SERVE_FLAGS = ("model", "erased", "backend", "graphs", "port", "metrics_port", "host", "workers", "queue_size", "tau",
                "t_star", "gate", "threshold", "device", "tls_cert", "tls_key", "auth_token_file", "max_side",
                "cost_budget", "max_request_seconds", "drain_seconds", "nonfinite", "batching", "max_batch",
-               "gather_ms", "threads", "conditioning", "recheck")
+               "gather_ms", "threads", "conditioning", "recheck", "hide_scores")
 
 
 def serve_overrides(a) -> dict:
@@ -84,6 +84,9 @@ def register(sub) -> None:
                         "the negative/null prompt from then on (null)")
     p.add_argument("--recheck", nargs="+", type=parse_t_star, metavar="T",
                    help="later points of the schedule where IRECE runs again (fractions or step indices)")
+    p.add_argument("--hide-scores", action="store_true", default=None,
+                   help="responses carry no presence score, threshold or attention peak (NaN): a query-based "
+                        "attacker cannot read how far an image stands from the gate's threshold")
     p.add_argument("--nonfinite", choices=NONFINITE,
                    help="NaN/inf at t*: refuse the request (error, default) or re-noise the whole latent")
     p.add_argument("--tls-cert", help="PEM certificate chain; needs --tls-key (half a TLS config refuses to start)")

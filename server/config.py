@@ -43,6 +43,7 @@ class ServerConfig:
     nonfinite: str = IRECE.nonfinite  # NaN/inf latent or concept map at t*: "error" (refuse) or "full_mask"
     conditioning: str = IRECE.conditioning  # after an intervention: "keep" the request's conditioning, or "null"
     recheck: list[float | int] = field(default_factory=list)  # later points where IRECE runs again (like t_star)
+    hide_scores: bool = False  # responses carry no presence score, threshold or peak (NaN): less for attackers
     # serving
     host: str = "127.0.0.1"
     port: int = 50051

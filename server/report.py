@@ -12,11 +12,17 @@ from irece_runtime.irece import ConceptReport, IreceReport
 from protos.irece.v1 import generation_pb2 as pb
 
 
-def to_proto(report: IreceReport | None) -> pb.IreceReport:
-    """None (no concept to suppress, IRECE did not run) is the empty report: step_index and timestep -1."""
+HIDDEN = ("peak", "score", "threshold")  # what hide_scores withholds from clients (NaN on the wire)
+
+
+def to_proto(report: IreceReport | None, hide_scores: bool = False) -> pb.IreceReport:
+    """None (no concept to suppress, IRECE did not run) is the empty report: step_index and timestep -1.
+    hide_scores: the gate's numbers (presence score, threshold, attention peak) go out as NaN - a query-based
+    attacker reading them learns how far each image stands from the threshold (`irece bench adaptive`, pgd-bb)."""
     r = report if report is not None else IreceReport()
+    concepts = [asdict(c) | ({k: float("nan") for k in HIDDEN} if hide_scores else {}) for c in r.concepts]
     return pb.IreceReport(intervened=r.intervened, mask_area=r.mask_area, step_index=r.step_index,
-                          timestep=r.timestep, concepts=[pb.ConceptReport(**asdict(c)) for c in r.concepts],
+                          timestep=r.timestep, concepts=[pb.ConceptReport(**c) for c in concepts],
                           unconditioned=r.unconditioned)
 
 

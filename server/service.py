@@ -288,8 +288,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         if code == grpc.StatusCode.OK:
             self.metrics.request_seconds.labels(modality).observe(time.perf_counter() - t_arrive)
 
-    @staticmethod
-    def _response(req: Request, res) -> pb.GenerateResponse:
+    def _response(self, req: Request, res) -> pb.GenerateResponse:
         return pb.GenerateResponse(png=png_bytes(res.uint8()[0]), seed=req.seed, modality=req.modality,
-                                   timings_s=res.timings, irece=report.to_proto(res.irece),
+                                   timings_s=res.timings, irece=report.to_proto(res.irece, self.cfg.hide_scores),
                                    finish_reason=pb.FINISH_REASON_COMPLETED)

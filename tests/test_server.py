@@ -232,6 +232,15 @@ def test_conditioning_defence_and_recheck_reach_the_wire_and_metrics(start_serve
     assert s.metric("irece_localizations_total", concept="star") == 1  # one request, however many checks
 
 
+def test_hide_scores_withholds_the_gates_numbers_from_clients(start_server, pipe):
+    s = start_server(pipe, gate="classifier", threshold=0.0, t_star=2, hide_scores=True)
+    r = s.stub.Generate(text_req())
+    (c,) = r.irece.concepts
+    assert math.isnan(c.score) and math.isnan(c.threshold) and math.isnan(c.peak)
+    assert r.irece.intervened and c.intervened and c.mask_area > 0  # what happened is still reported
+    assert s.metric("irece_presence_score_count", concept="star") == 1  # the operator still sees the score
+
+
 def test_stream_reports_progress_then_result(served):
     events = list(served.stub.GenerateStream(text_req()))
     progress = [e.progress for e in events if e.HasField("progress")]
