@@ -1,6 +1,8 @@
 """The adaptive attacks of `irece bench adaptive` really optimise: on a smoke run their objective (the presence
 gate's score of the concept at the defence's checks) falls. Model-agnostic in code; the renders are the mini
 world's."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -60,3 +62,26 @@ def test_adaptive_textual_inversion_lowers_the_gate_score_on_unseen_seeds(pipe):
     made = adaptive.adaptive_ti(pipe, vec0, "star", CFG, [0, 6], S, lr=0.02)
     seeds = [adaptive.EVAL_SEED + k for k in range(4)]
     assert mean_score(pipe, made[6], seeds) < mean_score(pipe, made[0], seeds)
+
+
+@pytest.mark.slow
+def test_bench_adaptive_quick_writes_every_attack_and_defence_and_resumes(tmp_path, monkeypatch, capsys):
+    from benchmarks import cache
+    from irece_cli.main import main
+    monkeypatch.setattr(cache, "CACHE_DIR", tmp_path / "cache")
+    out = tmp_path / "adaptive.json"
+    argv = ["bench", "adaptive", "--quick", "--t-star", "0.5", "--json", str(out), "--chart", str(tmp_path / "a.png")]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    keys = {"attack", "access", "method", "defence", "concept", "crr", "n", "ci95", "budget"}
+    assert all(keys <= set(r) for r in res["rows"])
+    got = {(r["attack"], r["budget"], r["defence"]) for r in res["rows"]}
+    assert got == {(a, b, d) for a, bs in adaptive.QUICK_BUDGETS.items() for b in bs for d in adaptive.ALL_DEFENCES}
+    assert {r["access"] for r in res["rows"] if r["attack"] in ("ti", "pgd")} == {"white-box"}
+    assert all(r["n"] == 2 and r["crr"] == r["k"] / 2 for r in res["rows"])
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a rerun reads every finished (method, attack) back and attacks nothing
+    for name in ("adaptive_ti", "pgd_references", "pgd_black_box", "prompt_search"):
+        monkeypatch.setattr(adaptive, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["rows"] == res["rows"]
