@@ -81,15 +81,29 @@ def checks(pipe: Pipeline, backend, x_T: torch.Tensor, cond: torch.Tensor, uncon
     return trajectory(pipe, x_T, cond, uncond, guidance, steps, cfg.plan(steps), "erased", backend)
 
 
-def gate_scores(pipe: Pipeline, grad: Differentiable, seen: list, cfg: IreceConfig, concept: str) -> torch.Tensor:
-    """(checks, B) the gate's presence score of the concept at each check, differentiable in x_t."""
+def gate_scores(pipe: Pipeline, grad, seen: list, cfg: IreceConfig, concept: str,
+                cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(checks, B) the gate's presence score of the concept at each check, differentiable in x_t, and with the
+    request's conditioning `cond`, (checks, B) its conditioning score (what drops the conditioning), else None."""
     k = pipe.contrast_set(cfg).index(concept)
-    return torch.stack([drive(pipe.presence_steps(x, t, cfg), grad)[:, k] for _, t, x in seen])
+    out = [drive(pipe.presence_steps(x, t, cfg, cond), grad) for _, t, x in seen]
+    carried = torch.stack([c[:, k] for _, c in out]) if cond is not None else None
+    return torch.stack([s[:, k] for s, _ in out]), carried
 
 
 def hinge(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """How far the scores stand over (threshold - MARGIN): zero once every check is under it."""
     return torch.relu(scores - (threshold - MARGIN)).sum(0).mean()
+
+
+def evasion(pipe: Pipeline, grad, seen: list, cfg: IreceConfig, concept: str,
+            cond: torch.Tensor | None = None) -> torch.Tensor:
+    """The attacker's objective against the defence: the gate's score under its threshold at every check, and
+    (with the conditioning defence and the request's conditioning) the conditioning score under its own."""
+    scores, carried = gate_scores(pipe, grad, seen, cfg, concept,
+                                  cond if cfg.conditioning == "null" else None)
+    loss = hinge(scores, cfg.threshold)
+    return loss if carried is None else loss + hinge(carried, cfg.conditioning_threshold)
 
 
 # -- (a) textual inversion through the defended pipeline ---------------------------------------------------------
@@ -113,7 +127,7 @@ def adaptive_ti(pipe: Pipeline, vec0: torch.Tensor, concept: str, cfg: IreceConf
         cond = torch.cat([drive(pipe.encode_prompt_steps(p.format("<c>"), {"<c>": vec}), grad) for p in prompts])
         x_T = gen.noise(pipe, [ATTACK_SEED + batch * step + k for k in range(batch)])
         seen = checks(pipe, grad, x_T, cond, uncond, s.guidance, s.steps, cfg)
-        evade = hinge(gate_scores(pipe, grad, seen, cfg, concept), cfg.threshold)
+        evade = evasion(pipe, grad, seen, cfg, concept, cond)
         loss = objective.loss(vec, 16, g) + weight * evade
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,7 +157,7 @@ def pgd_references(pipe: Pipeline, images: np.ndarray, concept: str, cfg: IreceC
         x0 = grad.vae_encode((clean + delta).clamp(-1, 1))
         x_T = drive(pipe.invert_steps(x0, null, "erased", s.steps), grad)
         seen = checks(pipe, grad, x_T, null, null, s.guidance, s.steps, cfg)
-        loss = hinge(gate_scores(pipe, grad, seen, cfg, concept), cfg.threshold)
+        loss = evasion(pipe, grad, seen, cfg, concept, null)
         delta.grad = None
         loss.backward()
         losses.append(float(loss.detach()))
@@ -235,7 +249,7 @@ class AdaptiveSettings(BenchSettings):
 
 
 QUICK_BUDGETS = {"ti": [0, 2], "pgd": [0, 2], "pgd-bb": [0, 2], "prompt": [0, 2]}
-FULL_BUDGETS = {"ti": [0, 10, 25, 50], "pgd": [0, 4, 8, 16], "pgd-bb": [0, 4, 8, 16], "prompt": [0, 16, 32, 64]}
+FULL_BUDGETS = {"ti": [0, 10, 25], "pgd": [0, 4, 8], "pgd-bb": [0, 4, 8], "prompt": [0, 16, 32]}
 
 
 def evaluate(pipe: Pipeline, judge, attack: str, artefact, concept: str, s: AdaptiveSettings,
@@ -273,7 +287,7 @@ def run(model_dir: str = str(DEFAULT_MODEL), concept: str = "star", methods=("uc
         for name in attack_names:
             b = sorted(budgets[name])
             path = key("adaptive", model=model_fingerprint(model_dir), method=method, concept=concept, attack=name,
-                       budgets=b, settings=s.__dict__).with_suffix(".json")
+                       budgets=b, settings=s.__dict__, configs=[repr(c) for c in cfgs.values()]).with_suffix(".json")
             if path.exists():  # a finished (method, attack) of an earlier run: resume past it
                 cell = json.loads(path.read_text())
                 rows += cell["rows"]

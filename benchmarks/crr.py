@@ -159,7 +159,9 @@ def outside_mask_change(off: np.ndarray, on: np.ndarray, masks: np.ndarray) -> t
 def cell_path(model_dir: str, method: str, concept: str, scenarios, s: BenchSettings) -> Path:
     """Where a finished (method, concept) cell is cached."""
     return key("cell", model=model_fingerprint(model_dir), method=method, concept=concept,
-               scenarios=list(scenarios), settings=s.__dict__).with_suffix(".json")
+               scenarios=list(scenarios), settings=s.__dict__,
+               # the defences as configured (a changed default changes the cell)
+               configs=[repr(defence_config(d, concept, s)) for d in s.defences]).with_suffix(".json")
 
 
 def run_cell(model_dir: str, method: str, concept: str, scenarios, s: BenchSettings, judge) -> dict:

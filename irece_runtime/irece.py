@@ -32,11 +32,17 @@ CLASSIFIER_TEMPERATURE = 50.0
 # IRECE fails closed where x_t or the concept map at t* is not finite (an overflowing input): a NaN map min-max
 # normalizes to NaN, NaN >= tau is False, and the mask would come out empty - the latent let through unprotected.
 NONFINITE = ("error", "full_mask")  # error: refuse the request; full_mask: re-noise the whole latent
-# what the rest of the denoising is conditioned on in an image IRECE re-noised (issue #12): "keep" the request's
-# conditioning (the paper), or "null": the negative/null prompt's. A learned embedding (or any conditioning) that
-# drew the erased concept once draws it again into the re-noised region after t*; without it the erased UNet fills
-# the region from its surroundings. Images IRECE left alone keep their conditioning, bit-identical.
+# the conditioning defence (issue #12): "keep" the request's conditioning (the paper), or "null": an image whose
+# conditioning carries a target concept is denoised on the negative/null prompt from then on. A learned embedding
+# that drew the erased concept draws it again into the region IRECE re-noised; without it the erased UNet fills the
+# region from its surroundings. Whether a conditioning carries a concept is asked of the standard UNet, beside the
+# classifier gate (conditioning_scores): does its noise prediction reproduce that concept's prompt's?
 CONDITIONING = ("keep", "null")
+# measured on the mini world (16 generations each, star-erased ESD-u): white-box textual inversion of star scores
+# 0.30-0.99 for star, of triangle 0.00-0.03, "a star" 0.93-1.00, "a red triangle on a white background" 0.00-0.02,
+# the empty prompt 0.00 (BENCHMARKS.md, "Learned embeddings")
+CONDITIONING_THRESHOLD = 0.25
+CONDITIONING_TEMPERATURE = 10.0
 # the full defence's second look, behind the gate: at t* = 0.5 the classifier misses some images a learned embedding
 # draws late; one recheck at 0.7 of the schedule takes white-box textual inversion of star from 6-19% to 0-6% CRR
 # (mini world, 16 images per erasure method; BENCHMARKS.md, "Learned embeddings")
@@ -62,7 +68,8 @@ class IreceConfig:
     classifier_timesteps: tuple[int, ...] = CLASSIFIER_TIMESTEPS  # the classifier gate's re-noising t' (cost: K+1
     # UNet rows per image and t')
     nonfinite: str = "error"  # non-finite x_t or concept map at t*: "error" or "full_mask" (never an empty mask)
-    conditioning: str = "keep"  # after an intervention, that image's conditioning: "keep" (paper) or "null"
+    conditioning: str = "keep"  # "null": an image whose conditioning carries a target loses it (classifier gate)
+    conditioning_threshold: float = CONDITIONING_THRESHOLD  # conditioning score from which it counts as carried
     recheck: tuple[float | int, ...] = ()  # later points of the schedule (like t_star) where IRECE runs again: a
     # conditioning that redraws the concept after t* is caught there (behind a gate, only images that show it)
 
@@ -75,6 +82,11 @@ class IreceConfig:
             raise ValueError(f"mode must be one of {PERTURB_MODES}, got {self.mode!r}")
         if self.conditioning not in CONDITIONING:
             raise ValueError(f"conditioning must be one of {CONDITIONING}, got {self.conditioning!r}")
+        if self.conditioning == "null" and self.gate != "classifier":
+            raise ValueError("conditioning 'null' scores the conditioning with the classifier gate's UNet calls: it "
+                             "needs gate='classifier'")
+        if not 0.0 <= self.conditioning_threshold <= 1.0:
+            raise ValueError(f"conditioning_threshold must be in [0, 1], got {self.conditioning_threshold}")
         if self.nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
         if not self.classifier_timesteps or not all(
@@ -227,6 +239,21 @@ def classifier_scores(errors: torch.Tensor, temperature: float = CLASSIFIER_TEMP
     return torch.softmax(-temperature * rel, dim=-1).mean(1)
 
 
+def conditioning_scores(eps_cond: torch.Tensor, eps_ref: torch.Tensor,
+                        temperature: float = CONDITIONING_TEMPERATURE) -> torch.Tensor:
+    """Which concept a request's conditioning carries, as the standard UNet reads it.
+
+    eps_cond (B, T', C, H, W): its noise prediction under the request's own conditioning; eps_ref (B, T', K + 1, C,
+    H, W): under each of the K concept prompts and, last, the null prompt, on the same inputs (the classifier gate's
+    re-noised x0). The distance to each reference, relative to their mean, enters a softmax over the K concepts and
+    the null prompt, averaged over T'. Returns (B, K): a conditioning that steers like "a star" gives star most of
+    the mass whatever its tokens are (a learned embedding), an empty or unrelated one leaves it to the null prompt
+    or to other concepts."""
+    d = ((eps_ref - eps_cond[:, :, None]) ** 2).flatten(3).mean(3)  # (B, T', K + 1)
+    rel = d / d.mean(-1, keepdim=True).clamp_min(1e-12)
+    return torch.softmax(-temperature * rel, dim=-1)[..., :-1].mean(1)
+
+
 def perturb(x: torch.Tensor, mask: torch.Tensor, xi: torch.Tensor, mode: str = "replace") -> torch.Tensor:
     """x: (B, C, H, W) latent, mask: (B, H, W) in {0, 1}, xi ~ N(0, I) like x."""
     m = mask[:, None].to(x.dtype)
@@ -261,13 +288,15 @@ class ConceptReport:
     intervened: bool
     score: float = float("nan")  # presence score of the concept at t* (NaN: no presence gate ran)
     threshold: float = float("nan")  # the gate's threshold for this concept (NaN: always intervene, the paper)
+    conditioning_score: float = float("nan")  # how much the request's conditioning carries it (NaN: not asked)
 
     def to_dict(self) -> dict:
         """JSON form: NaN (no gate ran) becomes null, which strict JSON parsers accept."""
         def num(v: float) -> float | None:
             return None if math.isnan(v) else v
         return {"concept": self.concept, "mask_area": self.mask_area, "peak": num(self.peak),
-                "intervened": self.intervened, "score": num(self.score), "threshold": num(self.threshold)}
+                "intervened": self.intervened, "score": num(self.score), "threshold": num(self.threshold),
+                "conditioning_score": num(self.conditioning_score)}
 
 
 @dataclass
@@ -276,7 +305,7 @@ class IreceReport:
     timestep: int = -1
     concepts: list[ConceptReport] = field(default_factory=list)
     mask: torch.Tensor | None = None  # (B, H, W) union mask
-    unconditioned: bool = False  # conditioning "null": some image's conditioning was dropped after the intervention
+    unconditioned: bool = False  # conditioning "null": some image's conditioning carried a target and was dropped
 
     @property
     def intervened(self) -> bool:

@@ -163,20 +163,23 @@ class Pipeline:
 
     # -- IRECE -----------------------------------------------------------------------------------------------
     def localize(self, x: torch.Tensor, t: torch.Tensor, cfg: irece.IreceConfig,
-                 targets: list[tuple[str, float, float]]) -> tuple[torch.Tensor, list]:
+                 targets: list[tuple[str, float, float]], conditioning: "Conditioning | None" = None
+                 ) -> tuple[torch.Tensor, list]:
         """Union mask (B, h, w) over the (concept, tau, threshold) targets and per-concept reports, from the
         standard UNet: the paper's per-concept min-max masks (gate "off"), or competing concepts (gate
         "contrastive"), where a concept is masked only in images whose presence score reaches its threshold."""
-        return drive(self.localize_steps(x, t, cfg, targets), self.backend)
+        return drive(self.localize_steps(x, t, cfg, targets, conditioning), self.backend)
 
-    def localize_steps(self, x, t, cfg: irece.IreceConfig, targets) -> Machine:
-        """`localize` as a machine: one localizer call."""
+    def localize_steps(self, x, t, cfg: irece.IreceConfig, targets, conditioning=None) -> Machine:
+        """`localize` as a machine: one localizer call. With cfg.conditioning "null" and the request's
+        `conditioning`, the classifier gate also scores the conditioning and drops it from the images where it
+        carries a target (Conditioning.drop)."""
         if not torch.isfinite(x).all():
             return self._fail_closed(x, cfg, targets, "latent")
         if cfg.gate == "contrastive":
             return (yield from self._localize_contrastive(x, t, cfg, targets))
         if cfg.gate == "classifier":
-            return (yield from self._localize_classifier(x, t, cfg, targets))
+            return (yield from self._localize_classifier(x, t, cfg, targets, conditioning))
         masks, peaks = yield from self._concept_masks(x, t, cfg, targets)
         if masks is None:
             return self._fail_closed(x, cfg, targets, "concept map")
@@ -207,31 +210,42 @@ class Pipeline:
                                              [self.encode_prompt("")])
         return self._loc_cache[key]
 
-    def presence_steps(self, x, t, cfg: irece.IreceConfig) -> Machine:
+    def presence_steps(self, x, t, cfg: irece.IreceConfig, cond: torch.Tensor | None = None) -> Machine:
         """(B, K) diffusion-classifier presence scores of the contrast set's concepts at x_t, from the standard
         UNet: x0 predicted with the null prompt (one row per image), re-noised at each t' in
         cfg.classifier_timesteps with fixed noise (the same for every request, so a request's score does not
         depend on its batch), and denoised under each concept's prompt and the null prompt (K + 1 rows per image
-        and t'; one call per t', so no call outgrows an engine's batch profile)."""
+        and t'; one call per t', so no call outgrows an engine's batch profile). With the request's conditioning
+        `cond` (1 or B, 77, D), one more row per image and t' denoises under it, and the machine returns
+        (scores, conditioning scores (B, K)) (irece.conditioning_scores); else (scores, None)."""
         concepts = self.contrast_set(cfg)
         hidden = self.classifier_prompts(concepts)
         b, k1 = x.shape[0], hidden.shape[0]
         alphas = self.alphas_cumprod
         eps0 = yield Call("eps", (x, hidden[-1:].expand(b, -1, -1)), t, "standard")
         x0 = irece.predicted_x0(x, eps0, alphas[int(t)])
-        errors = []
+        errors, eps_ref, eps_cond = [], [], []
         for j, t_prime in enumerate(cfg.classifier_timesteps):
             xi = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(CLASSIFIER_SEED + j)).to(x0)
             x_tp = irece.renoise(x0, xi, alphas[t_prime])
-            eps = yield Call("eps", (x_tp.repeat_interleave(k1, 0), hidden.repeat(b, 1, 1)),
-                             torch.tensor(t_prime), "standard")
-            errors.append(((eps - xi) ** 2).flatten(1).mean(1).view(b, k1))
-        return irece.classifier_scores(torch.stack(errors, 1))
+            rows, hid = x_tp.repeat_interleave(k1, 0), hidden.repeat(b, 1, 1)
+            if cond is not None:  # the request's own conditioning: b more rows
+                rows, hid = torch.cat([rows, x_tp]), torch.cat([hid, cond.expand(b, -1, -1).to(hid)])
+            eps = yield Call("eps", (rows, hid), torch.tensor(t_prime), "standard")
+            ref = eps[:b * k1]
+            errors.append(((ref - xi) ** 2).flatten(1).mean(1).view(b, k1))
+            if cond is not None:
+                eps_ref.append(ref.view(b, k1, *ref.shape[1:]))
+                eps_cond.append(eps[b * k1:])
+        scores = irece.classifier_scores(torch.stack(errors, 1))
+        if cond is None:
+            return scores, None
+        return scores, irece.conditioning_scores(torch.stack(eps_cond, 1), torch.stack(eps_ref, 1))
 
     def presence(self, x: torch.Tensor, t: torch.Tensor, cfg: irece.IreceConfig) -> torch.Tensor:
         """(B, K) presence scores of the contrast set at x_t under cfg's gate (benchmarks, calibration)."""
         if cfg.gate == "classifier":
-            return drive(self.presence_steps(x, t, cfg), self.backend)
+            return drive(self.presence_steps(x, t, cfg), self.backend)[0]
         return irece.presence_scores(self.concept_maps(x, t, self.contrast_set(cfg)), cfg.tau)
 
     @cached_property
@@ -244,14 +258,21 @@ class Pipeline:
         """The noise schedule's cumulative alphas (the same for every number of sampling steps)."""
         return DDIMScheduler.from_config(self.scheduler_config).alphas_cumprod
 
-    def _localize_classifier(self, x, t, cfg, targets):
+    def _localize_classifier(self, x, t, cfg, targets, conditioning=None):
         """The diffusion-classifier gate: score every concept of the contrast set; only targets whose score
         reaches their threshold are localized (the paper's masks), and only in the images that show them. Where
-        no target passes, no localizer call runs and x_t is left exactly as it was."""
+        no target passes, no localizer call runs and x_t is left exactly as it was. With conditioning "null", the
+        request's conditioning is scored in the same calls and dropped from the images where it carries a target
+        (its score reaches cfg.conditioning_threshold), whether or not the image shows the target yet."""
         concepts = self.contrast_set(cfg)
-        scores = yield from self.presence_steps(x, t, cfg)
-        if not torch.isfinite(scores).all():
+        scoring = cfg.conditioning == "null" and conditioning is not None
+        scores, carried = yield from self.presence_steps(x, t, cfg, conditioning.cond if scoring else None)
+        if not torch.isfinite(scores).all() or (carried is not None and not torch.isfinite(carried).all()):
             return self._fail_closed(x, cfg, targets, "presence score")
+        if carried is not None:
+            rows = torch.stack([carried[:, concepts.index(c)] >= cfg.conditioning_threshold for c, _, _ in targets])
+            if rows.any():
+                conditioning.drop(rows.any(0))
         b = x.shape[0]
         present = {c: scores[:, concepts.index(c)] >= thr for c, _, thr in targets}
         hit = [tg for tg in targets if present[tg[0]].any()]
@@ -271,7 +292,9 @@ class Pipeline:
                 union = torch.maximum(union, mask.to(union))
             reports.append(irece.ConceptReport(c, float(mask.mean()) if mask is not None else 0.0,
                                                peaks.get(c, float("nan")), bool(mask is not None and mask.any()),
-                                               float(scores[:, concepts.index(c)].max()), threshold_c))
+                                               float(scores[:, concepts.index(c)].max()), threshold_c,
+                                               float(carried[:, concepts.index(c)].max()) if carried is not None
+                                               else float("nan")))
         return union, reports
 
     def contrast_set(self, cfg: irece.IreceConfig) -> tuple[str, ...]:
@@ -426,11 +449,13 @@ class Conditioning:
 
     def __init__(self, cond: torch.Tensor, null: torch.Tensor):
         self.cond, self.null = cond, null
+        self.dropped = False  # some image lost its conditioning
 
     def drop(self, rows: torch.Tensor) -> None:
         """rows: bool (B,) - these images' conditioning becomes the null conditioning."""
         cond = self.cond.expand(rows.shape[0], -1, -1)
         self.cond = torch.where(rows[:, None, None].to(cond.device), self.null.to(cond).expand_as(cond), cond)
+        self.dropped = self.dropped or bool(rows.any())
 
 
 def guided_eps(model: str, cond: "torch.Tensor | Conditioning", uncond: torch.Tensor | None,
@@ -458,8 +483,8 @@ def guided_eps(model: str, cond: "torch.Tensor | Conditioning", uncond: torch.Te
 
 class IreceStep:
     """IRECE as a step hook: at each planned step (t*, or each concept's tuned t*) the standard UNet localizes
-    the concepts and the masked latent is replaced by seeded noise; with conditioning "null", the images it
-    re-noised lose their conditioning for the rest of the loop. Owns the request's report."""
+    the concepts and the masked latent is replaced by seeded noise; with conditioning "null", images whose
+    conditioning carries a target lose it for the rest of the loop. Owns the request's report."""
 
     def __init__(self, pipe: "Pipeline", cfg: irece.IreceConfig, steps: int, seed: int,
                  conditioning: Conditioning | None = None):
@@ -475,16 +500,12 @@ class IreceStep:
 
     def _intervene(self, i: int, t: torch.Tensor, x: torch.Tensor) -> Machine:
         t0 = time.perf_counter()
-        mask, concepts = yield from self.pipe.localize_steps(x, t, self.cfg, self.plan[i])
+        mask, concepts = yield from self.pipe.localize_steps(x, t, self.cfg, self.plan[i], self.conditioning)
         # noise seeded per request and step: the same request gives the same image alone or beside others
         xi = torch.randn(x.shape, generator=torch.Generator().manual_seed((self.seed + 1_000_003 + i) % 2**63)).to(x)
         x = irece.perturb(x, mask.to(x), xi, self.cfg.mode)
-        step = irece.IreceReport(i, int(t), concepts, mask)
-        if self.cfg.conditioning == "null" and self.conditioning is not None:
-            hit = mask.flatten(1).amax(1) > 0  # the images IRECE re-noised
-            if hit.any():
-                self.conditioning.drop(hit)
-                step.unconditioned = True
+        step = irece.IreceReport(i, int(t), concepts, mask,
+                                 unconditioned=self.conditioning is not None and self.conditioning.dropped)
         self.report = step if self.report is None else self.report.merge(step)
         self.seconds += time.perf_counter() - t0
         return x

@@ -41,7 +41,8 @@ class ServerConfig:
     classifier_timesteps: list[int] = field(default_factory=lambda: list(IRECE.classifier_timesteps))  # gate's t'
     allowed_concepts: list[str] | None = None  # what requests may add; None = model's concepts.json + operator's
     nonfinite: str = IRECE.nonfinite  # NaN/inf latent or concept map at t*: "error" (refuse) or "full_mask"
-    conditioning: str = IRECE.conditioning  # after an intervention: "keep" the request's conditioning, or "null"
+    conditioning: str = IRECE.conditioning  # "null": drop a conditioning that carries a target (classifier gate)
+    conditioning_threshold: float = IRECE.conditioning_threshold  # its conditioning score from which it is dropped
     recheck: list[float | int] = field(default_factory=list)  # later points where IRECE runs again (like t_star)
     hide_scores: bool = False  # responses carry no presence score, threshold or peak (NaN): less for attackers
     # serving

@@ -12,7 +12,7 @@ from irece_runtime.irece import ConceptReport, IreceReport
 from protos.irece.v1 import generation_pb2 as pb
 
 
-HIDDEN = ("peak", "score", "threshold")  # what hide_scores withholds from clients (NaN on the wire)
+HIDDEN = ("peak", "score", "threshold", "conditioning_score")  # what hide_scores withholds from clients (NaN on the wire)
 
 
 def to_proto(report: IreceReport | None, hide_scores: bool = False) -> pb.IreceReport:

@@ -148,7 +148,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                                     template=cfg.template, min_peak=cfg.min_peak, per_concept=cfg.per_concept,
                                     gate=cfg.gate, threshold=cfg.threshold, vocabulary=tuple(cfg.vocabulary),
                                     classifier_timesteps=tuple(cfg.classifier_timesteps), nonfinite=cfg.nonfinite,
-                                    conditioning=cfg.conditioning, recheck=tuple(cfg.recheck))
+                                    conditioning=cfg.conditioning, recheck=tuple(cfg.recheck),
+                                    conditioning_threshold=cfg.conditioning_threshold)
         self.allowed = concept_catalogue(cfg)
         cfg.check_serving()
         # images per engine call: the operator's limit, within what the backend can run (TensorRT's profile)

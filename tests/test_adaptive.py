@@ -20,13 +20,14 @@ CFG = IreceConfig(concepts=("star",), gate="classifier", t_star=0.5, threshold=a
                   recheck=(0.7,))
 
 
-def mean_score(pipe, vec: torch.Tensor, seeds: list[int]) -> float:
-    """The gate's mean score of star at both checks, generating with the embedding on seeds the attack never saw."""
+def objective(pipe, vec: torch.Tensor, seeds: list[int]) -> float:
+    """The attacker's objective (gate and conditioning scores over their thresholds, at both checks), generating
+    with the embedding on seeds the attack never saw."""
     with torch.no_grad():
         cond = torch.cat([pipe.encode_prompt("a <c>", {"<c>": vec})] * len(seeds))
         seen = adaptive.checks(pipe, pipe.backend, gen.noise(pipe, seeds), cond, pipe.encode_prompt(""), S.guidance,
                                S.steps, CFG)
-        return float(adaptive.gate_scores(pipe, pipe.backend, seen, CFG, "star").mean())
+        return float(adaptive.evasion(pipe, pipe.backend, seen, CFG, "star", cond))
 
 
 def test_checks_see_the_latents_the_defence_sees(pipe, monkeypatch):
@@ -61,7 +62,7 @@ def test_adaptive_textual_inversion_lowers_the_gate_score_on_unseen_seeds(pipe):
     vec0 = pipe.backend.embed_tokens(torch.tensor([ids]))[0, :1].clone()
     made = adaptive.adaptive_ti(pipe, vec0, "star", CFG, [0, 6], S, lr=0.02)
     seeds = [adaptive.EVAL_SEED + k for k in range(4)]
-    assert mean_score(pipe, made[6], seeds) < mean_score(pipe, made[0], seeds)
+    assert objective(pipe, made[6], seeds) < objective(pipe, made[0], seeds)
 
 
 @pytest.mark.slow

@@ -22,20 +22,35 @@ def spy_eps(pipe, monkeypatch) -> list:
     return seen
 
 
-def test_null_conditioning_after_an_intervention_reaches_the_erased_unet(pipe, monkeypatch):
-    """The paper's gate-off IRECE always intervenes: with conditioning "null" every step after t* runs the
-    guided pair on [null; null], every step before it on [null; prompt]."""
+def test_a_dropped_conditioning_reaches_the_erased_unet_from_t_star_on(pipe, monkeypatch):
+    """A conditioning threshold of 0 counts every conditioning as carrying the target: every step from t* on runs
+    the guided pair on [null; null], every step before it on [null; prompt]."""
     seen = spy_eps(pipe, monkeypatch)
     req = Request(prompt="a cat on a mat", steps=6, seed=1, batch=2)
-    res = pipe.generate(req, IreceConfig(concepts=("cat",), t_star=3, conditioning="null"))
+    cfg = IreceConfig(concepts=("cat",), t_star=3, gate="classifier", threshold=1.01, conditioning="null",
+                      conditioning_threshold=0.0)
+    res = pipe.generate(req, cfg)
     null, cond = pipe.encode_prompt(""), pipe.encode_prompt("a cat on a mat")
     assert len(seen) == 6 and res.irece.unconditioned and res.irece.to_dict()["unconditioned"]
     for i, hidden in enumerate(seen):
         assert hidden.shape[0] == 4  # [uncond; cond] for 2 images
         assert torch.equal(hidden[:2], null.expand(2, -1, -1))
         assert torch.equal(hidden[2:], (null if i >= 3 else cond).expand(2, -1, -1))
-    kept = pipe.generate(req, IreceConfig(concepts=("cat",), t_star=3))
+    assert not res.irece.intervened  # the gate (threshold over 1) re-noised nothing: only the conditioning went
+    kept = pipe.generate(req, IreceConfig(concepts=("cat",), t_star=3, gate="classifier", threshold=1.01))
     assert not kept.irece.unconditioned and not np.array_equal(kept.uint8(), res.uint8())
+
+
+def test_the_conditioning_score_names_the_concept_a_prompt_carries(pipe):
+    if len(pipe.vocabulary) < 2:
+        pytest.skip("the model folder has no concepts.json to score against")
+    a, b = pipe.vocabulary[:2]
+    cfg = IreceConfig(concepts=(a,), gate="classifier", t_star=2, threshold=1.01, conditioning="null")
+    for prompt, carries in ((f"a {a}", True), (f"a {b}", False), ("", False)):
+        res = pipe.generate(Request(prompt=prompt, steps=6, seed=4), cfg)
+        (c,) = res.irece.concepts
+        assert (c.conditioning_score >= cfg.conditioning_threshold) == carries, (prompt, c)
+        assert res.irece.unconditioned == carries
 
 
 def test_only_the_images_irece_re_noised_lose_their_conditioning(pipe):
@@ -54,7 +69,7 @@ def test_a_gate_that_never_fires_keeps_the_conditioning_and_the_image(pipe):
     req = Request(prompt=f"a {vocab[1]}", steps=6, seed=3)
     off = pipe.generate(req)
     on = pipe.generate(req, IreceConfig(concepts=(vocab[0],), gate="classifier", threshold=1.01, t_star=2,
-                                        recheck=(4,), conditioning="null"))
+                                        recheck=(4,), conditioning="null"))  # a prompt of another concept
     assert np.array_equal(off.uint8(), on.uint8())
     assert not on.irece.unconditioned and [c.intervened for c in on.irece.concepts] == [False, False]
     assert on.irece.step_index == 2

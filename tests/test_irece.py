@@ -188,10 +188,11 @@ def test_recheck_adds_later_intervention_steps_for_every_concept():
     assert irece.IreceConfig(concepts=("cat",), t_star=0.5, recheck=(0.5,)).plan(25) == {12: [("cat", 0.4, 0.5)]}
 
 
-@pytest.mark.parametrize("kw", [dict(conditioning="drop"), dict(recheck=(1.5,)), dict(recheck=(-1,)),
-                                dict(recheck=("0.7",)), dict(recheck=(True,))])
+@pytest.mark.parametrize("kw", [dict(conditioning="drop"), dict(conditioning="null"), dict(recheck=(1.5,)),
+                                dict(recheck=(-1,)), dict(recheck=("0.7",)), dict(recheck=(True,)),
+                                dict(gate="classifier", conditioning="null", conditioning_threshold=1.5)])
 def test_conditioning_and_recheck_are_validated(kw):
-    with pytest.raises(ValueError, match=next(iter(kw))):
+    with pytest.raises(ValueError, match=list(kw)[-1]):
         irece.IreceConfig(**kw)
 
 
@@ -201,3 +202,13 @@ def test_reports_merge_the_conditioning_flag():
                           unconditioned=True)
     d = a.merge(b).to_dict()
     assert d["unconditioned"] and d["step_index"] == 3 and [c["intervened"] for c in d["concepts"]] == [False, True]
+
+
+def test_conditioning_scores_name_the_reference_a_conditioning_reproduces():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 3, 4, 4, 8, 8, generator=g)  # B=2, T'=3, K=3 concepts + null
+    cond = torch.stack([ref[0, :, 1], ref[1, :, 3]]) + 0.01 * torch.randn(2, 3, 4, 8, 8, generator=g)
+    s = irece.conditioning_scores(cond, ref)
+    assert s.shape == (2, 3)
+    assert s[0].argmax() == 1 and s[0, 1] > 0.9  # reproduces concept 1's prediction
+    assert s[1].max() < 0.05  # reproduces the null prompt's: carries no concept
