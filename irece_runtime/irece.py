@@ -43,9 +43,10 @@ CONDITIONING = ("keep", "null")
 # the empty prompt 0.00 (BENCHMARKS.md, "Learned embeddings")
 CONDITIONING_THRESHOLD = 0.25
 CONDITIONING_TEMPERATURE = 10.0
-# the full defence's second look, behind the gate: at t* = 0.5 the classifier misses some images a learned embedding
-# draws late; one recheck at 0.7 of the schedule takes white-box textual inversion of star from 6-19% to 0-6% CRR
-# (mini world, 16 images per erasure method; BENCHMARKS.md, "Learned embeddings")
+# the full defence's second look, behind the gate: what a dropped conditioning left half-drawn at t* = 0.5 is caught
+# at 0.7 of the schedule. White-box textual inversion of star, CRR with UCE / ESD-x / ESD-u / Receler (16 images
+# each): full defence 0/0/0/6%, without the recheck 19/0/0/6%, the recheck without the conditioning defence
+# 88/12/6/6% (BENCHMARKS.md, "Learned embeddings")
 RECHECK = (0.7,)
 
 
