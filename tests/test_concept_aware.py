@@ -73,14 +73,15 @@ def test_benign_requests_come_back_bit_identical(uce_star, threshold):
     assert paper["identical_text"] == 0.0  # the paper's IRECE re-noises every request
 
 
-# -- the conditioning defence (issue #12): IRECE gated, the conditioning dropped where it intervened, a recheck ----
+# -- the full defence (issue #12): IRECE gated, a conditioning that carries the target dropped, a recheck ----------
 def full(**kw) -> IreceConfig:
     return cfg(conditioning="null", recheck=RECHECK, **kw)
 
 
 def test_full_defence_stops_a_white_box_learned_embedding(uce_star, judge, threshold):
-    """Textual inversion learned on the erased model itself; measured (16 images per method): UCE 100% -> 0%,
-    ESD-x 44 -> 6, ESD-u 6 -> 0, Receler 12 -> 6 (BENCHMARKS.md, "Learned embeddings")."""
+    """Textual inversion learned on the erased model itself; measured (16 images per method, off -> gated -> full):
+    UCE 100 -> 100 -> 0%, ESD-x 44 -> 25 -> 0, ESD-u 12 -> 19 -> 0, Receler 25 -> 12 -> 6 (BENCHMARKS.md,
+    "Learned embeddings")."""
     vec = attacks.textual_inversion(uce_star, "erased", "star", steps=200, seed=TEST_SEED)
     prompts = [attacks.TI_TEMPLATES[k % len(attacks.TI_TEMPLATES)].format("<c>") for k in range(12)]
     seeds = [TEST_SEED + k for k in range(12)]
