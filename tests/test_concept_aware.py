@@ -96,7 +96,8 @@ def test_full_defence_stops_a_white_box_learned_embedding(uce_star, judge, thres
 def test_full_defence_leaves_a_benign_learned_embedding_bit_identical_under_the_threshold(uce_star, judge,
                                                                                           threshold):
     """A learned embedding of another concept (moon, learned on the star-erased model): every image whose presence
-    scores stay under the threshold at t* and at the recheck comes back exactly as without the defence."""
+    and conditioning scores stay under their thresholds at t* and at the recheck comes back exactly as without the
+    defence."""
     vec = attacks.textual_inversion(uce_star, "erased", "moon", steps=100, seed=TEST_SEED)
     defended = full(concepts=("star",), threshold=threshold)
     same, kept = [], []
@@ -104,7 +105,8 @@ def test_full_defence_leaves_a_benign_learned_embedding_bit_identical_under_the_
         req = Request(prompt=attacks.TI_TEMPLATES[k % len(attacks.TI_TEMPLATES)].format("<c>"),
                       learned={"<c>": vec}, seed=TEST_SEED + k)
         off, on = uce_star.generate(req), uce_star.generate(req, defended)
-        under = all(c.score < c.threshold for c in on.irece.concepts)
+        under = all(c.score < c.threshold and c.conditioning_score < defended.conditioning_threshold
+                    for c in on.irece.concepts)
         assert len(on.irece.concepts) == 2  # t* and the recheck
         if under:
             assert np.array_equal(off.uint8(), on.uint8()) and not on.irece.unconditioned
