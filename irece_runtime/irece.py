@@ -42,6 +42,9 @@ CONDITIONING = ("keep", "null")
 # 0.30-0.99 for star, of triangle 0.00-0.03, "a star" 0.93-1.00, "a red triangle on a white background" 0.00-0.02,
 # the empty prompt 0.00 (BENCHMARKS.md, "Learned embeddings")
 CONDITIONING_THRESHOLD = 0.25
+# where the gate says the image shows the target, a lower bar: white-box TI of star from another seed scores 0.12-0.27
+# at t* (the image shows star, the gate fires), benign embeddings 0.00-0.03, the empty prompt 0.00
+CONDITIONING_THRESHOLD_SHOWN = 0.1
 CONDITIONING_TEMPERATURE = 10.0
 # the full defence's second look, behind the gate: what a dropped conditioning left half-drawn at t* = 0.5 is caught
 # at 0.7 of the schedule. White-box textual inversion of star, CRR with UCE / ESD-x / ESD-u / Receler (16 images
@@ -71,6 +74,7 @@ class IreceConfig:
     nonfinite: str = "error"  # non-finite x_t or concept map at t*: "error" or "full_mask" (never an empty mask)
     conditioning: str = "keep"  # "null": an image whose conditioning carries a target loses it (classifier gate)
     conditioning_threshold: float = CONDITIONING_THRESHOLD  # conditioning score from which it counts as carried
+    conditioning_threshold_shown: float = CONDITIONING_THRESHOLD_SHOWN  # the same, in images the gate says show it
     recheck: tuple[float | int, ...] = ()  # later points of the schedule (like t_star) where IRECE runs again: a
     # conditioning that redraws the concept after t* is caught there (behind a gate, only images that show it)
 
@@ -86,8 +90,9 @@ class IreceConfig:
         if self.conditioning == "null" and self.gate != "classifier":
             raise ValueError("conditioning 'null' scores the conditioning with the classifier gate's UNet calls: it "
                              "needs gate='classifier'")
-        if not 0.0 <= self.conditioning_threshold <= 1.0:
-            raise ValueError(f"conditioning_threshold must be in [0, 1], got {self.conditioning_threshold}")
+        for name in ("conditioning_threshold", "conditioning_threshold_shown"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
         if not self.classifier_timesteps or not all(

@@ -269,8 +269,10 @@ class Pipeline:
         scores, carried = yield from self.presence_steps(x, t, cfg, conditioning.cond if scoring else None)
         if not torch.isfinite(scores).all() or (carried is not None and not torch.isfinite(carried).all()):
             return self._fail_closed(x, cfg, targets, "presence score")
-        if carried is not None:
-            rows = torch.stack([carried[:, concepts.index(c)] >= cfg.conditioning_threshold for c, _, _ in targets])
+        if carried is not None:  # an image that shows the target needs less evidence against its conditioning
+            rows = torch.stack([carried[:, concepts.index(c)] >= torch.where(
+                scores[:, concepts.index(c)] >= thr, cfg.conditioning_threshold_shown, cfg.conditioning_threshold)
+                for c, _, thr in targets])
             if rows.any():
                 conditioning.drop(rows.any(0))
         b = x.shape[0]
@@ -484,11 +486,13 @@ def guided_eps(model: str, cond: "torch.Tensor | Conditioning", uncond: torch.Te
 class IreceStep:
     """IRECE as a step hook: at each planned step (t*, or each concept's tuned t*) the standard UNet localizes
     the concepts and the masked latent is replaced by seeded noise; with conditioning "null", images whose
-    conditioning carries a target lose it for the rest of the loop. Owns the request's report."""
+    conditioning carries a target, or in which the target came back after IRECE re-noised it (a recheck), lose
+    their conditioning for the rest of the loop. Owns the request's report."""
 
     def __init__(self, pipe: "Pipeline", cfg: irece.IreceConfig, steps: int, seed: int,
                  conditioning: Conditioning | None = None):
         self.pipe, self.cfg, self.seed, self.conditioning = pipe, cfg, seed, conditioning
+        self.renoised: torch.Tensor | None = None  # (B,) images IRECE re-noised at an earlier step
         self.plan = cfg.plan(steps)
         self.report: irece.IreceReport | None = None
         self.seconds = 0.0
@@ -501,6 +505,13 @@ class IreceStep:
     def _intervene(self, i: int, t: torch.Tensor, x: torch.Tensor) -> Machine:
         t0 = time.perf_counter()
         mask, concepts = yield from self.pipe.localize_steps(x, t, self.cfg, self.plan[i], self.conditioning)
+        hit = mask.flatten(1).amax(1) > 0
+        if self.cfg.conditioning == "null" and self.conditioning is not None and self.renoised is not None:
+            # the concept came back where IRECE had already re-noised it: the conditioning redraws it
+            back = hit & self.renoised
+            if back.any():
+                self.conditioning.drop(back)
+        self.renoised = hit if self.renoised is None else self.renoised | hit
         # noise seeded per request and step: the same request gives the same image alone or beside others
         xi = torch.randn(x.shape, generator=torch.Generator().manual_seed((self.seed + 1_000_003 + i) % 2**63)).to(x)
         x = irece.perturb(x, mask.to(x), xi, self.cfg.mode)

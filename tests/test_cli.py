@@ -38,7 +38,8 @@ def test_generate_inverted_latent_with_irece(tmp_path, capsys, pipe):
     assert 0 < res["irece"]["mask_area"] < 1
     # the report's one JSON form (IreceReport.to_dict), t* given as a step index
     assert list(res["irece"]) == list(IreceReport().to_dict()) and res["irece"]["step_index"] == 4
-    assert list(res["irece"]["concepts"][0]) == ["concept", "mask_area", "peak", "intervened", "score", "threshold"]
+    assert list(res["irece"]["concepts"][0]) == ["concept", "mask_area", "peak", "intervened", "score", "threshold",
+                                                "conditioning_score"]
     side = image_side(pipe)
     assert np.asarray(Image.open(tmp_path / "o.png")).shape == (side, side, 3)
 
