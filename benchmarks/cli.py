@@ -30,13 +30,18 @@ def cmd_crr(a):
         s.n = a.n
     res = crr.run(a.model, concepts or list(crr.shapes.CONCEPTS), methods or list(crr.METHODS), scenarios, s,
                   ray=a.ray, ray_cpus=a.ray_cpus, ray_threads=a.ray_threads)
+    _publish(res, a, report.crr_markdown, report.crr_chart)
+
+
+def _publish(res: dict, a, markdown, chart) -> None:
+    """JSON to --json, the markdown table printed and to --markdown, the chart to --chart."""
     _write(res, a.json)
-    md = report.crr_markdown(res)
+    md = markdown(res)
     print(md)
     if a.markdown:
         Path(a.markdown).write_text(md)
     if a.chart:
-        report.crr_chart(res, a.chart)
+        chart(res, a.chart)
 
 
 def cmd_adaptive(a):
@@ -53,6 +58,8 @@ def cmd_adaptive(a):
         s.n = a.n
     for spec in a.budget or []:
         name, _, values = spec.partition("=")
+        if name not in adaptive.BUDGET_UNITS:
+            raise ValueError(f"--budget {spec!r}: the attack must be one of {list(adaptive.BUDGET_UNITS)}")
         s.budgets[name] = sorted({0, *(int(v) for v in values.split(","))})
     if a.benign_only:  # benign learned embeddings of other concepts under each defence (no attack)
         from miniworld.shapes import CONCEPTS
@@ -62,13 +69,7 @@ def cmd_adaptive(a):
         print(json.dumps(rows, indent=1))
         return
     res = adaptive.run(a.model, a.concept, methods, attack_names, s)
-    _write(res, a.json)
-    md = adaptive.markdown(res)
-    print(md)
-    if a.markdown:
-        Path(a.markdown).write_text(md)
-    if a.chart:
-        adaptive.chart(res, a.chart)
+    _publish(res, a, adaptive.markdown, adaptive.chart)
 
 
 def cmd_tune(a):
