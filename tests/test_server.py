@@ -220,9 +220,11 @@ def test_one_request_per_modality_and_metrics(served, pipe):
 
 
 def test_conditioning_defence_and_recheck_reach_the_wire_and_metrics(start_server, pipe):
-    """conditioning = null with a recheck (the gate off: IRECE always intervenes): the response says the image lost
-    its conditioning, lists the concept once per check, and Prometheus counts the request once."""
-    s = start_server(pipe, conditioning="null", recheck=[0.8])
+    """conditioning = null with a recheck, at thresholds of 0 (the gate always fires, every conditioning counts as
+    carrying the concept): the response says the image lost its conditioning, lists the concept once per check, and
+    Prometheus counts the request once."""
+    s = start_server(pipe, gate="classifier", threshold=0.0, conditioning="null", conditioning_threshold=0.0,
+                     recheck=[0.8])
     assert s.server.service.operator.conditioning == "null" and s.server.service.operator.recheck == (0.8,)
     r = s.stub.Generate(text_req())
     s.decode(r)
