@@ -367,7 +367,7 @@ class Pipeline:
                       scheduler=None) -> Machine:
         """`denoise` as a machine: a UNet call per step (both guidance branches in one), the localizer at t*."""
         scheduler = scheduler or self.scheduler(steps)
-        # with conditioning "null", an image IRECE re-noised continues on uncond (without one: the empty prompt)
+        # with conditioning "null", an image whose conditioning IRECE drops continues on uncond (else the empty prompt)
         dropping = cfg is not None and cfg.conditioning == "null"
         conditioning = Conditioning(cond, uncond if uncond is not None or not dropping else self.null_hidden)
         hook = IreceStep(self, cfg, len(scheduler.timesteps), seed, conditioning) if cfg and cfg.concepts else None
