@@ -72,6 +72,18 @@ def cmd_adaptive(a):
     _publish(res, a, adaptive.markdown, adaptive.chart)
 
 
+def cmd_conditioning(a):
+    from . import conditioning
+    from .crr import BenchSettings
+    s = BenchSettings(n=a.n or 16, t_star=a.t_star, seed=a.seed,
+                      threshold=DEFAULTS.threshold if a.threshold is None else a.threshold)
+    if a.quick:
+        s.n, s.steps, s.erase_steps, s.ti_steps = 4, 10, 20, 20
+    res = conditioning.run(a.model, a.concept, a.methods or (["uce"] if a.quick else ["uce", "esd-x", "esd-u", "receler"]),
+                           s, a.max_fpr)
+    _publish(res, a, conditioning.markdown, None)
+
+
 def cmd_tune(a):
     from . import tune
     from .crr import BenchSettings
@@ -215,6 +227,18 @@ def register(sub) -> None:
                    help="no attack: benign learned embeddings (white-box TI of other concepts) under each defence")
     p.add_argument("--others", nargs="+", help="with --benign-only: the other concepts (default: the first three)")
     p.set_defaults(func=cmd_adaptive)
+
+    p = bsub.add_parser("conditioning", help="the conditioning defence's threshold: calibrated on one split (benign "
+                                             "prompts and embeddings vs TI of the erased concept), checked on another")
+    common(p)
+    p.add_argument("--concept", default="star")
+    p.add_argument("--methods", nargs="+", choices=("uce", "esd-x", "esd-u", "receler"))
+    p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
+    p.add_argument("--threshold", type=float, help="the gate's presence threshold (default: IreceConfig's)")
+    p.add_argument("--max-fpr", type=float, default=0.01,
+                   help="share of benign calibration generations allowed to lose their conditioning")
+    p.add_argument("--markdown", metavar="FILE")
+    p.set_defaults(func=cmd_conditioning, chart=None)
 
     p = bsub.add_parser("tune", help="sweep t* and tau; per-concept choice on a calibration split")
     common(p)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from erasure.cli import register as register_erase
-from irece_runtime.irece import CONDITIONING, GATES, PERTURB_MODES, IreceConfig, IreceReport, parse_t_star
+from irece_runtime.irece import CONDITIONING, CONDITIONING_UNETS, GATES, PERTURB_MODES, IreceConfig, IreceReport, parse_t_star
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 from miniworld.cli import register_world
 
@@ -28,7 +28,8 @@ def irece_config_from_args(a) -> IreceConfig | None:
     if not a.irece:
         return None
     return IreceConfig(concepts=tuple(a.irece), tau=a.tau, t_star=a.t_star, mode=a.mode, template=a.template,
-                       gate=a.gate, threshold=a.threshold, conditioning=a.conditioning, recheck=tuple(a.recheck or ()))
+                       gate=a.gate, threshold=a.threshold, conditioning=a.conditioning, recheck=tuple(a.recheck or ()),
+                       conditioning_unet=a.conditioning_unet)
 
 
 def cmd_generate(a):
@@ -70,6 +71,10 @@ def add_irece_flags(p):
     p.add_argument("--conditioning", choices=CONDITIONING, default=DEFAULTS.conditioning,
                    help="after IRECE re-noises an image: keep its conditioning (the paper) or denoise it on the null "
                         "prompt from then on (null: a learned embedding cannot redraw the concept)")
+    p.add_argument("--conditioning-unet", choices=CONDITIONING_UNETS, default=DEFAULTS.conditioning_unet,
+                   help="which UNet reads the conditioning for --conditioning null: standard (does it name the "
+                        "concept), erased (does it steer the model that draws towards it) or both, the higher score "
+                        "(default: %(default)s)")
     p.add_argument("--recheck", nargs="+", type=parse_t_star, metavar="T",
                    help="later points of the schedule where IRECE runs again (fractions or step indices)")
     p.add_argument("--localizer-layers", nargs="+", metavar="NAME",

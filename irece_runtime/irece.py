@@ -46,11 +46,19 @@ CONDITIONING_THRESHOLD = 0.25
 # at t* (the image shows star, the gate fires), benign embeddings 0.00-0.03, the empty prompt 0.00
 CONDITIONING_THRESHOLD_SHOWN = 0.1
 CONDITIONING_TEMPERATURE = 10.0
-# the full defence's second look, behind the gate: what a dropped conditioning left half-drawn at t* = 0.5 is caught
+# which UNet reads the request's conditioning. The standard one asks whether it *names* a concept; the erased one,
+# whether it *steers the model that draws* towards the concept (as the standard model renders the concept's prompt).
+# An embedding optimised through the defence exploits the gap between the two: white-box TI of star on UCE after 10
+# adaptive steps scores 0.00 (max 0.11) with the standard reader and 0.14 (max 0.66) with the erased one, while plain
+# TI scores 0.77 / 0.88 and benign embeddings 0.00 / 0.00 (t* = 0.5, 16 generations). "both": the higher score counts.
+CONDITIONING_UNETS = ("standard", "erased", "both")
+# the full defence's later looks, behind the gate: what a dropped conditioning left half-drawn at t* = 0.5 is caught
 # at 0.7 of the schedule. White-box textual inversion of star, CRR with UCE / ESD-x / ESD-u / Receler (16 images
-# each): full defence 0/0/0/6%, without the recheck 19/0/0/6%, the recheck without the conditioning defence
-# 88/12/6/6% (BENCHMARKS.md, "Learned embeddings")
-RECHECK = (0.7,)
+# each): with the 0.7 look 0/0/0/6%, without it 19/0/0/6%, the look without the conditioning defence 88/12/6/6%.
+# The look at 0.9 sees nearly the final image: white-box PGD on a reference image (8 steps, UCE) that keeps the gate's
+# score under its threshold at t* and 0.7 brings star back in 38% of images; with 0.9 as well, 19% (BENCHMARKS.md,
+# "Learned embeddings and adaptive attacks"). Each look costs one pass of the gate.
+RECHECK = (0.7, 0.9)
 
 
 class NonFiniteError(RuntimeError):
@@ -75,6 +83,8 @@ class IreceConfig:
     conditioning: str = "keep"  # "null": an image whose conditioning carries a target loses it (classifier gate)
     conditioning_threshold: float = CONDITIONING_THRESHOLD  # conditioning score from which it counts as carried
     conditioning_threshold_shown: float = CONDITIONING_THRESHOLD_SHOWN  # the same, in images the gate says show it
+    conditioning_unet: str = "both"  # which UNet reads the conditioning (CONDITIONING_UNETS; erased/both: B more
+    # erased-UNet rows per t')
     recheck: tuple[float | int, ...] = ()  # later points of the schedule (like t_star) where IRECE runs again: a
     # conditioning that redraws the concept after t* is caught there (behind a gate, only images that show it)
 
@@ -87,6 +97,8 @@ class IreceConfig:
             raise ValueError(f"mode must be one of {PERTURB_MODES}, got {self.mode!r}")
         if self.conditioning not in CONDITIONING:
             raise ValueError(f"conditioning must be one of {CONDITIONING}, got {self.conditioning!r}")
+        if self.conditioning_unet not in CONDITIONING_UNETS:
+            raise ValueError(f"conditioning_unet must be one of {CONDITIONING_UNETS}, got {self.conditioning_unet!r}")
         if self.conditioning == "null" and self.gate != "classifier":
             raise ValueError("conditioning 'null' scores the conditioning with the classifier gate's UNet calls: it "
                              "needs gate='classifier'")

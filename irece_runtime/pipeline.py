@@ -216,31 +216,40 @@ class Pipeline:
         cfg.classifier_timesteps with fixed noise (the same for every request, so a request's score does not
         depend on its batch), and denoised under each concept's prompt and the null prompt (K + 1 rows per image
         and t'; one call per t', so no call outgrows an engine's batch profile). With the request's conditioning
-        `cond` (1 or B, 77, D), one more row per image and t' denoises under it, and the machine returns
-        (scores, conditioning scores (B, K)) (irece.conditioning_scores); else (scores, None)."""
+        `cond` (1 or B, 77, D), the UNet(s) of cfg.conditioning_unet also denoise under it (the standard one: one more
+        row per image in the same call; the erased one: its own call), and the machine returns (scores, conditioning
+        scores (B, K)) (irece.conditioning_scores; "both": the higher of the two); else (scores, None)."""
         concepts = self.contrast_set(cfg)
         hidden = self.classifier_prompts(concepts)
         b, k1 = x.shape[0], hidden.shape[0]
         alphas = self.alphas_cumprod
         eps0 = yield Call("eps", (x, hidden[-1:].expand(b, -1, -1)), t, "standard")
         x0 = irece.predicted_x0(x, eps0, alphas[int(t)])
-        errors, eps_ref, eps_cond = [], [], []
+        readers = () if cond is None else {"standard": ("standard",), "erased": ("erased",),
+                                           "both": ("standard", "erased")}[cfg.conditioning_unet]
+        errors, eps_ref, eps_cond = [], [], {r: [] for r in readers}
         for j, t_prime in enumerate(cfg.classifier_timesteps):
             xi = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(CLASSIFIER_SEED + j)).to(x0)
             x_tp = irece.renoise(x0, xi, alphas[t_prime])
             rows, hid = x_tp.repeat_interleave(k1, 0), hidden.repeat(b, 1, 1)
-            if cond is not None:  # the request's own conditioning: b more rows
+            if "standard" in readers:  # the request's own conditioning: b more rows
                 rows, hid = torch.cat([rows, x_tp]), torch.cat([hid, cond.expand(b, -1, -1).to(hid)])
             eps = yield Call("eps", (rows, hid), torch.tensor(t_prime), "standard")
             ref = eps[:b * k1]
             errors.append(((ref - xi) ** 2).flatten(1).mean(1).view(b, k1))
-            if cond is not None:
+            if readers:
                 eps_ref.append(ref.view(b, k1, *ref.shape[1:]))
-                eps_cond.append(eps[b * k1:])
+            if "standard" in readers:
+                eps_cond["standard"].append(eps[b * k1:])
+            if "erased" in readers:  # the model that draws, under the same conditioning
+                eps_cond["erased"].append((yield Call("eps", (x_tp, cond.expand(b, -1, -1).to(hid)),
+                                                      torch.tensor(t_prime), "erased")))
         scores = irece.classifier_scores(torch.stack(errors, 1))
         if cond is None:
             return scores, None
-        return scores, irece.conditioning_scores(torch.stack(eps_cond, 1), torch.stack(eps_ref, 1))
+        ref = torch.stack(eps_ref, 1)
+        return scores, torch.stack([irece.conditioning_scores(torch.stack(eps_cond[r], 1), ref)
+                                    for r in readers]).amax(0)
 
     def presence(self, x: torch.Tensor, t: torch.Tensor, cfg: irece.IreceConfig) -> torch.Tensor:
         """(B, K) presence scores of the contrast set at x_t under cfg's gate (benchmarks, calibration)."""

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from irece_runtime.irece import CONDITIONING, GATES, NONFINITE, IreceConfig, parse_t_star
+from irece_runtime.irece import CONDITIONING, CONDITIONING_UNETS, GATES, NONFINITE, IreceConfig, parse_t_star
 
 DEFAULTS = IreceConfig.defaults()
 
@@ -13,7 +13,7 @@ DEFAULTS = IreceConfig.defaults()
 SERVE_FLAGS = ("model", "erased", "backend", "graphs", "port", "metrics_port", "host", "workers", "queue_size", "tau",
                "t_star", "gate", "threshold", "device", "tls_cert", "tls_key", "auth_token_file", "max_side",
                "cost_budget", "max_request_seconds", "drain_seconds", "nonfinite", "batching", "max_batch",
-               "gather_ms", "threads", "conditioning", "recheck", "hide_scores")
+               "gather_ms", "threads", "conditioning", "conditioning_unet", "recheck", "hide_scores")
 
 
 def serve_overrides(a) -> dict:
@@ -82,6 +82,9 @@ def register(sub) -> None:
     p.add_argument("--conditioning", choices=CONDITIONING,
                    help="after IRECE re-noises an image: keep its conditioning (default, the paper) or denoise it on "
                         "the negative/null prompt from then on (null)")
+    p.add_argument("--conditioning-unet", choices=CONDITIONING_UNETS,
+                   help=f"which UNet reads a request's conditioning for --conditioning null (default "
+                        f"{DEFAULTS.conditioning_unet!r}: the higher of the standard and the erased one's scores)")
     p.add_argument("--recheck", nargs="+", type=parse_t_star, metavar="T",
                    help="later points of the schedule where IRECE runs again (fractions or step indices)")
     p.add_argument("--hide-scores", action="store_true", default=None,

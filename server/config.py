@@ -43,6 +43,7 @@ class ServerConfig:
     nonfinite: str = IRECE.nonfinite  # NaN/inf latent or concept map at t*: "error" (refuse) or "full_mask"
     conditioning: str = IRECE.conditioning  # "null": drop a conditioning that carries a target (classifier gate)
     conditioning_threshold: float = IRECE.conditioning_threshold  # its conditioning score from which it is dropped
+    conditioning_unet: str = IRECE.conditioning_unet  # which UNet reads the conditioning: standard, erased or both
     recheck: list[float | int] = field(default_factory=list)  # later points where IRECE runs again (like t_star)
     hide_scores: bool = False  # responses carry no presence score, threshold or peak (NaN): less for attackers
     # serving

@@ -149,7 +149,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                                     gate=cfg.gate, threshold=cfg.threshold, vocabulary=tuple(cfg.vocabulary),
                                     classifier_timesteps=tuple(cfg.classifier_timesteps), nonfinite=cfg.nonfinite,
                                     conditioning=cfg.conditioning, recheck=tuple(cfg.recheck),
-                                    conditioning_threshold=cfg.conditioning_threshold)
+                                    conditioning_threshold=cfg.conditioning_threshold,
+                                    conditioning_unet=cfg.conditioning_unet)
         self.allowed = concept_catalogue(cfg)
         cfg.check_serving()
         # images per engine call: the operator's limit, within what the backend can run (TensorRT's profile)

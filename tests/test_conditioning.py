@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from irece_runtime.calls import drive
 from irece_runtime.irece import IreceConfig
 from irece_runtime.pipeline import Request
 
@@ -28,7 +29,7 @@ def test_a_dropped_conditioning_reaches_the_erased_unet_from_t_star_on(pipe, mon
     seen = spy_eps(pipe, monkeypatch)
     req = Request(prompt="a cat on a mat", steps=6, seed=1, batch=2)
     cfg = IreceConfig(concepts=("cat",), t_star=3, gate="classifier", threshold=1.01, conditioning="null",
-                      conditioning_threshold=0.0)
+                      conditioning_threshold=0.0, conditioning_unet="standard")  # the erased UNet: the loop's calls only
     res = pipe.generate(req, cfg)
     null, cond = pipe.encode_prompt(""), pipe.encode_prompt("a cat on a mat")
     assert len(seen) == 6 and res.irece.unconditioned and res.irece.to_dict()["unconditioned"]
@@ -73,3 +74,46 @@ def test_a_gate_that_never_fires_keeps_the_conditioning_and_the_image(pipe):
     assert np.array_equal(off.uint8(), on.uint8())
     assert not on.irece.unconditioned and [c.intervened for c in on.irece.concepts] == [False, False]
     assert on.irece.step_index == 2
+
+
+@pytest.mark.parametrize("reader", ["standard", "erased", "both"])
+def test_each_conditioning_unet_reads_the_conditioning_through_its_own_unet(pipe, monkeypatch, reader):
+    """The gap an adaptive embedding exploits: a conditioning the standard UNet reads as another concept, on which
+    the erased UNet draws the target anyway. Here the erased UNet draws concept a whatever it is given; the request
+    says "a b". The standard reader misses it, the erased reader sees it, "both" takes the higher score."""
+    if len(pipe.vocabulary) < 2:
+        pytest.skip("the model folder has no concepts.json to score against")
+    a, b = pipe.vocabulary[:2]
+    real = pipe.backend.eps
+    steered = pipe.encode_prompt(f"a {a}")
+    calls = []
+
+    def eps(model, x, t, hidden):
+        calls.append((model, x.shape[0]))
+        if model == "erased":  # draws a, whatever the conditioning says
+            return real("standard", x, t, steered.expand(x.shape[0], -1, -1))
+        return real(model, x, t, hidden)
+    monkeypatch.setattr(pipe.backend, "eps", eps)
+    cfg = IreceConfig(concepts=(a,), gate="classifier", t_star=2, threshold=1.01, conditioning="null",
+                      conditioning_unet=reader)
+    x = torch.randn(2, pipe.backend.latent_channels, pipe.sample_size, pipe.sample_size,
+                    generator=torch.Generator().manual_seed(5))
+    t = pipe.scheduler(6).timesteps[2]
+    cond = pipe.encode_prompt(f"a {b}")
+    _, carried = drive(pipe.presence_steps(x, t, cfg, cond), pipe.backend)
+    score = carried[:, pipe.contrast_set(cfg).index(a)]
+    k1 = len(pipe.contrast_set(cfg)) + 1
+    n_t = len(cfg.classifier_timesteps)
+    erased_rows = [n for m, n in calls if m == "erased"]
+    standard_rows = [n for m, n in calls if m == "standard"]
+    assert erased_rows == ([2] * n_t if reader != "standard" else [])
+    assert standard_rows == [2] + [2 * k1 + (2 if reader != "erased" else 0)] * n_t
+    if reader == "standard":
+        assert (score < cfg.conditioning_threshold).all(), score
+    else:
+        assert (score >= cfg.conditioning_threshold).all(), score
+
+
+def test_conditioning_unet_is_validated():
+    with pytest.raises(ValueError, match="conditioning_unet"):
+        IreceConfig(conditioning_unet="judge")
