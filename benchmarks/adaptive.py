@@ -244,6 +244,10 @@ def prompt_search(pipe: Pipeline, judge, concept: str, cfg: IreceConfig, budgets
 @dataclass
 class AdaptiveSettings(BenchSettings):
     model: str = str(DEFAULT_MODEL)
+    # the adaptive TI's weights on the evasion hinge: a heavy one evades the checks but loses the concept, a light one
+    # keeps the concept and is caught; each budget's row reports whichever got more images through the full defence
+    # (chosen on the evaluation seeds: the attacker's best case)
+    ti_weights: tuple = (1.0, 10.0)
     budgets: dict | None = None  # attack -> budgets (optimisation steps / PGD steps / queries)
     epsilon: float = 16 / 255
 
@@ -295,9 +299,9 @@ def run(model_dir: str = str(DEFAULT_MODEL), concept: str = "star", methods=("uc
                 log(f"[{time.time() - t0:6.0f}s] {method}/{name} cached")
                 continue
             cell = {"rows": [], "curves": []}
-            if name == "ti":
-                made = adaptive_ti(pipe, ti_embedding(pipe, model_dir, erased, "erased", concept, s), concept, full,
-                                   b, s)
+            if name == "ti":  # one run per evasion weight; each budget reports the weight that got most through
+                start = ti_embedding(pipe, model_dir, erased, "erased", concept, s)
+                by_weight = {w: adaptive_ti(pipe, start, concept, full, b, s, weight=w) for w in s.ti_weights}
             elif name == "pgd":
                 made = pgd_references(pipe, references(concept, s.n, False, s.seed), concept, full, b, s, s.epsilon)
             elif name == "pgd-bb":
@@ -305,14 +309,22 @@ def run(model_dir: str = str(DEFAULT_MODEL), concept: str = "star", methods=("uc
             else:
                 made = prompt_search(pipe, judge, concept, full, b, s)
             access = "white-box" if name in ("ti", "pgd") else "black-box"
+            kind = "ti" if name == "ti" else "prompt" if name == "prompt" else "pgd"
             for budget in b:
-                for d, (k, n) in evaluate(pipe, judge, "ti" if name == "ti" else "prompt" if name == "prompt"
-                                          else "pgd", made[budget], concept, s, cfgs).items():
+                if name == "ti":  # the attacker's best weight at this budget: most images through the full defence
+                    tried = {w: evaluate(pipe, judge, kind, m[budget], concept, s, cfgs)
+                             for w, m in (by_weight.items() if budget else list(by_weight.items())[:1])}
+                    weight = max(tried, key=lambda w: (tried[w]["full"][0], tried[w]["none"][0]))
+                    counts, extra = tried[weight], {"weight": weight if budget else None}
+                else:
+                    counts, extra = evaluate(pipe, judge, kind, made[budget], concept, s, cfgs), {}
+                for d, (k, n) in counts.items():
                     cell["rows"].append({"attack": name, "access": access, "method": method, "defence": d,
                                          "concept": concept, "crr": k / n, "n": n, "k": k,
-                                         "ci95": list(wilson(k, n)), "budget": budget})
-            cell["curves"].append({"attack": name, "access": access, "method": method, "concept": concept,
-                                   "objective": made["losses"]})
+                                         "ci95": list(wilson(k, n)), "budget": budget, **extra})
+            for w, m in (by_weight.items() if name == "ti" else [(None, made)]):
+                cell["curves"].append({"attack": name, "access": access, "method": method, "concept": concept,
+                                       "objective": m["losses"], **({"weight": w} if w is not None else {})})
             write_atomic(path, json.dumps(cell))
             rows += cell["rows"]
             curves += cell["curves"]

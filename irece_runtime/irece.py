@@ -48,9 +48,12 @@ CONDITIONING_THRESHOLD_SHOWN = 0.1
 CONDITIONING_TEMPERATURE = 10.0
 # which UNet reads the request's conditioning. The standard one asks whether it *names* a concept; the erased one,
 # whether it *steers the model that draws* towards the concept (as the standard model renders the concept's prompt).
-# An embedding optimised through the defence exploits the gap between the two: white-box TI of star on UCE after 10
-# adaptive steps scores 0.00 (max 0.11) with the standard reader and 0.14 (max 0.66) with the erased one, while plain
-# TI scores 0.77 / 0.88 and benign embeddings 0.00 / 0.00 (t* = 0.5, 16 generations). "both": the higher score counts.
+# The erased one is the default, measured (t* = 0.5, 16 generations each): an embedding optimised through the defence
+# exploits the gap between the two - white-box TI of star on UCE after 10 adaptive steps scores 0.00 (max 0.11) with
+# the standard reader and 0.14 (max 0.66) with the erased one, plain TI 0.77 / 0.88; and the standard reader mistakes
+# benign embeddings learned on an erased model for the concept - TI of cross on star-erased ESD-u draws crosses
+# (14 of 16) and scores 0.22-0.85 for star with the standard reader, 0.00-0.02 with the erased one. "both": the
+# higher score counts.
 CONDITIONING_UNETS = ("standard", "erased", "both")
 # the full defence's later looks, behind the gate: what a dropped conditioning left half-drawn at t* = 0.5 is caught
 # at 0.7 of the schedule. White-box textual inversion of star, CRR with UCE / ESD-x / ESD-u / Receler (16 images
@@ -83,8 +86,8 @@ class IreceConfig:
     conditioning: str = "keep"  # "null": an image whose conditioning carries a target loses it (classifier gate)
     conditioning_threshold: float = CONDITIONING_THRESHOLD  # conditioning score from which it counts as carried
     conditioning_threshold_shown: float = CONDITIONING_THRESHOLD_SHOWN  # the same, in images the gate says show it
-    conditioning_unet: str = "both"  # which UNet reads the conditioning (CONDITIONING_UNETS; erased/both: B more
-    # erased-UNet rows per t')
+    conditioning_unet: str = "erased"  # which UNet reads the conditioning (CONDITIONING_UNETS; erased/both: one
+    # erased-UNet call of B rows per t')
     recheck: tuple[float | int, ...] = ()  # later points of the schedule (like t_star) where IRECE runs again: a
     # conditioning that redraws the concept after t* is caught there (behind a gate, only images that show it)
 

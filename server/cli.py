@@ -84,7 +84,7 @@ def register(sub) -> None:
                         "the negative/null prompt from then on (null)")
     p.add_argument("--conditioning-unet", choices=CONDITIONING_UNETS,
                    help=f"which UNet reads a request's conditioning for --conditioning null (default "
-                        f"{DEFAULTS.conditioning_unet!r}: the higher of the standard and the erased one's scores)")
+                        f"{DEFAULTS.conditioning_unet!r}; both: the higher of the two scores)")
     p.add_argument("--recheck", nargs="+", type=parse_t_star, metavar="T",
                    help="later points of the schedule where IRECE runs again (fractions or step indices)")
     p.add_argument("--hide-scores", action="store_true", default=None,

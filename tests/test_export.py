@@ -103,6 +103,11 @@ def test_whole_pipeline_with_irece_on_onnx_runtime_matches_torch(pipelines, pipe
         cfg = IreceConfig(concepts=("star", "moon"), gate=gate, threshold=0.0)
         agree, diffs = _agreement(pt, po, requests, cfg)
         assert min(agree) >= 0.99 and max(diffs) <= 2 / 255, (gate, agree, diffs)
+    # the full defence: the conditioning read by both UNets' graphs, dropped (thresholds 0), and a second look
+    cfg = IreceConfig(concepts=("star", "moon"), gate="classifier", threshold=0.0, conditioning="null",
+                      conditioning_threshold=0.0, conditioning_unet="both", recheck=(0.7,))
+    agree, diffs = _agreement(pt, po, requests, cfg)
+    assert min(agree) >= 0.99 and max(diffs) <= 2 / 255, ("full", agree, diffs)
 
 
 def test_inverted_latents_with_irece_on_onnx_runtime_match_torch(pipelines, pipe):
