@@ -80,7 +80,7 @@ def full(**kw) -> IreceConfig:
 
 def test_full_defence_stops_a_white_box_learned_embedding(uce_star, judge, threshold):
     """Textual inversion learned on the erased model itself; measured (16 images per method, off -> gated -> full):
-    UCE 100 -> 100 -> 0%, ESD-x 44 -> 25 -> 0, ESD-u 12 -> 19 -> 0, Receler 25 -> 12 -> 6 (BENCHMARKS.md,
+    UCE 100 -> 100 -> 0%, ESD-x 44 -> 25 -> 0, ESD-u 12 -> 19 -> 6, Receler 25 -> 12 -> 6 (BENCHMARKS.md,
     "Learned embeddings")."""
     vec = attacks.textual_inversion(uce_star, "erased", "star", steps=200, seed=TEST_SEED)
     prompts = [attacks.TI_TEMPLATES[k % len(attacks.TI_TEMPLATES)].format("<c>") for k in range(12)]
@@ -96,8 +96,8 @@ def test_full_defence_stops_a_white_box_learned_embedding(uce_star, judge, thres
 def test_full_defence_leaves_a_benign_learned_embedding_bit_identical_under_the_threshold(uce_star, judge,
                                                                                           threshold):
     """A learned embedding of another concept (moon, learned on the star-erased model): every image whose presence
-    and conditioning scores stay under their thresholds at t* and at the recheck comes back exactly as without the
-    defence."""
+    and conditioning scores stay under their thresholds at t* and at each later look comes back exactly as without
+    the defence."""
     vec = attacks.textual_inversion(uce_star, "erased", "moon", steps=100, seed=TEST_SEED)
     defended = full(concepts=("star",), threshold=threshold)
     same, kept = [], []
@@ -107,7 +107,7 @@ def test_full_defence_leaves_a_benign_learned_embedding_bit_identical_under_the_
         off, on = uce_star.generate(req), uce_star.generate(req, defended)
         under = all(c.score < c.threshold and c.conditioning_score < defended.conditioning_threshold
                     for c in on.irece.concepts)
-        assert len(on.irece.concepts) == 2  # t* and the recheck
+        assert len(on.irece.concepts) == 1 + len(RECHECK)  # t* and each later look
         if under:
             assert np.array_equal(off.uint8(), on.uint8()) and not on.irece.unconditioned
         same.append(under)
