@@ -161,7 +161,7 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
                 (out / f"server_{modality}.png").write_bytes(resp.png)
                 reports[modality] = report.to_dict(resp.irece)
                 scores = " ".join(f"{c.score:.2f}" for c in resp.irece.concepts if c.score == c.score)
-                gate = f" presence {scores} (t*, recheck) vs threshold {resp.irece.concepts[0].threshold:.2f}"
+                gate = f" presence {scores} (t*, later looks) vs threshold {resp.irece.concepts[0].threshold:.2f}"
                 print(f"     {modality:16s} intervened={resp.irece.intervened} mask_area={resp.irece.mask_area:.2f}"
                       f"{gate} unconditioned={resp.irece.unconditioned}", flush=True)
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()

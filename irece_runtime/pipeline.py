@@ -463,10 +463,13 @@ class Conditioning:
         self.dropped = False  # some image lost its conditioning
 
     def drop(self, rows: torch.Tensor) -> None:
-        """rows: bool (B,) - these images' conditioning becomes the null conditioning."""
+        """rows: bool (B,) - these images' conditioning becomes the null conditioning. `dropped` says only what
+        changed: a request already on the null prompt (an inverted latent) has nothing to lose."""
         cond = self.cond.expand(rows.shape[0], -1, -1)
-        self.cond = torch.where(rows[:, None, None].to(cond.device), self.null.to(cond).expand_as(cond), cond)
-        self.dropped = self.dropped or bool(rows.any())
+        null = self.null.to(cond).expand_as(cond)
+        changed = rows.to(cond.device) & (cond != null).flatten(1).any(1)
+        self.cond = torch.where(rows[:, None, None].to(cond.device), null, cond)
+        self.dropped = self.dropped or bool(changed.any())
 
 
 def guided_eps(model: str, cond: "torch.Tensor | Conditioning", uncond: torch.Tensor | None,

@@ -54,6 +54,15 @@ def test_the_conditioning_score_names_the_concept_a_prompt_carries(pipe):
         assert res.irece.unconditioned == carries
 
 
+def test_a_request_on_the_null_prompt_has_no_conditioning_to_lose(pipe):
+    """Thresholds of 0 drop every conditioning; an empty prompt (as inverted-latent requests use) is already the null
+    conditioning, so the report must not say it lost one (nor the metric count it)."""
+    cfg = IreceConfig(concepts=("cat",), t_star=3, gate="classifier", threshold=0.0, conditioning="null",
+                      conditioning_threshold=0.0)
+    assert not pipe.generate(Request(prompt="", steps=6, seed=2), cfg).irece.unconditioned
+    assert pipe.generate(Request(prompt="a cat", steps=6, seed=2), cfg).irece.unconditioned
+
+
 def test_only_the_images_irece_re_noised_lose_their_conditioning(pipe):
     from irece_runtime.pipeline import Conditioning
     cond, null = torch.ones(1, 3, 2), torch.zeros(1, 3, 2)
