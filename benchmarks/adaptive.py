@@ -299,30 +299,32 @@ def run(model_dir: str = str(DEFAULT_MODEL), concept: str = "star", methods=("uc
                 log(f"[{time.time() - t0:6.0f}s] {method}/{name} cached")
                 continue
             cell = {"rows": [], "curves": []}
-            if name == "ti":  # one run per evasion weight; each budget reports the weight that got most through
+            # weight -> the attack's artefacts per budget (only ti has several: one run per evasion weight)
+            if name == "ti":
                 start = ti_embedding(pipe, model_dir, erased, "erased", concept, s)
-                by_weight = {w: adaptive_ti(pipe, start, concept, full, b, s, weight=w) for w in s.ti_weights}
+                runs = {w: adaptive_ti(pipe, start, concept, full, b, s, weight=w) for w in s.ti_weights}
             elif name == "pgd":
-                made = pgd_references(pipe, references(concept, s.n, False, s.seed), concept, full, b, s, s.epsilon)
+                runs = {None: pgd_references(pipe, references(concept, s.n, False, s.seed), concept, full, b, s,
+                                             s.epsilon)}
             elif name == "pgd-bb":
-                made = pgd_black_box(pipe, references(concept, s.n, False, s.seed), concept, full, b, s, s.epsilon)
+                runs = {None: pgd_black_box(pipe, references(concept, s.n, False, s.seed), concept, full, b, s,
+                                            s.epsilon)}
             else:
-                made = prompt_search(pipe, judge, concept, full, b, s)
+                runs = {None: prompt_search(pipe, judge, concept, full, b, s)}
             access = "white-box" if name in ("ti", "pgd") else "black-box"
             kind = "ti" if name == "ti" else "prompt" if name == "prompt" else "pgd"
             for budget in b:
-                if name == "ti":  # the attacker's best weight at this budget: most images through the full defence
-                    tried = {w: evaluate(pipe, judge, kind, m[budget], concept, s, cfgs)
-                             for w, m in (by_weight.items() if budget else list(by_weight.items())[:1])}
-                    weight = max(tried, key=lambda w: (tried[w]["full"][0], tried[w]["none"][0]))
-                    counts, extra = tried[weight], {"weight": weight if budget else None}
-                else:
-                    counts, extra = evaluate(pipe, judge, kind, made[budget], concept, s, cfgs), {}
-                for d, (k, n) in counts.items():
+                # budget 0 is the same starting artefact for every run; past it, the attacker's best run: the one
+                # that got most images through the full defence
+                tried = {w: evaluate(pipe, judge, kind, m[budget], concept, s, cfgs)
+                         for w, m in (list(runs.items()) if budget else list(runs.items())[:1])}
+                weight = max(tried, key=lambda w: (tried[w]["full"][0], tried[w]["none"][0]))
+                extra = {"weight": weight if budget else None} if name == "ti" else {}
+                for d, (k, n) in tried[weight].items():
                     cell["rows"].append({"attack": name, "access": access, "method": method, "defence": d,
                                          "concept": concept, "crr": k / n, "n": n, "k": k,
                                          "ci95": list(wilson(k, n)), "budget": budget, **extra})
-            for w, m in (by_weight.items() if name == "ti" else [(None, made)]):
+            for w, m in runs.items():
                 cell["curves"].append({"attack": name, "access": access, "method": method, "concept": concept,
                                        "objective": m["losses"], **({"weight": w} if w is not None else {})})
             write_atomic(path, json.dumps(cell))

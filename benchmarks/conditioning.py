@@ -37,10 +37,9 @@ def check_scores(pipe, cond: torch.Tensor, seeds: list[int], concept: str, cfg, 
     """(N, 2) per generation: the highest conditioning score of `concept` over the checks, and the highest over the
     checks where the gate also fires (-1 where it never does), on the erased model's undefended trajectory."""
     k = pipe.contrast_set(cfg).index(concept)
-    plan = cfg.plan(s.steps)
-    null = pipe.encode_prompt("")
     with torch.no_grad():
-        seen = trajectory(pipe, gen.noise(pipe, seeds), cond, null, s.guidance, s.steps, plan, "erased")
+        seen = trajectory(pipe, gen.noise(pipe, seeds), cond, pipe.null_hidden, s.guidance, s.steps,
+                          cfg.plan(s.steps), "erased")
         carried, shown = [], []
         for _, t, x in seen:
             scores, c = drive(pipe.presence_steps(x, t, cfg, cond), pipe.backend)

@@ -228,12 +228,13 @@ class Pipeline:
         readers = () if cond is None else {"standard": ("standard",), "erased": ("erased",),
                                            "both": ("standard", "erased")}[cfg.conditioning_unet]
         errors, eps_ref, eps_cond = [], [], {r: [] for r in readers}
+        cond_b = cond.expand(b, -1, -1).to(hidden) if readers else None  # one row per image
         for j, t_prime in enumerate(cfg.classifier_timesteps):
             xi = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(CLASSIFIER_SEED + j)).to(x0)
             x_tp = irece.renoise(x0, xi, alphas[t_prime])
             rows, hid = x_tp.repeat_interleave(k1, 0), hidden.repeat(b, 1, 1)
             if "standard" in readers:  # the request's own conditioning: b more rows
-                rows, hid = torch.cat([rows, x_tp]), torch.cat([hid, cond.expand(b, -1, -1).to(hid)])
+                rows, hid = torch.cat([rows, x_tp]), torch.cat([hid, cond_b])
             eps = yield Call("eps", (rows, hid), torch.tensor(t_prime), "standard")
             ref = eps[:b * k1]
             errors.append(((ref - xi) ** 2).flatten(1).mean(1).view(b, k1))
@@ -242,8 +243,7 @@ class Pipeline:
             if "standard" in readers:
                 eps_cond["standard"].append(eps[b * k1:])
             if "erased" in readers:  # the model that draws, under the same conditioning
-                eps_cond["erased"].append((yield Call("eps", (x_tp, cond.expand(b, -1, -1).to(hid)),
-                                                      torch.tensor(t_prime), "erased")))
+                eps_cond["erased"].append((yield Call("eps", (x_tp, cond_b), torch.tensor(t_prime), "erased")))
         scores = irece.classifier_scores(torch.stack(errors, 1))
         if cond is None:
             return scores, None
