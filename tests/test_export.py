@@ -238,3 +238,21 @@ def test_tensorrt_profiles_cover_the_batched_server(engine_dir):
     assert loc["timestep"] == ((1,), (n,), (n,))
     assert loc["token_weights"] == ((1, 1, 77), (n, MAX_CONCEPTS, 77), (n, MAX_CONCEPTS, 77))
     assert loc["tau"] == ((1,), (MAX_CONCEPTS,), (MAX_CONCEPTS,))
+
+
+def test_tensorrt_calls_over_the_engine_profile_run_in_chunks():
+    """An engine takes at most its profile's rows: a bigger call (the classifier gate's K + 1 prompts per image)
+    runs in chunks, per-call inputs (tau, threshold) whole in each, and the outputs join to what one call gives."""
+    from irece_runtime.backends.tensorrt_backend import in_chunks
+    seen = []
+
+    def engine(sample, timestep, tau):  # like the localizer's gate: several outputs, a per-call input
+        assert sample.shape[0] <= 4 and timestep.shape[0] == sample.shape[0] and tau.shape == (3,)
+        seen.append(sample.shape[0])
+        return sample * 2 + tau.sum(), timestep + 1
+    x, t, tau = torch.randn(11, 2), torch.arange(11.0), torch.ones(3)
+    out = in_chunks(engine, 4, sample=x, timestep=t, tau=tau)
+    assert seen == [4, 4, 3]
+    assert torch.equal(out[0], x * 2 + 3) and torch.equal(out[1], t + 1)
+    seen.clear()
+    assert torch.equal(in_chunks(lambda sample: sample + 1, 16, sample=x), x + 1)

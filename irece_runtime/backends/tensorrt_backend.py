@@ -9,8 +9,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..calls import row_limit
 from . import BackendLimits
 from .graph import GraphBackend, GraphMismatch, read_manifest
+
+PER_CALL_INPUTS = ("tau", "threshold")  # the gate's per-concept inputs: no batch axis
 
 
 def tensorrt_module():
@@ -51,6 +54,21 @@ class TrtModule:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+def in_chunks(module, max_rows: int, **inputs: torch.Tensor):
+    """`module` on at most max_rows rows at a time (an engine's batch profile), outputs joined along the batch: a
+    caller may ask for more rows than the engines were built for (the classifier gate's K + 1 prompts per image and
+    re-noising timestep)."""
+    batched = [k for k in inputs if k not in PER_CALL_INPUTS]
+    n = int(inputs[batched[0]].shape[0])
+    if n <= max_rows:
+        return module(**inputs)
+    parts = [module(**{k: v[s:s + max_rows] if k in batched else v for k, v in inputs.items()})
+             for s in range(0, n, max_rows)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
+
+
 def check_engine_compat(info: dict | None, trt_version: str, gpu: str, where="engine folder") -> dict:
     """TensorRT engines run only on the TensorRT version and GPU model they were built with."""
     if not info:
@@ -82,4 +100,5 @@ class TrtBackend(GraphBackend):
         self.token_embedding = load_file(str(self.dir / "token_embedding.safetensors"))["weight"].cuda()
 
     def _run(self, component: str, **inputs: torch.Tensor) -> torch.Tensor:
-        return self.modules[component](**inputs)
+        kind = "eps" if component.startswith("unet") else component  # the engine's profile, as it was built
+        return in_chunks(self.modules[component], row_limit(kind, self.limits.max_batch), **inputs)
