@@ -151,13 +151,14 @@ def mask_for(pipe, scene, concept, steps=25):
 
 @pytest.fixture(scope="module")
 def upblock_pipe():
-    """The localizer restricted to the first 8x8 up-block cross-attention, the best single layer measured."""
+    """The localizer restricted to the second 8x8 up-block cross-attention, the best single layer measured on the
+    committed world (`irece bench localization` seeds, t* 0.3, tau 0.4: 0.46 against 0.36 for all layers)."""
     from irece_runtime.loading import load_pipeline
-    return load_pipeline(MODEL, layers=("up_blocks.1.attentions.0",))
+    return load_pipeline(MODEL, layers=("up_blocks.1.attentions.1",))
 
 
 @pytest.mark.shapes10_only
-@pytest.mark.parametrize("layers,floor,ratio", [("all", 0.30, 1.3), ("up_blocks.1.attentions.0", 0.42, 1.6)])
+@pytest.mark.parametrize("layers,floor,ratio", [("all", 0.30, 1.3), ("up_blocks.1.attentions.1", 0.42, 1.6)])
 def test_localization_matches_ground_truth(pipe, upblock_pipe, layers, floor, ratio):
     """IRECE's mask (default t* and tau) against the renderer's masks, and against chance: the same masks
     paired with other images (a broken localizer scores at chance, ratio 1)."""
