@@ -276,12 +276,17 @@ def conditioning_scores(eps_cond: torch.Tensor, eps_ref: torch.Tensor,
 
 
 def perturb(x: torch.Tensor, mask: torch.Tensor, xi: torch.Tensor, mode: str = "replace") -> torch.Tensor:
-    """x: (B, C, H, W) latent, mask: (B, H, W) in {0, 1}, xi ~ N(0, I) like x."""
+    """x: (B, C, H, W) latent, mask: (B, H, W) in {0, 1}, xi ~ N(0, I) like x.
+
+    The result is laid out in memory like x (the loop's latent comes out of the UNet channels_last): the UNet's
+    kernels follow the layout, so a latent of equal values but another layout denoises to an image a pixel level
+    apart, and an image IRECE leaves alone must come back bit-identical to IRECE off."""
     m = mask[:, None].to(x.dtype)
     if mode == "replace":
-        return torch.where(m > 0, xi, x)  # == (1 - M) * x + M * xi for binary M, and exactly x where M = 0
+        # == (1 - M) * x + M * xi for binary M, and exactly x where M = 0
+        return torch.where(m > 0, xi, x, out=torch.empty_like(x))
     if mode == "add":
-        return x + m * xi
+        return torch.add(x, m * xi, out=torch.empty_like(x))
     raise ValueError(f"unknown perturbation mode {mode!r}")
 
 

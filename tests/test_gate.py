@@ -113,3 +113,17 @@ def test_classifier_gate_runs_one_unet_call_per_re_noising_timestep(pipe, vocab,
         pipe.presence(x, t, cfg)
         k = len(pipe.contrast_set(cfg))
         assert rows == [("standard", 1)] + [("standard", k + 1)] * len(ts)  # x0, then K concepts + null per t'
+
+
+def test_a_gate_that_never_fires_leaves_a_batch_of_latents_exactly_as_irece_off(pipe, vocab):
+    """Not just equal pixels: equal latents, for a whole batch. A DDIM-inverted latent comes out of the inversion
+    loop laid out channels_last, and keeps that layout through denoising; a re-laid-out copy of it denoised a pixel
+    level apart (3 of 16 benign inverted renders on the committed world were not bit-identical)."""
+    x = torch.randn(16, pipe.backend.latent_channels, pipe.sample_size, pipe.sample_size,
+                    generator=torch.Generator().manual_seed(11)).contiguous(memory_format=torch.channels_last)
+    null = pipe.encode_prompt("")
+    off, _ = pipe.denoise(x, null, null, 5.0, 25)
+    on, report = pipe.denoise(x, null, null, 5.0, 25, IreceConfig(concepts=(vocab[0],), gate="classifier",
+                                                                   threshold=1.01, t_star=12))
+    assert report is not None and not report.intervened
+    assert torch.equal(on, off)

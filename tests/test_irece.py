@@ -21,6 +21,20 @@ def test_empty_mask_leaves_latent_bit_identical():
         assert torch.equal(irece.perturb(x, torch.zeros(1, 8, 8), xi, mode), x)
 
 
+def test_perturb_keeps_the_latents_memory_layout():
+    """The denoising loop's latent is channels_last (it comes out of the UNet); a perturbed latent laid out otherwise
+    denoises a pixel level apart, so images IRECE left alone in a batch would no longer be bit-identical."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    xi = torch.randn(3, 4, 8, 8, generator=g)
+    m = torch.zeros(3, 8, 8)
+    m[1, 2:5, 2:5] = 1
+    for mode in irece.PERTURB_MODES:
+        out = irece.perturb(x, m, xi, mode)
+        assert out.stride() == x.stride(), mode
+        assert torch.equal(out[0], x[0]) and torch.equal(out[2], x[2]) and not torch.equal(out[1], x[1])
+
+
 def test_minmax_and_threshold():
     cm = torch.tensor([[[0.0, 1.0], [2.0, 4.0]]])
     assert torch.allclose(irece.minmax(cm), torch.tensor([[[0.0, 0.25], [0.5, 1.0]]]))
