@@ -1,0 +1,45 @@
+import sys
+import numpy as np
+import torch
+from benchmarks.presence import auc
+d = np.load(sys.argv[1])
+err = d["err"].astype(np.float64)
+lab, src, ns = d["label"], d["source"], d["nshapes"]
+N, T, K1, H, W = err.shape; K = K1 - 1
+e = err.mean((3, 4)); rel = e[..., :K] / e[..., K:]
+def report(name, s):
+    out = [f"{name:34s} AUC {auc(lab.ravel(), s.ravel()):.3f}"]
+    for k in (1, 2, 3):
+        m = ns == k; out.append(f"{k}:{auc(lab[m].ravel(), s[m].ravel()):.3f}")
+    for so in ("text", "inverted"):
+        m = src == so; out.append(f"{so[:3]}:{auc(lab[m].ravel(), s[m].ravel()):.3f}")
+    # fpr at threshold catching 90% of positives, by scene size
+    thr = np.quantile(s[lab], 0.1)
+    out.append(f"| FPR@TPR.9 {(s[~lab] >= thr).mean():.3f}")
+    print(" ".join(out))
+for temp in (20, 50, 100):
+    p = torch.softmax(torch.tensor(-temp * rel), -1).numpy()  # (N,T,K)
+    report(f"softmax{temp}", p.mean(1))
+    # explain away: remove the winner, renormalise
+    top = p.argmax(-1)
+    rest = p.copy(); np.put_along_axis(rest, top[..., None], 0, -1)
+    s2 = rest / rest.sum(-1, keepdims=True)
+    report(f"  explain-away max(p, p/(1-top))", np.maximum(p, p / np.maximum(1 - p.max(-1, keepdims=True), 1e-9) * (rest > 0)).mean(1))
+    # mean over t' first, then explain away
+    pm = p.mean(1); topm = pm.argmax(-1)
+    restm = pm.copy(); np.put_along_axis(restm, topm[:, None], 0, -1)
+    report(f"  EA after mean", np.maximum(pm, restm / restm.sum(-1, keepdims=True)))
+    # two rounds
+    for r2 in (2, 3):
+        sc = np.zeros_like(pm); rem = pm.copy()
+        for _ in range(r2):
+            q = rem / rem.sum(-1, keepdims=True)
+            sc = np.maximum(sc, q)
+            np.put_along_axis(rem, q.argmax(-1)[:, None], 0, -1)
+        report(f"  EA rounds {r2}", sc)
+# rank-margin: gap between concept's rel and the median rel
+med = np.median(rel, -1, keepdims=True)
+report("median - rel", (med - rel).mean(1))
+report("(median - rel)/ (median - min)", ((med - rel) / (med - rel.min(-1, keepdims=True) + 1e-9)).mean(1))
+z = (rel - rel.mean(-1, keepdims=True)) / rel.std(-1, keepdims=True)
+report("-zscore", (-z).mean(1))
