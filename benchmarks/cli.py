@@ -145,7 +145,8 @@ def cmd_localization(a):
 def cmd_presence(a):
     from . import presence
     res = presence.run(a.model, n=a.n or (12 if a.quick else 100), steps=10 if a.quick else 25, tau=a.tau,
-                       t_star=a.t_star, gate=a.gate, classifier_timesteps=a.classifier_timesteps)
+                       t_star=a.t_star, gate=a.gate, classifier_timesteps=a.classifier_timesteps,
+                       classifier_pairs=a.classifier_pairs)
     _write(res, a.json)
     print(json.dumps({k: v for k, v in res.items() if k != "by_concept"}, indent=1))
 
@@ -157,7 +158,7 @@ def cmd_gate(a):
     if a.quick:
         s.steps, s.erase_steps = 10, 20
     res = gate.run(a.model, concept=a.concept, wrong=a.wrong, methods=a.methods, n_pairs=4 if a.quick else 20,
-                   threshold=a.threshold, s=s)
+                   threshold=a.threshold, s=s, classifier_pairs=a.classifier_pairs)
     _write(res, a.json)
     print(json.dumps(res, indent=1))
 
@@ -291,6 +292,8 @@ def register(sub) -> None:
                    help="the presence score: diffusion classifier or competing cross-attention")
     p.add_argument("--classifier-timesteps", nargs="+", type=int, metavar="T",
                    help="the classifier gate's re-noising timesteps (default: IreceConfig's)")
+    p.add_argument("--classifier-pairs", action="store_true",
+                   help="the classifier also weighs a prompt for each pair of concepts (K(K-1)/2 more rows)")
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.set_defaults(func=cmd_presence)
@@ -325,4 +328,6 @@ def register(sub) -> None:
     p.add_argument("--methods", nargs="+", default=["uce"], choices=("uce", "esd-x", "esd-u", "receler"))
     p.add_argument("--threshold", type=float, help="presence threshold (default: IreceConfig's)")
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
+    p.add_argument("--classifier-pairs", action="store_true",
+                   help="the classifier also weighs a prompt for each pair of concepts (K(K-1)/2 more rows)")
     p.set_defaults(func=cmd_gate)

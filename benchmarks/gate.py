@@ -95,11 +95,12 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig) -> list[dict]
 
 
 def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",), n: int = 16, n_pairs: int = 20,
-        threshold: float | None = None, s: BenchSettings | None = None) -> dict:
+        threshold: float | None = None, s: BenchSettings | None = None, classifier_pairs: bool = False) -> dict:
     s = s or BenchSettings(n=n)
     judge = load_judge()
     d = IreceConfig.defaults()
-    cfg = IreceConfig(tau=s.tau, t_star=s.t_star, threshold=d.threshold if threshold is None else threshold)
+    cfg = IreceConfig(tau=s.tau, t_star=s.t_star, threshold=d.threshold if threshold is None else threshold,
+                      classifier_pairs=classifier_pairs)
     cache: dict = {}
 
     def pipe_for(erased):
@@ -109,7 +110,8 @@ def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",),
     others = [c for c in shapes.CONCEPTS if c != concept][:3]
     uce = erased_unet(model_dir, "uce", concept, s)
     return {"settings": {"n": s.n, "steps": s.steps, "tau": cfg.tau, "t_star": cfg.t_star,
-                         "threshold": cfg.threshold, "concept": concept, "wrong": wrong},
+                         "threshold": cfg.threshold, "classifier_pairs": classifier_pairs, "concept": concept,
+                         "wrong": wrong},
             "wrong_concept": wrong_concept(pipe_for, judge, model_dir, concept, wrong, methods, s, cfg),
             "benign": benign(pipe_for(uce), concept, others, s, cfg),
             "pairs": pairs(pipe_for(None), judge, n_pairs, s, cfg)}

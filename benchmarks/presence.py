@@ -112,23 +112,29 @@ def scenes(n: int, seed: int, pair_share: float = 0.4) -> list:
     return out
 
 
+def scene_latents(pipe, scenes: list, source: str, seed: int, guidance: float, steps: int,
+                  step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t at schedule index `step` on the standard model's trajectory for each scene: from a text prompt naming its
+    shapes ("text"; noise seeded seed + k), or from its render inverted with the null prompt ("inverted")."""
+    uncond = pipe.encode_prompt("")
+    if source == "text":
+        cond = torch.cat([pipe.encode_prompt(sc.prompt()) for sc in scenes])
+        x = gen.noise(pipe, [seed + k for k in range(len(scenes))])
+        return latents_at(pipe, x, cond, uncond, guidance, steps, step)
+    x = gen.invert_images(pipe, np.stack([sc.image for sc in scenes]), "standard", steps)
+    return latents_at(pipe, x, uncond, uncond, guidance, steps, step)
+
+
 def score_scenes(pipe, items: list, source: str, cfg: IreceConfig, steps: int, guidance: float, seed: int,
                  batch: int = 32) -> list[dict]:
     """Presence scores of every vocabulary concept for each scene, from a text prompt naming its shapes
     ("text") or its render inverted with the standard model and the null prompt ("inverted")."""
     concepts = pipe.contrast_set(cfg)
     step = cfg.step_index(steps)
-    uncond = pipe.encode_prompt("")
     rows = []
     for s in range(0, len(items), batch):
         chunk = items[s:s + batch]
-        if source == "text":
-            cond = torch.cat([pipe.encode_prompt(sc.prompt()) for sc in chunk])
-            x = gen.noise(pipe, [seed + s + k for k in range(len(chunk))])
-            x_t, t = latents_at(pipe, x, cond, uncond, guidance, steps, step)
-        else:
-            x = gen.invert_images(pipe, np.stack([sc.image for sc in chunk]), "standard", steps)
-            x_t, t = latents_at(pipe, x, uncond, uncond, guidance, steps, step)
+        x_t, t = scene_latents(pipe, chunk, source, seed + s, guidance, steps, step)
         sc_ = pipe.presence(x_t, t, cfg).cpu().numpy()
         for k, scene in enumerate(chunk):
             shown = {sh.concept for sh in scene.shapes}
@@ -161,19 +167,21 @@ def score_splits(pipe, n: int, steps: int, guidance: float, cfg: IreceConfig,
 
 def run(model_dir, n: int = 100, steps: int = 25, guidance: float = 5.0, tau: float | None = None,
         t_star=None, layers=None, max_fpr: float = 0.03, gate: str = PRESENCE_GATE,
-        classifier_timesteps: tuple[int, ...] | None = None) -> dict:
+        classifier_timesteps: tuple[int, ...] | None = None, classifier_pairs: bool = False) -> dict:
     from irece_runtime.loading import load_pipeline
 
     pipe = load_pipeline(model_dir, layers=layers)
     d = IreceConfig.defaults()
     cfg = IreceConfig(concepts=(), gate=gate, tau=d.tau if tau is None else tau,
                       classifier_timesteps=tuple(classifier_timesteps or d.classifier_timesteps),
+                      classifier_pairs=classifier_pairs,
                       t_star=d.t_star if t_star is None else t_star)
     split = score_splits(pipe, n, steps, guidance, cfg)
     cal = calibrate(split["calibration"], max_fpr)
     threshold = cal["threshold"]
     held = split["held_out"]
-    res = {"gate": gate, "classifier_timesteps": list(cfg.classifier_timesteps), "n_scenes": n, "steps": steps, "tau": cfg.tau, "t_star": cfg.t_star, "threshold": threshold,
+    res = {"gate": gate, "classifier_timesteps": list(cfg.classifier_timesteps),
+           "classifier_pairs": cfg.classifier_pairs, "n_scenes": n, "steps": steps, "tau": cfg.tau, "t_star": cfg.t_star, "threshold": threshold,
            "calibration": cal,
            "held_out": summarize(held, threshold),
            "held_out_youden": summarize(held, cal["youden"]),

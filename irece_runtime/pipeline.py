@@ -202,26 +202,30 @@ class Pipeline:
         return masks, maps.flatten(2).max(2).values
 
     # -- the diffusion-classifier gate -------------------------------------------------------------------------
-    def classifier_prompts(self, concepts: tuple[str, ...]) -> torch.Tensor:
-        """(K + 1, 77, D) hidden states of "a c" for each concept, then of the null prompt (cached)."""
-        key = ("classifier", concepts)
+    def classifier_prompts(self, concepts: tuple[str, ...], pairs: bool = False) -> torch.Tensor:
+        """(H + 1, 77, D) hidden states of "a c" for each concept, then (pairs) of "a c1 and a c2" for each pair
+        (irece.classifier_hypotheses' order), then of the null prompt (cached)."""
+        key = ("classifier", concepts, pairs)
         if key not in self._loc_cache:
-            self._loc_cache[key] = torch.cat([self.encode_prompt(f"a {c}") for c in concepts] +
-                                             [self.encode_prompt("")])
+            named = [" and ".join(f"a {concepts[i]}" for i in h)
+                     for h in irece.classifier_hypotheses(len(concepts), pairs)]
+            self._loc_cache[key] = torch.cat([self.encode_prompt(p) for p in named] + [self.encode_prompt("")])
         return self._loc_cache[key]
 
     def presence_steps(self, x, t, cfg: irece.IreceConfig, cond: torch.Tensor | None = None) -> Machine:
         """(B, K) diffusion-classifier presence scores of the contrast set's concepts at x_t, from the standard
         UNet: x0 predicted with the null prompt (one row per image), re-noised at each t' in
         cfg.classifier_timesteps with fixed noise (the same for every request, so a request's score does not
-        depend on its batch), and denoised under each concept's prompt and the null prompt (K + 1 rows per image
-        and t'; one call per t', so no call outgrows an engine's batch profile). With the request's conditioning
+        depend on its batch), and denoised under each concept's prompt (with cfg.classifier_pairs, each pair's too)
+        and the null prompt (K + 1 rows per image and t', or K + 1 + K(K-1)/2; one call per t'). With the request's conditioning
         `cond` (1 or B, 77, D), the UNet(s) of cfg.conditioning_unet also denoise under it (the standard one: one more
         row per image in the same call; the erased one: its own call), and the machine returns (scores, conditioning
         scores (B, K)) (irece.conditioning_scores; "both": the higher of the two); else (scores, None)."""
         concepts = self.contrast_set(cfg)
-        hidden = self.classifier_prompts(concepts)
+        hypotheses = irece.classifier_hypotheses(len(concepts), cfg.classifier_pairs)
+        hidden = self.classifier_prompts(concepts, cfg.classifier_pairs)
         b, k1 = x.shape[0], hidden.shape[0]
+        singles = list(range(len(concepts))) + [k1 - 1]  # the conditioning is compared with single prompts and null
         alphas = self.alphas_cumprod
         eps0 = yield Call("eps", (x, hidden[-1:].expand(b, -1, -1)), t, "standard")
         x0 = irece.predicted_x0(x, eps0, alphas[int(t)])
@@ -239,12 +243,12 @@ class Pipeline:
             ref = eps[:b * k1]
             errors.append(((ref - xi) ** 2).flatten(1).mean(1).view(b, k1))
             if readers:
-                eps_ref.append(ref.view(b, k1, *ref.shape[1:]))
+                eps_ref.append(ref.view(b, k1, *ref.shape[1:])[:, singles])
             if "standard" in readers:
                 eps_cond["standard"].append(eps[b * k1:])
             if "erased" in readers:  # the model that draws, under the same conditioning
                 eps_cond["erased"].append((yield Call("eps", (x_tp, cond_b), torch.tensor(t_prime), "erased")))
-        scores = irece.classifier_scores(torch.stack(errors, 1))
+        scores = irece.classifier_scores(torch.stack(errors, 1), hypotheses=hypotheses)
         if cond is None:
             return scores, None
         ref = torch.stack(eps_ref, 1)

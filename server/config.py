@@ -39,6 +39,7 @@ class ServerConfig:
     threshold: float = IRECE.threshold  # the presence gate's threshold (`irece bench tune --gate G`)
     vocabulary: list[str] = field(default_factory=list)  # competing concepts beside the model's concepts.json
     classifier_timesteps: list[int] = field(default_factory=lambda: list(IRECE.classifier_timesteps))  # gate's t'
+    classifier_pairs: bool = IRECE.classifier_pairs  # the classifier also weighs each pair of concepts (5x its rows)
     allowed_concepts: list[str] | None = None  # what requests may add; None = model's concepts.json + operator's
     nonfinite: str = IRECE.nonfinite  # NaN/inf latent or concept map at t*: "error" (refuse) or "full_mask"
     conditioning: str = IRECE.conditioning  # "null": drop a conditioning that carries a target (classifier gate)

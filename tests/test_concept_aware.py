@@ -2,7 +2,7 @@
 benchmarks measure (BENCHMARKS.md, "Concept-aware IRECE"), on seeds neither the threshold's calibration nor the
 benchmarks' held-out figures use. The threshold is calibrated here, on the calibration split only, as
 `irece bench presence` / `irece bench tune --gate classifier` do. Figures the gate does not reach yet (two-shape
-scenes, IoU, PSNR outside the mask) are not held here; BENCHMARKS.md reports them."""
+removal, IoU) are not held here; BENCHMARKS.md reports them."""
 import numpy as np
 import pytest
 
@@ -20,10 +20,11 @@ from .conftest import MODEL
 pytestmark = pytest.mark.shapes10_only
 TEST_SEED = 7_600_000  # calibration uses 7_100_000, the benchmarks' held-out figures 7_200_000
 T_STAR = 0.5  # the classifier reads x0 as predicted at t*; at 0.5 it is sharp enough (BENCHMARKS.md)
-# measured (n = 16-48 per figure): single-shape AUC 0.99, right aim 0-13%, wrong aim survives 94-100%,
-# benign identical 100% (text) / 92% (inverted; 9 of 12 on this test's seeds, with its own n = 30 calibration)
-FLOORS = {"auc_single": 0.93, "auc": 0.80, "right_crr": 0.25, "wrong_survives": 0.80, "benign_text": 0.90,
-          "benign_inverted": 0.66, "full_ti_crr": 0.25, "benign_embedding_identical": 0.75}
+# measured on world v4 (n = 16-48 per figure): AUC 0.93, single shapes 1.00 (pair prompts: 0.97, two shapes 0.91),
+# right aim 0-19%, wrong aim survives 94-100%, benign identical 100% (text) / 98% (inverted)
+FLOORS = {"auc_single": 0.93, "auc": 0.80, "auc_pairs": 0.85, "auc_two_shapes_pairs": 0.70, "right_crr": 0.25,
+          "wrong_survives": 0.80, "benign_text": 0.90, "benign_inverted": 0.66, "full_ti_crr": 0.25,
+          "benign_embedding_identical": 0.75}
 
 
 def cfg(**kw) -> IreceConfig:
@@ -50,6 +51,19 @@ def test_presence_score_tells_present_from_absent_concepts(pipe):
     single = presence.summarize([r for r in rows if r["shapes"] == 1])
     assert single["auc"] >= FLOORS["auc_single"], single
     assert presence.summarize(rows)["auc"] >= FLOORS["auc"]
+
+
+def test_pair_prompts_tell_the_concepts_of_two_shape_scenes(pipe):
+    """classifier_pairs: a prompt per pair of concepts gives a two-shape scene a hypothesis of its own. Measured on
+    the held-out split (40 scenes): two-shape AUC 0.75 -> 0.91, all 0.93 -> 0.97 (BENCHMARKS.md, "World v4"); on
+    this test's 30 scenes (about 12 of two shapes) 0.67 -> 0.78 and 0.88 -> 0.90."""
+    auc = {}
+    for pairs in (False, True):
+        rows = presence.score_splits(pipe, 30, 25, 5.0, cfg(classifier_pairs=pairs),
+                                     splits=(("test", TEST_SEED),))["test"]
+        auc[pairs] = (presence.summarize(rows)["auc"], presence.summarize([r for r in rows if r["shapes"] == 2])["auc"])
+    assert auc[True][0] >= FLOORS["auc_pairs"] and auc[True][1] >= FLOORS["auc_two_shapes_pairs"], auc
+    assert auc[True][1] > auc[False][1], auc
 
 
 def test_right_aim_suppresses_the_erased_concept_a_wrong_aim_leaves_it(uce_star, judge, threshold):

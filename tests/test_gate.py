@@ -7,6 +7,7 @@ import torch
 
 from irece_runtime import irece
 from irece_runtime.irece import IreceConfig
+from irece_runtime.calls import drive
 from irece_runtime.pipeline import Request
 
 
@@ -127,3 +128,23 @@ def test_a_gate_that_never_fires_leaves_a_batch_of_latents_exactly_as_irece_off(
                                                                    threshold=1.01, t_star=12))
     assert report is not None and not report.intervened
     assert torch.equal(on, off)
+
+
+def test_classifier_pairs_add_a_prompt_per_pair_and_score_each_concept(pipe, vocab, monkeypatch):
+    """classifier_pairs: each t' call carries K + 1 + K(K-1)/2 rows per image (singles, pairs, null); the scores stay
+    one per concept, and the conditioning is still read against the single prompts and null."""
+    rows = []
+    real = pipe.backend.eps
+    monkeypatch.setattr(pipe.backend, "eps",
+                        lambda model, x, t, h: rows.append((model, x.shape[0])) or real(model, x, t, h))
+    k = len(pipe.contrast_set(IreceConfig(concepts=(vocab[0],))))
+    cfg = IreceConfig(concepts=(vocab[0],), gate="classifier", t_star=2, classifier_pairs=True,
+                      classifier_timesteps=(300,), conditioning="null")
+    x = torch.randn(2, pipe.backend.latent_channels, pipe.sample_size, pipe.sample_size,
+                    generator=torch.Generator().manual_seed(3))
+    t = pipe.scheduler(6).timesteps[2]
+    scores, carried = drive(pipe.presence_steps(x, t, cfg, pipe.encode_prompt(f"a {vocab[0]}")), pipe.backend)
+    assert rows == [("standard", 2), ("standard", 2 * (k + 1 + k * (k - 1) // 2)), ("erased", 2)]
+    assert scores.shape == (2, k) and carried.shape == (2, k)
+    assert ((scores >= 0) & (scores <= 1 + 1e-6)).all()
+

@@ -181,6 +181,23 @@ def test_classifier_scores_favour_the_concept_that_denoises_best():
     assert torch.allclose(irece.classifier_scores(torch.ones(1, 3, 5)), torch.full((1, 4), 0.25))
 
 
+def test_pair_hypotheses_give_both_concepts_of_a_two_shape_scene_their_own_mass():
+    """K = 3 concepts: singles 0, 1, 2, pairs (0,1), (0,2), (1,2), then null. The scene shows 0 and 2: the pair
+    prompt "a c0 and a c2" denoises best, each single a little. With singles only the two share the mass (about
+    half each); with pairs both take nearly all of it, and concept 1 stays low either way."""
+    assert irece.classifier_hypotheses(3) == [(0,), (1,), (2,)]
+    hyp = irece.classifier_hypotheses(3, pairs=True)
+    assert hyp == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2)]
+    err = torch.tensor([[[0.9, 1.0, 0.9, 0.95, 0.8, 0.95, 1.0]]])  # (B=1, T'=1, 6 prompts + null)
+    singles_only = irece.classifier_scores(err[..., [0, 1, 2, 6]])
+    paired = irece.classifier_scores(err, hypotheses=hyp)
+    assert singles_only[0, 0] < 0.51 and singles_only[0, 2] < 0.51
+    assert paired[0, 0] > 0.95 and paired[0, 2] > 0.95 and paired[0, 1] < 0.05
+    # one concept per prompt: the same scores as without hypotheses
+    assert torch.allclose(irece.classifier_scores(err[..., [0, 1, 2, 6]], hypotheses=irece.classifier_hypotheses(3)),
+                          singles_only)
+
+
 def test_classifier_gate_is_a_gate():
     assert "classifier" in irece.GATES and irece.PRESENCE_GATE in irece.GATES
     assert irece.IreceConfig(gate="classifier").gate == "classifier"

@@ -2,7 +2,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from benchmarks.presence import auc
+from common import report as _report
 
 d = np.load(sys.argv[1])
 err, eps = d["err"].astype(np.float64), d["eps"].astype(np.float32)  # (N,T,K+1,H,W), (N,T,K+1,C,H,W)
@@ -12,15 +12,7 @@ K = K1 - 1
 
 
 def report(name, s):
-    s = np.asarray(s)
-    out = [f"{name:34s} AUC {auc(lab.ravel(), s.ravel()):.3f}"]
-    for k in (1, 2, 3):
-        m = ns == k
-        out.append(f"{k}:{auc(lab[m].ravel(), s[m].ravel()):.3f}")
-    for so in ("text", "inverted"):
-        m = src == so
-        out.append(f"{so[:3]}:{auc(lab[m].ravel(), s[m].ravel()):.3f}")
-    print(" ".join(out))
+    _report(name, s, lab, ns, src)
 
 
 e_img = err.mean((3, 4))  # (N,T,K+1)

@@ -6,8 +6,7 @@ from irece_runtime.loading import load_pipeline
 from irece_runtime import irece
 from irece_runtime.pipeline import CLASSIFIER_SEED
 from irece_runtime.calls import drive, Call
-from benchmarks import batch as gen
-from benchmarks.presence import latents_at
+from benchmarks.presence import scene_latents
 from miniworld import shapes
 
 model = sys.argv[1]
@@ -31,7 +30,6 @@ for i in range(n):
         items.append(shapes.render_scene(2, rng=rng))
     else:
         items.append(shapes.render_scene(3, rng=rng))
-uncond = pipe.encode_prompt("")
 hidden = pipe.classifier_prompts(concepts)
 k1 = hidden.shape[0]
 alphas = pipe.alphas_cumprod
@@ -60,13 +58,7 @@ with torch.no_grad():
     for source in ("inverted", "text"):
         for s in range(0, n, B):
             chunk = items[s:s + B]
-            if source == "text":
-                cond = torch.cat([pipe.encode_prompt(sc.prompt()) for sc in chunk])
-                x = gen.noise(pipe, [seed + s + k for k in range(len(chunk))])
-                x_t, t = latents_at(pipe, x, cond, uncond, guidance, steps, step)
-            else:
-                x = gen.invert_images(pipe, np.stack([sc.image for sc in chunk]), "standard", steps)
-                x_t, t = latents_at(pipe, x, uncond, uncond, guidance, steps, step)
+            x_t, t = scene_latents(pipe, chunk, source, seed + s, guidance, steps, step)
             err, eps, x0 = classify(x_t, t)
             res["err"].append(err.numpy()); res["eps"].append(eps.numpy().astype(np.float16))
             res["xt"].append(x_t.numpy()); res["x0"].append(x0.numpy())

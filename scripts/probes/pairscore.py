@@ -1,19 +1,16 @@
-import sys, numpy as np, torch
-from benchmarks.presence import auc
-d = np.load(sys.argv[1]); pp = np.load(sys.argv[2])
-err = d["err"].astype(np.float64); lab, src, ns = d["label"], d["source"], d["nshapes"]
+import sys
+import numpy as np
+import torch
+from common import load, report as _report
+d, err, lab, src, ns, rel = load(sys.argv[1]); pp = np.load(sys.argv[2])
 N, T, K1, H, W = err.shape; K = K1 - 1
-e = err.mean((3, 4)); rel = e[..., :K] / e[..., K:]          # (N,T,K)
+
+
+def report(name, s):
+    _report(name, s, lab, ns, src)
+e = err.mean((3, 4))
 prel = pp["pair_err"] / e[..., K:]                           # (N,T,P)
 pairs = pp["pairs"]                                          # (N,P,2)
-def report(name, s):
-    out = [f"{name:34s} AUC {auc(lab.ravel(), s.ravel()):.3f}"]
-    for k in (1, 2, 3):
-        m = ns == k; out.append(f"{k}:{auc(lab[m].ravel(), s[m].ravel()):.3f}")
-    for so in ("text", "inverted"):
-        m = src == so; out.append(f"{so[:3]}:{auc(lab[m].ravel(), s[m].ravel()):.3f}")
-    thr = np.quantile(s[lab], 0.1); out.append(f"| FPR@TPR.9 {(s[~lab] >= thr).mean():.3f}")
-    print(" ".join(out))
 for temp in (20, 50, 100, 200):
     allr = np.concatenate([rel, prel], -1)
     p = torch.softmax(torch.tensor(-temp * allr), -1).numpy()   # (N,T,K+P)

@@ -1,22 +1,18 @@
 """Multi-label presence of a target: hypotheses = the K single prompts + the K - 1 pair prompts "a target and a j";
 the target's score is its marginal (its single + every pair with it). Needs pairs.py run with m = K (all pairs)."""
-import sys, numpy as np, torch
-from benchmarks.presence import auc, constrained_threshold
-d = np.load(sys.argv[1]); pp = np.load(sys.argv[2])
-err = d["err"].astype(np.float64); lab, src, ns = d["label"], d["source"], d["nshapes"]
+import sys
+import numpy as np
+import torch
+from common import load, report as _report
+d, err, lab, src, ns, rel = load(sys.argv[1]); pp = np.load(sys.argv[2])
 N, T, K1, H, W = err.shape; K = K1 - 1
-e = err.mean((3, 4)); rel = e[..., :K] / e[..., K:]
+
+
+def report(name, s):
+    _report(name, s, lab, ns, src)
+e = err.mean((3, 4))
 prel = pp["pair_err"] / e[..., K:]; pairs = pp["pairs"][0]  # the same all-pairs list for every image
 idx = {tuple(sorted(p)): q for q, p in enumerate(pairs)}
-def report(name, s, cal=None):
-    out = [f"{name:40s} AUC {auc(lab.ravel(), s.ravel()):.3f}"]
-    for k in (1, 2, 3):
-        m = ns == k; out.append(f"{k}:{auc(lab[m].ravel(), s[m].ravel()):.3f}")
-    for so in ("text", "inverted"):
-        m = src == so; out.append(f"{so[:3]}:{auc(lab[m].ravel(), s[m].ravel()):.3f}")
-    thr = constrained_threshold(lab.ravel(), s.ravel(), 0.03)
-    out.append(f"| @FPR<=3%: TPR {(s[lab] >= thr).mean():.2f} (2 shapes {(s[lab & (ns[:, None] == 2)] >= thr).mean():.2f})")
-    print(" ".join(out))
 for ts, tname in (((0, 1, 2), "t' 100,300,500"), ((1,), "t' 300")):
     for temp in (50,):
         r, pr = rel[:, ts], prel[:, ts]
