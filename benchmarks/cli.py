@@ -110,7 +110,7 @@ def cmd_latency(a):
     if a.quick:
         n = min(n, 4)
     res = latency.measure(a.model, a.erased, a.graphs, steps=steps, n=n, modality=a.modality, threshold=a.threshold,
-                          classifier_timesteps=a.classifier_timesteps)
+                          classifier_timesteps=a.classifier_timesteps, classifier_pairs=a.classifier_pairs)
     if a.server:
         res["server"] = latency.measure_server(a.model, a.erased, steps=steps, per_client=2 if a.quick else 4,
                                                clients=(1, 2) if a.quick else (1, 4, 8))
@@ -264,6 +264,8 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, help="the gated setting's presence threshold (default: IreceConfig's)")
     p.add_argument("--classifier-timesteps", nargs="+", type=int, metavar="T",
                    help="the gated setting's re-noising timesteps (default: IreceConfig's)")
+    p.add_argument("--classifier-pairs", action="store_true",
+                   help="the gated setting's classifier also weighs a prompt per pair of concepts")
     p.set_defaults(func=cmd_latency)
 
     p = bsub.add_parser("peers", help="side by side with diffusers and optimum on the same model, interleaved")

@@ -66,7 +66,8 @@ def _pipe(model_dir, erased, backend, kw):
 
 def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, graphs_dir: str | None = None,
             concept: str = "star", steps: int = 25, n: int = 10, warmup: int = 2, modality: str = "text",
-            threshold: float | None = None, classifier_timesteps: tuple[int, ...] | None = None) -> dict:
+            threshold: float | None = None, classifier_timesteps: tuple[int, ...] | None = None,
+            classifier_pairs: bool = False) -> dict:
     """p50/p95, throughput and peak memory with IRECE off, as the paper runs it ("paper": always intervening) and
     behind the presence gate ("gated"), interleaved per request; ratios on/off and gated/paper per backend."""
     from miniworld.shapes import render
@@ -74,7 +75,8 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
     settings = {"off": None, "paper": IreceConfig(concepts=(concept,)),
                 "gated": IreceConfig(concepts=(concept,), gate=PRESENCE_GATE,
                                      threshold=d.threshold if threshold is None else threshold,
-                                     classifier_timesteps=tuple(classifier_timesteps or d.classifier_timesteps))}
+                                     classifier_timesteps=tuple(classifier_timesteps or d.classifier_timesteps),
+                                     classifier_pairs=classifier_pairs)}
     cfg = settings["paper"]
     rows, overhead = [], {}
     req_of = {"text": lambda s: Request(prompt=f"a red {concept} on a black background", steps=steps, seed=s),
@@ -129,7 +131,8 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
     gated = settings["gated"]
     return {"rows": rows, "overhead": overhead, "device": "cuda" if torch.cuda.is_available() else "cpu",
             "gated": {"gate": gated.gate, "threshold": gated.threshold,
-                      "classifier_timesteps": list(gated.classifier_timesteps)}}
+                      "classifier_timesteps": list(gated.classifier_timesteps),
+                      "classifier_pairs": gated.classifier_pairs}}
 
 
 def measure_server(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, concept: str = "star",
