@@ -181,7 +181,8 @@ def run(model_dir, n: int = 100, steps: int = 25, guidance: float = 5.0, tau: fl
     threshold = cal["threshold"]
     held = split["held_out"]
     res = {"gate": gate, "classifier_timesteps": list(cfg.classifier_timesteps),
-           "classifier_pairs": cfg.classifier_pairs, "n_scenes": n, "steps": steps, "tau": cfg.tau, "t_star": cfg.t_star, "threshold": threshold,
+           "classifier_pairs": cfg.classifier_pairs, "n_scenes": n, "steps": steps, "tau": cfg.tau,
+           "t_star": cfg.t_star, "threshold": threshold,
            "calibration": cal,
            "held_out": summarize(held, threshold),
            "held_out_youden": summarize(held, cal["youden"]),

@@ -31,9 +31,10 @@ CLASSIFIER_TIMESTEPS = (100, 300, 500)
 PRESENCE_GATE = "classifier"
 CLASSIFIER_TEMPERATURE = 50.0
 # classifier_pairs: beside each concept's prompt, one prompt per pair of concepts ("a A and a B"), so a scene of two
-# shapes has a hypothesis of its own instead of splitting one concept's mass between its shapes. World v4, held-out
-# scenes (BENCHMARKS.md, "World v4 committed"): two-shape AUC 0.75 -> 0.87, all scenes 0.83 -> 0.885; cost K(K-1)/2
-# more UNet rows per image and t' (K = 10: 56 rows instead of 11). Off by default for that cost.
+# shapes has a hypothesis of its own instead of splitting one concept's mass between its shapes. World v4, held out
+# (`irece bench presence --classifier-pairs`, BENCHMARKS.md "World v4 committed"): two-shape AUC 0.75 -> 0.91, all
+# scenes 0.93 -> 0.97; cost K(K-1)/2 more UNet rows per image and t' (K = 10: 56 rows instead of 11; p50 2.65x the
+# paper's IRECE against 1.32x, torch). Off by default for that cost.
 # IRECE fails closed where x_t or the concept map at t* is not finite (an overflowing input): a NaN map min-max
 # normalizes to NaN, NaN >= tau is False, and the mask would come out empty - the latent let through unprotected.
 NONFINITE = ("error", "full_mask")  # error: refuse the request; full_mask: re-noise the whole latent
@@ -87,7 +88,7 @@ class IreceConfig:
     vocabulary: tuple[str, ...] = ()  # competing concepts in the localization prompt, beside the model's own
     classifier_timesteps: tuple[int, ...] = CLASSIFIER_TIMESTEPS  # the classifier gate's re-noising t' (cost: K+1
     # UNet rows per image and t')
-    classifier_pairs: bool = False  # the classifier also weighs every pair of concepts (CLASSIFIER_TEMPERATURE note)
+    classifier_pairs: bool = False  # the classifier also weighs every pair of concepts (classifier_pairs note)
     nonfinite: str = "error"  # non-finite x_t or concept map at t*: "error" or "full_mask" (never an empty mask)
     conditioning: str = "keep"  # "null": an image whose conditioning carries a target loses it (classifier gate)
     conditioning_threshold: float = CONDITIONING_THRESHOLD  # conditioning score from which it counts as carried

@@ -217,10 +217,11 @@ class Pipeline:
         UNet: x0 predicted with the null prompt (one row per image), re-noised at each t' in
         cfg.classifier_timesteps with fixed noise (the same for every request, so a request's score does not
         depend on its batch), and denoised under each concept's prompt (with cfg.classifier_pairs, each pair's too)
-        and the null prompt (K + 1 rows per image and t', or K + 1 + K(K-1)/2; one call per t'). With the request's conditioning
-        `cond` (1 or B, 77, D), the UNet(s) of cfg.conditioning_unet also denoise under it (the standard one: one more
-        row per image in the same call; the erased one: its own call), and the machine returns (scores, conditioning
-        scores (B, K)) (irece.conditioning_scores; "both": the higher of the two); else (scores, None)."""
+        and the null prompt (K + 1 rows per image and t', or K + 1 + K(K-1)/2; one call per t'). With the request's
+        conditioning `cond` (1 or B, 77, D), the UNet(s) of cfg.conditioning_unet also denoise under it (the standard
+        one: one more row per image in the same call; the erased one: its own call), and the machine returns (scores,
+        conditioning scores (B, K)) (irece.conditioning_scores against the single prompts and null; "both": the
+        higher of the two); else (scores, None)."""
         concepts = self.contrast_set(cfg)
         hypotheses = irece.classifier_hypotheses(len(concepts), cfg.classifier_pairs)
         hidden = self.classifier_prompts(concepts, cfg.classifier_pairs)
