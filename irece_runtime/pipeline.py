@@ -209,7 +209,7 @@ class Pipeline:
         if key not in self._loc_cache:
             named = [" and ".join(f"a {concepts[i]}" for i in h)
                      for h in irece.classifier_hypotheses(len(concepts), pairs)]
-            self._loc_cache[key] = torch.cat([self.encode_prompt(p) for p in named] + [self.encode_prompt("")])
+            self._loc_cache[key] = torch.cat([self.encode_prompt(p) for p in named] + [self.null_hidden])
         return self._loc_cache[key]
 
     def presence_steps(self, x, t, cfg: irece.IreceConfig, cond: torch.Tensor | None = None) -> Machine:
