@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,7 +162,21 @@ def cell_path(model_dir: str, method: str, concept: str, scenarios, s: BenchSett
     return key("cell", model=model_fingerprint(model_dir), method=method, concept=concept,
                scenarios=list(scenarios), settings=s.__dict__,
                # the defences as configured (a changed default changes the cell)
-               configs=[repr(defence_config(d, concept, s)) for d in s.defences]).with_suffix(".json")
+               configs=[config_key(defence_config(d, concept, s)) for d in s.defences]).with_suffix(".json")
+
+
+# Fields IreceConfig gained after cells were first cached. At their defaults they stay out of a cell's key, so
+# adding an option does not throw away every finished cell; set to anything else, they are in it.
+LATER_FIELDS = ("classifier_pairs",)
+
+
+def config_key(cfg: IreceConfig | None) -> str:
+    """A defence's configuration as it enters a cell's key: the dataclass repr, less LATER_FIELDS at default."""
+    if cfg is None:
+        return repr(cfg)
+    shown = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+             if f.repr and not (f.name in LATER_FIELDS and getattr(cfg, f.name) == getattr(DEFAULTS, f.name))]
+    return f"{type(cfg).__qualname__}({', '.join(shown)})"
 
 
 def run_cell(model_dir: str, method: str, concept: str, scenarios, s: BenchSettings, judge) -> dict:
