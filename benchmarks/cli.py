@@ -157,7 +157,8 @@ def cmd_gate(a):
     s = BenchSettings(n=a.n or (2 if a.quick else 16), seed=a.seed, t_star=a.t_star)
     if a.quick:
         s.steps, s.erase_steps = 10, 20
-    res = gate.run(a.model, concept=a.concept, wrong=a.wrong, methods=a.methods, n_pairs=4 if a.quick else 20,
+    res = gate.run(a.model, concept=a.concept, wrong=a.wrong, methods=a.methods,
+                   n_pairs=a.n_pairs or (4 if a.quick else 20),
                    threshold=a.threshold, s=s, classifier_pairs=a.classifier_pairs)
     _write(res, a.json)
     print(json.dumps(res, indent=1))
@@ -332,4 +333,5 @@ def register(sub) -> None:
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--classifier-pairs", action="store_true",
                    help="the classifier also weighs a prompt for each pair of concepts (K(K-1)/2 more rows)")
+    p.add_argument("--n-pairs", type=int, help="two-shape scenes (default 20; --quick 4)")
     p.set_defaults(func=cmd_gate)

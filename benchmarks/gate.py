@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from irece_runtime.irece import PRESENCE_GATE, IreceConfig
+from irece_runtime.irece import PRESENCE_GATE, RECHECK, IreceConfig
 from irece_runtime.loading import load_pipeline
 from miniworld import shapes
 from miniworld.judge import load_judge, shows
@@ -66,19 +66,26 @@ def benign(pipe, concept: str, others: list[str], s: BenchSettings, cfg: IreceCo
     return rows
 
 
-def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig) -> list[dict]:
+# two-shape scenes: the paper's IRECE, the gate, and the gate's options that make a mask concept-specific
+# (split_masks) and look again later in the schedule (recheck, the full defence's)
+PAIR_VARIANTS = {"off": {"gate": "off"}, PRESENCE_GATE: {},
+                 "split": {"split_masks": True}, "recheck": {"recheck": RECHECK},
+                 "split+recheck": {"split_masks": True, "recheck": RECHECK}}
+
+
+def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=tuple(PAIR_VARIANTS)) -> list[dict]:
     """Two-shape renders, inverted with the standard model and regenerated (null prompt) with IRECE aimed at
-    one of the shapes: target removed, other kept, PSNR outside the mask."""
+    one of the shapes: target removed, other kept, PSNR outside the mask; a row per variant (PAIR_VARIANTS)."""
     rng = np.random.default_rng(PAIR_SEED + s.seed)
     scenes = [shapes.render_scene(2, rng=rng) for _ in range(n)]
     x_T = gen.invert_images(pipe, np.stack([sc.image for sc in scenes]), "standard", s.steps)
     off, _ = gen.from_latents(pipe, x_T, "", None, seed=s.seed, steps=s.steps, guidance=s.guidance)
     rows = []
-    for gate in GATES:
+    for variant in variants:
         removed, kept, both, psnrs, intervened = [], [], [], [], 0
         for k, sc in enumerate(scenes):
             target, other = sc.shapes[0].concept, sc.shapes[1].concept
-            c = replace(cfg, concepts=(target,), gate=gate)
+            c = replace(cfg, concepts=(target,), gate=PRESENCE_GATE, **PAIR_VARIANTS[variant])
             on, masks = gen.from_latents(pipe, x_T[k:k + 1], "", c, seed=s.seed, steps=s.steps, guidance=s.guidance)
             r, o = bool(~shows(judge, on, target)[0]), bool(shows(judge, on, other)[0])
             removed.append(r)
@@ -87,9 +94,9 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig) -> list[dict]
             if masks is not None and masks.any():
                 intervened += 1
                 psnrs.append(outside_mask_change(off[k:k + 1], on, masks)[0])
-        rows.append({"gate": gate, "n": n, "target_removed": float(np.mean(removed)),
-                     "other_kept": float(np.mean(kept)), "removed_and_kept": float(np.mean(both)),
-                     "intervened": intervened / n,
+        rows.append({"variant": variant, "gate": PAIR_VARIANTS[variant].get("gate", PRESENCE_GATE), "n": n,
+                     "target_removed": float(np.mean(removed)), "other_kept": float(np.mean(kept)),
+                     "removed_and_kept": float(np.mean(both)), "intervened": intervened / n,
                      "psnr_outside_mask_db": float(np.mean(psnrs)) if psnrs else float("nan")})
     return rows
 

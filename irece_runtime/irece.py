@@ -89,6 +89,7 @@ class IreceConfig:
     classifier_timesteps: tuple[int, ...] = CLASSIFIER_TIMESTEPS  # the classifier gate's re-noising t' (cost: K+1
     # UNet rows per image and t')
     classifier_pairs: bool = False  # the classifier also weighs every pair of concepts (classifier_pairs note)
+    split_masks: bool = False  # a target's mask leaves the cells of other concepts the gate sees (split_among_shown)
     nonfinite: str = "error"  # non-finite x_t or concept map at t*: "error" or "full_mask" (never an empty mask)
     conditioning: str = "keep"  # "null": an image whose conditioning carries a target loses it (classifier gate)
     conditioning_threshold: float = CONDITIONING_THRESHOLD  # conditioning score from which it counts as carried
@@ -115,6 +116,9 @@ class IreceConfig:
         for name in ("conditioning_threshold", "conditioning_threshold_shown"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.split_masks and self.gate != "classifier":
+            raise ValueError("split_masks splits a mask among the concepts the classifier gate sees: it needs "
+                             "gate='classifier'")
         if self.nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
         if not self.classifier_timesteps or not all(
@@ -240,6 +244,19 @@ def gate(maps: torch.Tensor, tau: float | torch.Tensor,
     threshold = torch.as_tensor(threshold, dtype=maps.dtype, device=maps.device).reshape(1, -1)
     present = (scores >= threshold).to(maps.dtype)
     return scores, contrastive_masks(maps, tau) * present[:, :, None, None]
+
+
+def split_among_shown(maps: torch.Tensor, masks: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
+    """Concept-specific masks for scenes that show several concepts. maps (n, B, H, W): the raw maps of n concepts,
+    each from its own localization prompt; masks (n, B, H, W): their masks; shown (n, B) bool: the concepts each
+    image shows (the gate's verdict). A concept keeps a cell of its mask only where its min-max map is the highest
+    of the shown concepts' maps (ties to the first: targets come first, so a tie is removed, not kept). An image
+    that shows one concept keeps its masks as they were."""
+    norm = minmax(maps.flatten(0, 1)).view_as(maps)
+    norm = torch.where(shown[..., None, None], norm, torch.full_like(norm, -1.0))  # below every shown map
+    owner = norm.argmax(0)  # (B, H, W)
+    own = owner[None] == torch.arange(maps.shape[0], device=maps.device)[:, None, None, None]
+    return masks * own.to(masks.dtype)
 
 
 def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:

@@ -190,16 +190,21 @@ class Pipeline:
     def _concept_masks(self, x, t, cfg: irece.IreceConfig, targets) -> Machine:
         """The paper's masks: each target's own localization prompt, min-max of its map >= its tau. Returns masks
         (n, B, h, w) and peaks (n, B), or (None, None) where a map is not finite."""
+        masks, peaks, _ = yield from self._concept_maps(x, t, cfg, targets)
+        return masks, peaks
+
+    def _concept_maps(self, x, t, cfg: irece.IreceConfig, targets) -> Machine:
+        """_concept_masks, and the raw maps (n, B, h, w) too."""
         b = x.shape[0]
         hidden, weights = zip(*(self.localization(c, cfg.template) for c, _, _ in targets))
         n = len(targets)
         maps = yield Call("concept_map", (x.repeat(n, 1, 1, 1), torch.cat(hidden).repeat_interleave(b, 0),
                                           torch.cat(weights).repeat_interleave(b, 0)), t)
         if not torch.isfinite(maps).all():
-            return None, None
+            return None, None, None
         maps = maps.view(n, b, *maps.shape[1:])
         masks = torch.stack([irece.concept_mask(maps[i], tau, cfg.min_peak) for i, (_, tau, _) in enumerate(targets)])
-        return masks, maps.flatten(2).max(2).values
+        return masks, maps.flatten(2).max(2).values, maps
 
     # -- the diffusion-classifier gate -------------------------------------------------------------------------
     def classifier_prompts(self, concepts: tuple[str, ...], pairs: bool = False) -> torch.Tensor:
@@ -294,9 +299,20 @@ class Pipeline:
         hit = [tg for tg in targets if present[tg[0]].any()]
         masks, peaks = {}, {}
         if hit:
-            m, p = yield from self._concept_masks(x, t, cfg, hit)
+            # split_masks: the other concepts the gate sees where a target is shown are localized in the same
+            # call, and each cell goes to the concept whose map is highest there (two-shape scenes keep the other)
+            shows_target = torch.stack([present[c] for c, _, _ in hit]).any(0)
+            names = {c for c, _, _ in targets}
+            others = [(k, scores[:, i] >= cfg.threshold) for i, k in enumerate(concepts)
+                      if cfg.split_masks and k not in names]
+            others = [(k, rows & shows_target) for k, rows in others if (rows & shows_target).any()]
+            m, p, maps = yield from self._concept_maps(x, t, cfg, hit + [(k, cfg.tau, cfg.threshold)
+                                                                         for k, _ in others])
             if m is None:
                 return self._fail_closed(x, cfg, targets, "concept map")
+            if others:
+                shown = torch.stack([present[c] for c, _, _ in hit] + [rows for _, rows in others])
+                m = irece.split_among_shown(maps, m, shown)
             for i, (c, _, _) in enumerate(hit):
                 masks[c] = m[i] * present[c][:, None, None].to(m.dtype)
                 peaks[c] = float(p[i].max())

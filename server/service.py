@@ -148,7 +148,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                                     template=cfg.template, min_peak=cfg.min_peak, per_concept=cfg.per_concept,
                                     gate=cfg.gate, threshold=cfg.threshold, vocabulary=tuple(cfg.vocabulary),
                                     classifier_timesteps=tuple(cfg.classifier_timesteps), nonfinite=cfg.nonfinite,
-                                    classifier_pairs=cfg.classifier_pairs,
+                                    classifier_pairs=cfg.classifier_pairs, split_masks=cfg.split_masks,
                                     conditioning=cfg.conditioning, recheck=tuple(cfg.recheck),
                                     conditioning_threshold=cfg.conditioning_threshold,
                                     conditioning_unet=cfg.conditioning_unet)

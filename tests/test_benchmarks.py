@@ -24,6 +24,20 @@ def test_crr_counts_the_concept_label():
     assert math.isnan(stats.crr([], "star"))
 
 
+def test_a_cells_key_changes_with_a_later_field_only_when_it_is_set():
+    """Fields IreceConfig gained after cells were cached leave the key as it was at their defaults (finished cells
+    stay valid), and change it when set (a cell computed with them is not mistaken for one without)."""
+    from benchmarks import crr
+    cfg = IreceConfig(concepts=("star",), gate="classifier", t_star=0.5)
+    key = crr.config_key(cfg)
+    for name in crr.LATER_FIELDS:
+        assert f"{name}=" not in key
+    assert key == repr(cfg).replace(", classifier_pairs=False", "").replace(", split_masks=False", "")
+    assert crr.config_key(replace(cfg, classifier_pairs=True)) != key
+    assert crr.config_key(replace(cfg, split_masks=True)) != key
+    assert crr.config_key(replace(cfg, tau=0.3)) != key and crr.config_key(None) == "None"
+
+
 def test_wilson_interval_known_values():
     lo, hi = stats.wilson(7, 10)  # textbook value: 0.3968 .. 0.8922
     assert lo == pytest.approx(0.3968, abs=1e-3) and hi == pytest.approx(0.8922, abs=1e-3)

@@ -148,3 +148,38 @@ def test_classifier_pairs_add_a_prompt_per_pair_and_score_each_concept(pipe, voc
     assert scores.shape == (2, k) and carried.shape == (2, k)
     assert ((scores >= 0) & (scores <= 1 + 1e-6)).all()
 
+
+
+def test_split_masks_localize_the_other_shown_concepts_in_the_same_call_and_give_them_their_cells(pipe, vocab,
+                                                                                                   monkeypatch):
+    """split_masks: in an image where the gate sees the target and another concept, the other is localized in the
+    same concept_map call and the target's mask keeps only the cells where its min-max map beats the other's; an
+    image that shows the target alone keeps the paper's mask."""
+    target, other = vocab[0], vocab[1]
+    cfg = IreceConfig(concepts=(target,), gate="classifier", threshold=0.5, split_masks=True)
+    concepts = pipe.contrast_set(cfg)
+    scores = torch.zeros(2, len(concepts))
+    scores[:, concepts.index(target)] = 0.9  # both images show the target...
+    scores[0, concepts.index(other)] = 0.8  # ...and the first also the other concept
+
+    def presence_steps(x, t, c, cond=None):
+        return scores, None
+        yield  # a machine that makes no engine call
+    monkeypatch.setattr(pipe, "presence_steps", presence_steps)
+    rows = []
+    real = pipe.backend.concept_map
+    monkeypatch.setattr(pipe.backend, "concept_map", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
+    x = torch.randn(2, pipe.backend.latent_channels, pipe.sample_size, pipe.sample_size,
+                    generator=torch.Generator().manual_seed(5))
+    t = pipe.scheduler(6).timesteps[2]
+    union, (report,) = pipe.localize(x, t, cfg, [(target, cfg.tau, cfg.threshold)])
+    assert rows == [4]  # target and other, two images each, one call
+
+    maps = torch.stack([drive(pipe._concept_maps(x, t, cfg, [(c, cfg.tau, 0.0)]), pipe.backend)[2][0]
+                        for c in (target, other)])
+    paper = irece.concept_mask(maps[0], cfg.tau)
+    mine = irece.minmax(maps[0]) >= irece.minmax(maps[1])
+    assert torch.equal(union[0], paper[0] * mine[0])
+    assert torch.equal(union[1], paper[1])
+    assert 0 < union[0].sum() < paper[0].sum()  # the split took cells from the target, not all of them
+    assert report.intervened

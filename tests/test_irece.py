@@ -243,3 +243,25 @@ def test_conditioning_scores_name_the_reference_a_conditioning_reproduces():
     assert s.shape == (2, 3)
     assert s[0].argmax() == 1 and s[0, 1] > 0.9  # reproduces concept 1's prediction
     assert s[1].max() < 0.05  # reproduces the null prompt's: carries no concept
+
+
+def test_split_among_shown_gives_each_cell_to_the_shown_concept_whose_map_is_highest():
+    # two concepts' maps on a 1x4 strip: the target peaks left, the other right; both masks cover all four cells
+    maps = torch.tensor([[[[4.0, 3.0, 1.0, 0.0]]], [[[0.0, 1.0, 3.0, 4.0]]]])  # (n=2, B=1, 1, 4)
+    masks = torch.ones_like(maps)
+    both = torch.tensor([[True], [True]])
+    split = irece.split_among_shown(maps, masks, both)
+    assert split[0].tolist() == [[[1.0, 1.0, 0.0, 0.0]]] and split[1].tolist() == [[[0.0, 0.0, 1.0, 1.0]]]
+    # the other concept not shown in the image: the target keeps its whole mask
+    alone = irece.split_among_shown(maps, masks, torch.tensor([[True], [False]]))
+    assert torch.equal(alone[0], masks[0])
+    # a tie goes to the first concept (the target: removed rather than kept), and a cell outside a mask stays out
+    tie = irece.split_among_shown(torch.ones(2, 1, 1, 2) * torch.tensor([1.0, 2.0]),
+                                  torch.tensor([[[[0.0, 1.0]]], [[[1.0, 1.0]]]]), both)
+    assert tie[0].tolist() == [[[0.0, 1.0]]] and tie[1].tolist() == [[[0.0, 0.0]]]
+
+
+def test_split_masks_needs_the_classifier_gate():
+    with pytest.raises(ValueError, match="split_masks"):
+        irece.IreceConfig(split_masks=True, gate="off")
+    assert irece.IreceConfig(split_masks=True, gate="classifier").split_masks
