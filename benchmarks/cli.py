@@ -7,6 +7,8 @@ from pathlib import Path
 from irece_runtime.irece import GATES, IreceConfig, parse_t_star
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 
+GATE_PARTS = ("wrong_concept", "benign", "pairs")  # benchmarks.gate.PARTS (imported lazily)
+
 DEFAULTS = IreceConfig.defaults()
 CLIENT_COUNTS = (1, 4, 8, 16)  # `irece bench serve` (benchmarks/serve.py, imported only when it runs)
 
@@ -159,7 +161,7 @@ def cmd_gate(a):
         s.steps, s.erase_steps = 10, 20
     res = gate.run(a.model, concept=a.concept, wrong=a.wrong, methods=a.methods,
                    n_pairs=a.n_pairs or (4 if a.quick else 20),
-                   threshold=a.threshold, s=s, classifier_pairs=a.classifier_pairs)
+                   threshold=a.threshold, s=s, classifier_pairs=a.classifier_pairs, parts=a.parts)
     _write(res, a.json)
     print(json.dumps(res, indent=1))
 
@@ -334,4 +336,5 @@ def register(sub) -> None:
     p.add_argument("--classifier-pairs", action="store_true",
                    help="the classifier also weighs a prompt for each pair of concepts (K(K-1)/2 more rows)")
     p.add_argument("--n-pairs", type=int, help="two-shape scenes (default 20; --quick 4)")
+    p.add_argument("--parts", nargs="+", choices=GATE_PARTS, default=GATE_PARTS, help="which parts to run")
     p.set_defaults(func=cmd_gate)

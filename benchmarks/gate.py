@@ -24,6 +24,7 @@ from . import batch as gen
 from .crr import BenchSettings, erased_unet, inverted, outside_mask_change
 
 GATES = ("off", PRESENCE_GATE)
+PARTS = ("wrong_concept", "benign", "pairs")
 PAIR_SEED = 7_300_000
 
 
@@ -85,7 +86,7 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=tupl
         removed, kept, both, psnrs, intervened = [], [], [], [], 0
         for k, sc in enumerate(scenes):
             target, other = sc.shapes[0].concept, sc.shapes[1].concept
-            c = replace(cfg, concepts=(target,), gate=PRESENCE_GATE, **PAIR_VARIANTS[variant])
+            c = replace(cfg, concepts=(target,), **({"gate": PRESENCE_GATE} | PAIR_VARIANTS[variant]))
             on, masks = gen.from_latents(pipe, x_T[k:k + 1], "", c, seed=s.seed, steps=s.steps, guidance=s.guidance)
             r, o = bool(~shows(judge, on, target)[0]), bool(shows(judge, on, other)[0])
             removed.append(r)
@@ -102,7 +103,8 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=tupl
 
 
 def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",), n: int = 16, n_pairs: int = 20,
-        threshold: float | None = None, s: BenchSettings | None = None, classifier_pairs: bool = False) -> dict:
+        threshold: float | None = None, s: BenchSettings | None = None, classifier_pairs: bool = False,
+        parts=PARTS) -> dict:
     s = s or BenchSettings(n=n)
     judge = load_judge()
     d = IreceConfig.defaults()
@@ -115,10 +117,11 @@ def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",),
             cache[erased] = load_pipeline(model_dir, erased)
         return cache[erased]
     others = [c for c in shapes.CONCEPTS if c != concept][:3]
-    uce = erased_unet(model_dir, "uce", concept, s)
     return {"settings": {"n": s.n, "steps": s.steps, "tau": cfg.tau, "t_star": cfg.t_star,
                          "threshold": cfg.threshold, "classifier_pairs": classifier_pairs, "concept": concept,
                          "wrong": wrong},
-            "wrong_concept": wrong_concept(pipe_for, judge, model_dir, concept, wrong, methods, s, cfg),
-            "benign": benign(pipe_for(uce), concept, others, s, cfg),
-            "pairs": pairs(pipe_for(None), judge, n_pairs, s, cfg)}
+            **({"wrong_concept": wrong_concept(pipe_for, judge, model_dir, concept, wrong, methods, s, cfg)}
+               if "wrong_concept" in parts else {}),
+            **({"benign": benign(pipe_for(erased_unet(model_dir, "uce", concept, s)), concept, others, s, cfg)}
+               if "benign" in parts else {}),
+            **({"pairs": pairs(pipe_for(None), judge, n_pairs, s, cfg)} if "pairs" in parts else {})}

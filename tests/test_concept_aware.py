@@ -24,7 +24,7 @@ T_STAR = 0.5  # the classifier reads x0 as predicted at t*; at 0.5 it is sharp e
 # right aim 0-19%, wrong aim survives 94-100%, benign identical 100% (text) / 98% (inverted)
 FLOORS = {"auc_single": 0.93, "auc": 0.80, "auc_pairs": 0.85, "auc_two_shapes_pairs": 0.70, "right_crr": 0.25,
           "wrong_survives": 0.80, "benign_text": 0.90, "benign_inverted": 0.66, "full_ti_crr": 0.25,
-          "benign_embedding_identical": 0.75}
+          "benign_embedding_identical": 0.75, "two_shapes_split": 0.50}
 
 
 def cfg(**kw) -> IreceConfig:
@@ -34,6 +34,13 @@ def cfg(**kw) -> IreceConfig:
 @pytest.fixture(scope="module")
 def threshold(pipe):
     rows = presence.score_splits(pipe, 30, 25, 5.0, cfg(), splits=(("calibration", presence.CALIBRATION_SEED),))
+    return presence.calibrate(rows["calibration"], 0.03)["threshold"]
+
+
+@pytest.fixture(scope="module")
+def pair_threshold(pipe):
+    rows = presence.score_splits(pipe, 30, 25, 5.0, cfg(classifier_pairs=True),
+                                 splits=(("calibration", presence.CALIBRATION_SEED),))
     return presence.calibrate(rows["calibration"], 0.03)["threshold"]
 
 
@@ -64,6 +71,22 @@ def test_pair_prompts_tell_the_concepts_of_two_shape_scenes(pipe):
         auc[pairs] = (presence.summarize(rows)["auc"], presence.summarize([r for r in rows if r["shapes"] == 2])["auc"])
     assert auc[True][0] >= FLOORS["auc_pairs"] and auc[True][1] >= FLOORS["auc_two_shapes_pairs"], auc
     assert auc[True][1] > auc[False][1], auc
+
+
+def test_split_masks_keep_the_other_shape_of_two_shape_scenes(pipe, judge, pair_threshold):
+    """IRECE aimed at one shape of a two-shape render (inverted, null prompt, pair prompts, looking again at
+    RECHECK): with split_masks the other shape keeps the cells its map wins. Measured on 40 held-out scenes
+    (`irece bench gate --parts pairs --n-pairs 40`): target removed and other kept 30 -> 42% (the paper's IRECE 25%),
+    other kept 42 -> 62%; on this test's 20 scenes 45 -> 65% and 45 -> 65%, so the floor (50%) is above what the
+    gate reaches without the split."""
+    s = BenchSettings(seed=TEST_SEED, t_star=T_STAR)
+    rows = {r["variant"]: r for r in gate_bench.pairs(pipe, judge, 20, s, cfg(threshold=pair_threshold,
+                                                                               classifier_pairs=True),
+                                                       variants=("recheck", "split+recheck"))}
+    split, whole = rows["split+recheck"], rows["recheck"]
+    print(f"\ntwo-shape scenes, pair threshold {pair_threshold:.3f}: {rows}")
+    assert split["other_kept"] > whole["other_kept"], rows
+    assert split["removed_and_kept"] >= FLOORS["two_shapes_split"], rows
 
 
 def test_right_aim_suppresses_the_erased_concept_a_wrong_aim_leaves_it(uce_star, judge, threshold):

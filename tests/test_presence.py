@@ -60,6 +60,8 @@ def test_bench_gate_quick_reports_both_gates_for_every_study(tmp_path):
     res = json.loads(out.read_text())
     for study in ("wrong_concept", "benign", "pairs"):
         assert {r["gate"] for r in res[study]} == {"off", PRESENCE_GATE}
+    from benchmarks.gate import PAIR_VARIANTS
+    assert [r["variant"] for r in res["pairs"]] == list(PAIR_VARIANTS)  # the gate's options, each a row
     # the paper's always-intervene re-noises every benign request: none comes back bit-identical
     off = next(r for r in res["benign"] if r["gate"] == "off")
     assert off["identical_text"] == 0.0 and off["identical_inverted"] == 0.0
