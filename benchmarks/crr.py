@@ -13,9 +13,9 @@ the null prompt and with the concept prompt):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
