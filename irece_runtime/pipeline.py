@@ -180,21 +180,16 @@ class Pipeline:
             return (yield from self._localize_contrastive(x, t, cfg, targets))
         if cfg.gate == "classifier":
             return (yield from self._localize_classifier(x, t, cfg, targets, conditioning))
-        masks, peaks = yield from self._concept_masks(x, t, cfg, targets)
+        masks, peaks, _ = yield from self._concept_maps(x, t, cfg, targets)
         if masks is None:
             return self._fail_closed(x, cfg, targets, "concept map")
         reports = [irece.ConceptReport(c, float(masks[i].mean()), float(peaks[i].max()), bool(masks[i].any()))
                    for i, (c, _, _) in enumerate(targets)]
         return masks.amax(0), reports
 
-    def _concept_masks(self, x, t, cfg: irece.IreceConfig, targets) -> Machine:
-        """The paper's masks: each target's own localization prompt, min-max of its map >= its tau. Returns masks
-        (n, B, h, w) and peaks (n, B), or (None, None) where a map is not finite."""
-        masks, peaks, _ = yield from self._concept_maps(x, t, cfg, targets)
-        return masks, peaks
-
     def _concept_maps(self, x, t, cfg: irece.IreceConfig, targets) -> Machine:
-        """_concept_masks, and the raw maps (n, B, h, w) too."""
+        """The paper's masks: each target's own localization prompt, min-max of its map >= its tau. Returns masks
+        (n, B, h, w), peaks (n, B) and the raw maps (n, B, h, w), or (None, None, None) where a map is not finite."""
         b = x.shape[0]
         hidden, weights = zip(*(self.localization(c, cfg.template) for c, _, _ in targets))
         n = len(targets)
@@ -254,7 +249,9 @@ class Pipeline:
                 eps_cond["standard"].append(eps[b * k1:])
             if "erased" in readers:  # the model that draws, under the same conditioning
                 eps_cond["erased"].append((yield Call("eps", (x_tp, cond_b), torch.tensor(t_prime), "erased")))
-        scores = irece.classifier_scores(torch.stack(errors, 1), hypotheses=hypotheses)
+        # single prompts: each prompt's share is its concept's score (no membership matrix to build per call)
+        scores = irece.classifier_scores(torch.stack(errors, 1),
+                                         hypotheses=hypotheses if cfg.classifier_pairs else None)
         if cond is None:
             return scores, None
         ref = torch.stack(eps_ref, 1)
@@ -301,11 +298,13 @@ class Pipeline:
         if hit:
             # split_masks: the other concepts the gate sees where a target is shown are localized in the same
             # call, and each cell goes to the concept whose map is highest there (two-shape scenes keep the other)
-            shows_target = torch.stack([present[c] for c, _, _ in hit]).any(0)
-            names = {c for c, _, _ in targets}
-            others = [(k, scores[:, i] >= cfg.threshold) for i, k in enumerate(concepts)
-                      if cfg.split_masks and k not in names]
-            others = [(k, rows & shows_target) for k, rows in others if (rows & shows_target).any()]
+            others = []
+            if cfg.split_masks:
+                shows_target = torch.stack([present[c] for c, _, _ in hit]).any(0)
+                names = {c for c, _, _ in targets}
+                others = [(k, (scores[:, i] >= cfg.threshold) & shows_target) for i, k in enumerate(concepts)
+                          if k not in names]
+                others = [(k, rows) for k, rows in others if rows.any()]
             m, p, maps = yield from self._concept_maps(x, t, cfg, hit + [(k, cfg.tau, cfg.threshold)
                                                                          for k, _ in others])
             if m is None:
