@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from irece_runtime.calls import drive
 from irece_runtime.irece import IreceConfig
 from irece_runtime.images import to_tensor, to_uint8, to_unit
 from irece_runtime.pipeline import Pipeline
@@ -33,23 +34,30 @@ def from_prompts(pipe: Pipeline, prompts: list[str], seeds: list[int], cfg: Irec
 
 
 def invert_images(pipe: Pipeline, images: np.ndarray, invert_with: str, steps: int = 25,
-                  inversion_prompt: str = "", batch: int = 64) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> x_T latents by DDIM inversion with the chosen model."""
+                  inversion_prompt: str = "", batch: int = 64, trajectory: list | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> x_T latents by DDIM inversion with the chosen model. `trajectory` (a list) receives
+    the inversion's latents, input first (steps + 1 of (N, C, h, w)), for IreceConfig.keep_outside."""
     hidden = pipe.encode_prompt(inversion_prompt)
-    out = []
+    out, parts = [], []
     for s in range(0, len(images), batch):
         x0 = to_tensor(images[s:s + batch])
-        out.append(pipe.invert(pipe.backend.vae_encode(x0), hidden, invert_with, steps))
+        parts.append([])
+        out.append(drive(pipe.invert_steps(pipe.backend.vae_encode(x0), hidden, invert_with, steps,
+                                           trajectory=parts[-1]), pipe.backend))
+    if trajectory is not None:
+        trajectory += [torch.cat(level) for level in zip(*parts)]
     return torch.cat(out)
 
 
 def from_latents(pipe: Pipeline, x_T: torch.Tensor, prompt: str, cfg: IreceConfig | None, seed: int = 0,
-                 steps: int = 25, guidance: float = 5.0, batch: int = 64):
-    """Regenerate inverted latents with a prompt ('' = the null prompt) on the erased model."""
+                 steps: int = 25, guidance: float = 5.0, batch: int = 64, trajectory: list | None = None):
+    """Regenerate inverted latents with a prompt ('' = the null prompt) on the erased model (`trajectory`: their
+    inversion's, from invert_images)."""
     cond, uncond = pipe.encode_prompt(prompt), pipe.encode_prompt("")
     images, masks = [], []
     for s in range(0, len(x_T), batch):
-        x, rep = pipe.denoise(x_T[s:s + batch], cond, uncond, guidance, steps, cfg, seed + s)
+        part = [level[s:s + batch] for level in trajectory] if trajectory is not None else None
+        x, rep = pipe.denoise(x_T[s:s + batch], cond, uncond, guidance, steps, cfg, seed + s, trajectory=part)
         images.append(decode(pipe, x))
         masks.append(rep.mask if rep is not None else None)
     return np.concatenate(images), (torch.cat(masks).cpu().numpy() if masks[0] is not None else None)

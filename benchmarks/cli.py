@@ -112,7 +112,8 @@ def cmd_latency(a):
     if a.quick:
         n = min(n, 4)
     res = latency.measure(a.model, a.erased, a.graphs, steps=steps, n=n, modality=a.modality, threshold=a.threshold,
-                          classifier_timesteps=a.classifier_timesteps, classifier_pairs=a.classifier_pairs)
+                          classifier_timesteps=a.classifier_timesteps, classifier_pairs=a.classifier_pairs,
+                          shows=a.shows)
     if a.server:
         res["server"] = latency.measure_server(a.model, a.erased, steps=steps, per_client=2 if a.quick else 4,
                                                clients=(1, 2) if a.quick else (1, 4, 8))
@@ -263,6 +264,8 @@ def register(sub) -> None:
     p.add_argument("--graphs", help="exported graph folder (adds the onnx / tensorrt backends)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--modality", choices=("text", "inverted_latent"), default="text")
+    p.add_argument("--shows", help="the concept the requests show (default: star, IRECE's target; another concept: "
+                                   "benign traffic)")
     p.add_argument("--server", action="store_true", help="also measure through the gRPC server (1, 4, 8 clients)")
     p.add_argument("--threshold", type=float, help="the gated setting's presence threshold (default: IreceConfig's)")
     p.add_argument("--classifier-timesteps", nargs="+", type=int, metavar="T",

@@ -167,7 +167,7 @@ def cell_path(model_dir: str, method: str, concept: str, scenarios, s: BenchSett
 
 # Fields IreceConfig gained after cells were first cached. At their defaults they stay out of a cell's key, so
 # adding an option does not throw away every finished cell; set to anything else, they are in it.
-LATER_FIELDS = ("classifier_pairs", "split_masks")
+LATER_FIELDS = ("classifier_pairs", "split_masks", "classifier_early_exit", "keep_outside")
 
 
 def config_key(cfg: IreceConfig | None) -> str:

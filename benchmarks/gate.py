@@ -6,7 +6,8 @@
   inverted renders) should come back bit-identical to IRECE off;
 - two-shape scenes: IRECE aimed at one shape of a pair (standard model, inverted render, null prompt) should
   remove that shape and keep the other, changing little outside its mask (PSNR).
-Every figure is given for the gate on (`contrastive`) and off (the paper's always-intervene).
+Every figure is given for the gate on (the diffusion classifier) and off (the paper's always-intervene); the
+wrong-concept control also for the full defence.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ from . import batch as gen
 from .crr import BenchSettings, erased_unet, inverted, outside_mask_change
 
 GATES = ("off", PRESENCE_GATE)
+# the wrong-concept control's defences, as in the CRR table (crr.defence_config): the paper's IRECE, the gate, and
+# the full defence (the gate, the conditioning defence and the later looks)
+CONTROL_DEFENCES = {"irece-paper": {"gate": "off"}, "irece-gated": {"gate": PRESENCE_GATE},
+                    "full": {"gate": PRESENCE_GATE, "conditioning": "null", "recheck": RECHECK}}
 PARTS = ("wrong_concept", "benign", "pairs")
 PAIR_SEED = 7_300_000
 
@@ -35,12 +40,12 @@ def wrong_concept(pipe_for, judge, model_dir, concept: str, wrong: str, methods,
         erased = erased_unet(model_dir, method, concept, s)
         pipe = pipe_for(erased)
         x_T = inverted(pipe, model_dir, erased, concept, "erased", False, s)
-        for gate in GATES:
+        for defence, options in CONTROL_DEFENCES.items():
             for aim in (concept, wrong):
-                c = replace(cfg, concepts=(aim,), gate=gate)
+                c = replace(cfg, concepts=(aim,), **options)
                 imgs, _ = gen.from_latents(pipe, x_T, "", c, seed=s.seed, steps=s.steps, guidance=s.guidance)
-                rows.append({"method": method, "concept": concept, "aimed_at": aim, "gate": gate, "n": len(imgs),
-                             "crr": float(shows(judge, imgs, concept).mean())})
+                rows.append({"method": method, "concept": concept, "aimed_at": aim, "defence": defence,
+                             "gate": c.gate, "n": len(imgs), "crr": float(shows(judge, imgs, concept).mean())})
     return rows
 
 
@@ -71,7 +76,9 @@ def benign(pipe, concept: str, others: list[str], s: BenchSettings, cfg: IreceCo
 # (split_masks) and look again later in the schedule (recheck, the full defence's)
 PAIR_VARIANTS = {"off": {"gate": "off"}, PRESENCE_GATE: {},
                  "split": {"split_masks": True}, "recheck": {"recheck": RECHECK},
-                 "split+recheck": {"split_masks": True, "recheck": RECHECK}}
+                 "split+recheck": {"split_masks": True, "recheck": RECHECK},
+                 "keep": {"keep_outside": True}, "split+recheck+keep": {"split_masks": True, "recheck": RECHECK,
+                                                                         "keep_outside": True}}
 
 
 def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=tuple(PAIR_VARIANTS)) -> list[dict]:
@@ -79,7 +86,8 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=tupl
     one of the shapes: target removed, other kept, PSNR outside the mask; a row per variant (PAIR_VARIANTS)."""
     rng = np.random.default_rng(PAIR_SEED + s.seed)
     scenes = [shapes.render_scene(2, rng=rng) for _ in range(n)]
-    x_T = gen.invert_images(pipe, np.stack([sc.image for sc in scenes]), "standard", s.steps)
+    trajectory = []
+    x_T = gen.invert_images(pipe, np.stack([sc.image for sc in scenes]), "standard", s.steps, trajectory=trajectory)
     off, _ = gen.from_latents(pipe, x_T, "", None, seed=s.seed, steps=s.steps, guidance=s.guidance)
     rows = []
     for variant in variants:
@@ -87,7 +95,8 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=tupl
         for k, sc in enumerate(scenes):
             target, other = sc.shapes[0].concept, sc.shapes[1].concept
             c = replace(cfg, concepts=(target,), **({"gate": PRESENCE_GATE} | PAIR_VARIANTS[variant]))
-            on, masks = gen.from_latents(pipe, x_T[k:k + 1], "", c, seed=s.seed, steps=s.steps, guidance=s.guidance)
+            on, masks = gen.from_latents(pipe, x_T[k:k + 1], "", c, seed=s.seed, steps=s.steps, guidance=s.guidance,
+                                         trajectory=[level[k:k + 1] for level in trajectory])
             r, o = bool(~shows(judge, on, target)[0]), bool(shows(judge, on, other)[0])
             removed.append(r)
             kept.append(o)

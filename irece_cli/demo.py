@@ -5,7 +5,7 @@
    paper does it (always re-noising) and behind the presence gate (threshold calibrated here, on renders the
    benchmarks never use), which also leaves benign requests (another concept) bit-identical;
 3. serve the erased model over gRPC (`irece serve` with the full defence: the classifier gate at the calibrated
-   threshold, conditioning dropped where the erased UNet reads the concept in it, looks again at 0.7 and 0.9), send
+   threshold, conditioning dropped where the standard or the erased UNet reads the concept in it, looks again at 0.7 and 0.9), send
    one request per modality for the erased concept
    (the embedding: textual inversion learned on the erased model) and one benign request, and print each IRECE
    report (presence scores against threshold: the benign request passes untouched beside the suppressed ones) and

@@ -54,12 +54,15 @@ CONDITIONING_THRESHOLD_SHOWN = 0.1
 CONDITIONING_TEMPERATURE = 10.0
 # which UNet reads the request's conditioning. The standard one asks whether it *names* a concept; the erased one,
 # whether it *steers the model that draws* towards the concept (as the standard model renders the concept's prompt).
-# The erased one is the default, measured (t* = 0.5, 16 generations each): an embedding optimised through the defence
-# exploits the gap between the two - white-box TI of star on UCE after 10 adaptive steps scores 0.00 (max 0.11) with
+# Each alone is fooled one way (world v1, t* = 0.5, 16 generations each): an embedding optimised through the defence
+# exploits the standard reader - white-box TI of star on UCE after 10 adaptive steps scores 0.00 (max 0.11) with
 # the standard reader and 0.14 (max 0.66) with the erased one, plain TI 0.77 / 0.88; and the standard reader mistakes
 # benign embeddings learned on an erased model for the concept - TI of cross on star-erased ESD-u draws crosses
-# (14 of 16) and scores 0.22-0.85 for star with the standard reader, 0.00-0.02 with the erased one. "both": the
-# higher score counts.
+# (14 of 16) and scores 0.22-0.85 for star with the standard reader, 0.00-0.02 with the erased one. The erased one
+# misses plain TI on world v4: white-box TI of star on ESD-x scores under its bar (4 of 16 images show star under the
+# full defence; 1 of 16 with "both"). "both" (the higher score counts) is the default, measured on world v4
+# (`irece bench conditioning`, held out, 64 attacking and 336 benign conditionings): it catches 73% of attacking
+# conditionings against 34% for the erased reader, and drops 2 benign ones of 336 (0.6%) against 0.
 CONDITIONING_UNETS = ("standard", "erased", "both")
 # the full defence's later looks, behind the gate: what a dropped conditioning left half-drawn at t* = 0.5 is caught
 # at 0.7 of the schedule. White-box textual inversion of star, CRR with UCE / ESD-x / ESD-u / Receler (16 images
@@ -89,12 +92,16 @@ class IreceConfig:
     classifier_timesteps: tuple[int, ...] = CLASSIFIER_TIMESTEPS  # the classifier gate's re-noising t' (cost: K+1
     # UNet rows per image and t')
     classifier_pairs: bool = False  # the classifier also weighs every pair of concepts (classifier_pairs note)
+    classifier_early_exit: bool = True  # stop scoring once every decision is taken (ScoreBounds; reports then give
+    # the mean over the t' that ran)
     split_masks: bool = False  # a target's mask leaves the cells of other concepts the gate sees (split_among_shown)
+    keep_outside: bool = False  # inverted latents: once IRECE re-noised an image, outside its mask the latent follows
+    # the inversion's trajectory and ends on the input's latent (blended latent diffusion): only the mask is redrawn
     nonfinite: str = "error"  # non-finite x_t or concept map at t*: "error" or "full_mask" (never an empty mask)
     conditioning: str = "keep"  # "null": an image whose conditioning carries a target loses it (classifier gate)
     conditioning_threshold: float = CONDITIONING_THRESHOLD  # conditioning score from which it counts as carried
     conditioning_threshold_shown: float = CONDITIONING_THRESHOLD_SHOWN  # the same, in images the gate says show it
-    conditioning_unet: str = "erased"  # which UNet reads the conditioning (CONDITIONING_UNETS; erased/both: one
+    conditioning_unet: str = "both"  # which UNet reads the conditioning (CONDITIONING_UNETS; erased/both: one
     # erased-UNet call of B rows per t')
     recheck: tuple[float | int, ...] = ()  # later points of the schedule (like t_star) where IRECE runs again: a
     # conditioning that redraws the concept after t* is caught there (behind a gate, only images that show it)
@@ -298,6 +305,25 @@ def classifier_scores(errors: torch.Tensor, temperature: float = CLASSIFIER_TEMP
     for j, named in enumerate(hypotheses):
         member[j, list(named)] = 1.0
     return share @ member.to(share.device)
+
+
+@dataclass(frozen=True)
+class ScoreBounds:
+    """The classifier gate's scores after `done` of its `total` t': each final score is the mean of one share in
+    [0, 1] per t', so it still lies in [mean_so_far * done / total, (mean_so_far * done + total - done) / total].
+    A decision against a bar is taken once both ends fall on the same side: then the mean so far decides it as the
+    final score would. This is what lets an image that plainly shows a concept skip the remaining t' (on a request
+    showing the concept, 1 of 3 passes), without changing any decision."""
+    scores: torch.Tensor  # (B, K) mean presence score over the t' so far
+    carried: torch.Tensor | None  # (B, K) mean conditioning score so far, or None
+    done: int
+    total: int
+
+    def settled(self, mean: torch.Tensor, bar) -> torch.Tensor:
+        """(B,) bool: the final score's side of `bar` (a float or (B,)) is already fixed."""
+        low = mean * self.done / self.total
+        high = (mean * self.done + (self.total - self.done)) / self.total
+        return (low >= bar) == (high >= bar)
 
 
 def conditioning_scores(eps_cond: torch.Tensor, eps_ref: torch.Tensor,

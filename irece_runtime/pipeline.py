@@ -156,10 +156,16 @@ class Pipeline:
         """Deterministic DDIM inversion x_0 -> x_T along the same timesteps the sampler then walks back."""
         return drive(self.invert_steps(latent, hidden, model, steps, callback), self.backend)
 
-    def invert_steps(self, latent, hidden, model, steps, callback=None) -> Machine:
+    def invert_steps(self, latent, hidden, model, steps, callback=None, trajectory: list | None = None) -> Machine:
+        """With a `trajectory` list: it receives the latent at every level the inversion passes, from the input
+        up to x_T (steps + 1 latents), which is where the sampler then passes on its way back."""
         eps = guided_eps(model, hidden, None, 1.0)
-        return (yield from sample(eps, latent.to(self.backend.device), self.scheduler(steps, inverse=True), (),
-                                  callback, "inversion"))
+        record = () if trajectory is None else (lambda i, t, x: trajectory.append(x) or x,)
+        x = yield from sample(eps, latent.to(self.backend.device), self.scheduler(steps, inverse=True), record,
+                              callback, "inversion")
+        if trajectory is not None:
+            trajectory.append(x)
+        return x
 
     # -- IRECE -----------------------------------------------------------------------------------------------
     def localize(self, x: torch.Tensor, t: torch.Tensor, cfg: irece.IreceConfig,
@@ -212,7 +218,8 @@ class Pipeline:
             self._loc_cache[key] = torch.cat([self.encode_prompt(p) for p in named] + [self.null_hidden])
         return self._loc_cache[key]
 
-    def presence_steps(self, x, t, cfg: irece.IreceConfig, cond: torch.Tensor | None = None) -> Machine:
+    def presence_steps(self, x, t, cfg: irece.IreceConfig, cond: torch.Tensor | None = None,
+                       decided: Callable | None = None) -> Machine:
         """(B, K) diffusion-classifier presence scores of the contrast set's concepts at x_t, from the standard
         UNet: x0 predicted with the null prompt (one row per image), re-noised at each t' in
         cfg.classifier_timesteps with fixed noise (the same for every request, so a request's score does not
@@ -221,7 +228,11 @@ class Pipeline:
         conditioning `cond` (1 or B, 77, D), the UNet(s) of cfg.conditioning_unet also denoise under it (the standard
         one: one more row per image in the same call; the erased one: its own call), and the machine returns (scores,
         conditioning scores (B, K)) (irece.conditioning_scores against the single prompts and null; "both": the
-        higher of the two); else (scores, None)."""
+        higher of the two); else (scores, None).
+
+        `decided(bounds)` (the gate's decision rule) lets the machine stop before the last t': after each t' it gets
+        irece.ScoreBounds, the range the final scores can still reach, and where it says every decision is already
+        taken, the machine returns the mean over the t' it ran (which decides as the final scores would)."""
         concepts = self.contrast_set(cfg)
         hypotheses = irece.classifier_hypotheses(len(concepts), cfg.classifier_pairs)
         hidden = self.classifier_prompts(concepts, cfg.classifier_pairs)
@@ -249,10 +260,20 @@ class Pipeline:
                 eps_cond["standard"].append(eps[b * k1:])
             if "erased" in readers:  # the model that draws, under the same conditioning
                 eps_cond["erased"].append((yield Call("eps", (x_tp, cond_b), torch.tensor(t_prime), "erased")))
+            done, total = j + 1, len(cfg.classifier_timesteps)
+            if decided is not None and done < total:
+                partial = self._scores_so_far(errors, eps_ref, eps_cond, readers, cfg, hypotheses)
+                if decided(irece.ScoreBounds(*partial, done, total)):
+                    return partial
+        return self._scores_so_far(errors, eps_ref, eps_cond, readers, cfg, hypotheses)
+
+    @staticmethod
+    def _scores_so_far(errors, eps_ref, eps_cond, readers, cfg, hypotheses):
+        """(scores, conditioning scores or None), each the mean over the t' computed so far."""
         # single prompts: each prompt's share is its concept's score (no membership matrix to build per call)
         scores = irece.classifier_scores(torch.stack(errors, 1),
                                          hypotheses=hypotheses if cfg.classifier_pairs else None)
-        if cond is None:
+        if not readers:
             return scores, None
         ref = torch.stack(eps_ref, 1)
         return scores, torch.stack([irece.conditioning_scores(torch.stack(eps_cond[r], 1), ref)
@@ -282,7 +303,23 @@ class Pipeline:
         (its score reaches cfg.conditioning_threshold), whether or not the image shows the target yet."""
         concepts = self.contrast_set(cfg)
         scoring = cfg.conditioning == "null" and conditioning is not None
-        scores, carried = yield from self.presence_steps(x, t, cfg, conditioning.cond if scoring else None)
+
+        def decided(b: irece.ScoreBounds) -> bool:
+            """Every decision below is taken: each target shown or not, its conditioning carried or not, and (with
+            split_masks) each other concept shown or not."""
+            bars = [(concepts.index(c), thr) for c, _, thr in targets]
+            for k, thr in bars:
+                shown = b.scores[:, k] >= thr
+                if not b.settled(b.scores[:, k], thr).all():
+                    return False
+                if b.carried is not None and not b.settled(b.carried[:, k], torch.where(
+                        shown, cfg.conditioning_threshold_shown, cfg.conditioning_threshold)).all():
+                    return False
+            return not cfg.split_masks or all(b.settled(b.scores[:, k], cfg.threshold).all()
+                                              for k in range(len(concepts)) if k not in dict(bars))
+
+        scores, carried = yield from self.presence_steps(x, t, cfg, conditioning.cond if scoring else None,
+                                                         decided if cfg.classifier_early_exit else None)
         if not torch.isfinite(scores).all() or (carried is not None and not torch.isfinite(carried).all()):
             return self._fail_closed(x, cfg, targets, "presence score")
         if carried is not None:  # an image that shows the target needs less evidence against its conditioning
@@ -387,22 +424,28 @@ class Pipeline:
     def denoise(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float,
                 steps: int, cfg: irece.IreceConfig | None = None, seed: int = 0,
                 timings: dict | None = None, callback: StepCallback | None = None,
-                scheduler: DDIMScheduler | None = None) -> tuple[torch.Tensor, irece.IreceReport | None]:
-        """DDIM with classifier-free guidance on the erased UNet; IRECE perturbs x at step t*."""
-        return drive(self.denoise_steps(x, cond, uncond, guidance, steps, cfg, seed, timings, callback, scheduler),
-                     self.backend)
+                scheduler: DDIMScheduler | None = None, trajectory: list | None = None
+                ) -> tuple[torch.Tensor, irece.IreceReport | None]:
+        """DDIM with classifier-free guidance on the erased UNet; IRECE perturbs x at step t*. `trajectory`: an
+        inverted latent's inversion trajectory (invert_steps), for cfg.keep_outside."""
+        return drive(self.denoise_steps(x, cond, uncond, guidance, steps, cfg, seed, timings, callback, scheduler,
+                                        trajectory), self.backend)
 
     def denoise_steps(self, x, cond, uncond, guidance, steps, cfg=None, seed=0, timings=None, callback=None,
-                      scheduler=None) -> Machine:
+                      scheduler=None, trajectory=None) -> Machine:
         """`denoise` as a machine: a UNet call per step (both guidance branches in one), the localizer at t*."""
         scheduler = scheduler or self.scheduler(steps)
         # with conditioning "null", an image whose conditioning IRECE drops continues on uncond (else the empty prompt)
         dropping = cfg is not None and cfg.conditioning == "null"
         conditioning = Conditioning(cond, uncond if uncond is not None or not dropping else self.null_hidden)
-        hook = IreceStep(self, cfg, len(scheduler.timesteps), seed, conditioning) if cfg and cfg.concepts else None
+        keep = trajectory if cfg is not None and cfg.keep_outside else None
+        hook = IreceStep(self, cfg, len(scheduler.timesteps), seed, conditioning, keep) if cfg and cfg.concepts \
+            else None
         t0 = time.perf_counter()
         x = yield from sample(guided_eps("erased", conditioning, uncond, guidance), x.to(self.backend.device),
                               scheduler, (hook,) if hook else (), callback)
+        if hook:
+            x = hook.keep_outside(len(scheduler.timesteps), x)  # the last level: the input's own latent
         if hook and not torch.isfinite(x).all():  # e.g. a full mask cannot help a non-finite conditioning
             raise irece.NonFiniteError("the denoised latent is not finite: no image IRECE cannot vouch for")
         timings = timings if timings is not None else {}
@@ -435,17 +478,19 @@ class Pipeline:
                 latent = yield Call("vae_encode", (to_tensor(req.init_image),))
             e.limits.check(req.batch, *latent.shape[-2:])
             inv_hidden = yield from self.encode_prompt_steps(req.inversion_prompt)
+            trajectory = [] if cfg is not None and cfg.keep_outside else None
             x = yield from self.invert_steps(latent.repeat(req.batch, 1, 1, 1), inv_hidden, req.invert_with,
-                                             req.steps, callback)
+                                             req.steps, callback, trajectory)
             timings["inversion"] = time.perf_counter() - t1
         else:
+            trajectory = None
             h = (req.height or self.sample_size * e.vae_scale_factor) // e.vae_scale_factor
             w = (req.width or self.sample_size * e.vae_scale_factor) // e.vae_scale_factor
             e.limits.check(req.batch, h, w)
             gen = torch.Generator().manual_seed(req.seed)
             x = torch.randn((req.batch, e.latent_channels, h, w), generator=gen)
         x, report = yield from self.denoise_steps(x, cond, uncond, req.guidance, req.steps, cfg, req.seed, timings,
-                                                  callback)
+                                                  callback, trajectory=trajectory)
         t2 = time.perf_counter()
         images = to_unit((yield Call("vae_decode", (x,))))
         timings["decoding"] = time.perf_counter() - t2
@@ -522,17 +567,28 @@ class IreceStep:
     their conditioning for the rest of the loop. Owns the request's report."""
 
     def __init__(self, pipe: "Pipeline", cfg: irece.IreceConfig, steps: int, seed: int,
-                 conditioning: Conditioning | None = None):
+                 conditioning: Conditioning | None = None, trajectory: list | None = None):
         self.pipe, self.cfg, self.seed, self.conditioning = pipe, cfg, seed, conditioning
         self.renoised: torch.Tensor | None = None  # (B,) images IRECE re-noised at an earlier step
         self.plan = cfg.plan(steps)
         self.report: irece.IreceReport | None = None
         self.seconds = 0.0
+        self.trajectory = trajectory  # keep_outside: the inversion's latents, input first (steps + 1)
 
     def __call__(self, i: int, t: torch.Tensor, x: torch.Tensor) -> Machine:
+        x = self.keep_outside(i, x)
         if i not in self.plan:
             return x
         return self._intervene(i, t, x)
+
+    def keep_outside(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """keep_outside: in the images IRECE re-noised, the latent outside the union mask so far becomes the
+        inversion's at the level of step i (step n: the input's latent). Images it left alone are untouched."""
+        if self.trajectory is None or self.renoised is None or not self.renoised.any():
+            return x
+        level = self.trajectory[len(self.trajectory) - 1 - i].to(x)
+        m = self.report.mask.to(x)[:, None]
+        return torch.where(self.renoised[:, None, None, None].to(x.device), m * x + (1 - m) * level, x)
 
     def _intervene(self, i: int, t: torch.Tensor, x: torch.Tensor) -> Machine:
         t0 = time.perf_counter()

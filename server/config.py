@@ -40,7 +40,9 @@ class ServerConfig:
     vocabulary: list[str] = field(default_factory=list)  # competing concepts beside the model's concepts.json
     classifier_timesteps: list[int] = field(default_factory=lambda: list(IRECE.classifier_timesteps))  # gate's t'
     classifier_pairs: bool = IRECE.classifier_pairs  # the classifier also weighs each pair of concepts (5x its rows)
+    classifier_early_exit: bool = IRECE.classifier_early_exit  # the gate stops at the t' where its decisions are taken
     split_masks: bool = IRECE.split_masks  # a target's mask leaves the cells of the other concepts the gate sees
+    keep_outside: bool = IRECE.keep_outside  # inverted latents: outside IRECE's mask, the input's own latent is kept
     allowed_concepts: list[str] | None = None  # what requests may add; None = model's concepts.json + operator's
     nonfinite: str = IRECE.nonfinite  # NaN/inf latent or concept map at t*: "error" (refuse) or "full_mask"
     conditioning: str = IRECE.conditioning  # "null": drop a conditioning that carries a target (classifier gate)

@@ -74,12 +74,36 @@ def test_classifier_gate_at_zero_threshold_masks_like_the_paper(pipe, vocab):
     t = pipe.scheduler(6).timesteps[2]
     targets = [(c, 0.4, 0.0) for c in vocab[:2]]
     paper, _ = pipe.localize(x, t, IreceConfig(concepts=tuple(vocab[:2])), targets)
-    union, reports = pipe.localize(x, t, IreceConfig(concepts=tuple(vocab[:2]), gate="classifier"), targets)
+    # (every t' scored, so the reports carry the full scores: with the early exit one t' settles a zero threshold)
+    union, reports = pipe.localize(x, t, IreceConfig(concepts=tuple(vocab[:2]), gate="classifier",
+                                                     classifier_early_exit=False), targets)
     assert torch.equal(union, paper) and all(r.intervened for r in reports)
     scores = pipe.presence(x, t, IreceConfig(concepts=tuple(vocab[:2]), gate="classifier"))
     assert scores.shape == (2, len(pipe.contrast_set(IreceConfig(concepts=tuple(vocab[:2])))))
     assert torch.allclose(scores.sum(1), torch.ones(2), atol=1e-5)
     assert [r.score for r in reports] == pytest.approx([float(scores[:, i].max()) for i in range(2)])
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.01])
+def test_classifier_gate_stops_at_the_t_prime_that_settles_its_decisions_and_decides_as_the_full_gate(
+        pipe, vocab, monkeypatch, threshold):
+    """Every score reaches 0 and none reaches 1.01: the first t' settles the decision, so the gate runs its x0 row
+    and one t' (2 standard-UNet calls instead of 1 + 3), and the image, mask and decision are the full gate's."""
+    req = Request(prompt=f"a {vocab[0]}", steps=6, seed=3)
+    calls = []
+    real = pipe.backend.eps
+    monkeypatch.setattr(pipe.backend, "eps", lambda model, *a: calls.append(model) or real(model, *a))
+    out, standard_calls = {}, {}
+    for early in (True, False):
+        calls.clear()
+        out[early] = pipe.generate(req, IreceConfig(concepts=(vocab[0],), gate="classifier", threshold=threshold,
+                                                    t_star=2, classifier_early_exit=early))
+        standard_calls[early] = calls.count("standard")
+    assert standard_calls == {True: 2, False: 1 + len(IreceConfig().classifier_timesteps)}
+    assert np.array_equal(out[True].uint8(), out[False].uint8())
+    (a,), (b,) = out[True].irece.concepts, out[False].irece.concepts
+    assert a.intervened == b.intervened == (threshold == 0.0) and a.mask_area == b.mask_area
+    assert (a.score >= threshold) == (b.score >= threshold)
 
 
 @pytest.mark.shapes10_only
@@ -144,7 +168,8 @@ def test_classifier_pairs_add_a_prompt_per_pair_and_score_each_concept(pipe, voc
                     generator=torch.Generator().manual_seed(3))
     t = pipe.scheduler(6).timesteps[2]
     scores, carried = drive(pipe.presence_steps(x, t, cfg, pipe.encode_prompt(f"a {vocab[0]}")), pipe.backend)
-    assert rows == [("standard", 2), ("standard", 2 * (k + 1 + k * (k - 1) // 2)), ("erased", 2)]
+    # the default reader of the conditioning is "both": 2 more standard rows in the t' call, and the erased UNet's call
+    assert rows == [("standard", 2), ("standard", 2 * (k + 1 + k * (k - 1) // 2) + 2), ("erased", 2)]
     assert scores.shape == (2, k) and carried.shape == (2, k)
     assert ((scores >= 0) & (scores <= 1 + 1e-6)).all()
 
@@ -162,7 +187,7 @@ def test_split_masks_localize_the_other_shown_concepts_in_the_same_call_and_give
     scores[:, concepts.index(target)] = 0.9  # both images show the target...
     scores[0, concepts.index(other)] = 0.8  # ...and the first also the other concept
 
-    def presence_steps(x, t, c, cond=None):
+    def presence_steps(x, t, c, cond=None, decided=None):
         return scores, None
         yield  # a machine that makes no engine call
     monkeypatch.setattr(pipe, "presence_steps", presence_steps)

@@ -265,3 +265,24 @@ def test_split_masks_needs_the_classifier_gate():
     with pytest.raises(ValueError, match="split_masks"):
         irece.IreceConfig(split_masks=True, gate="off")
     assert irece.IreceConfig(split_masks=True, gate="classifier").split_masks
+
+
+def test_score_bounds_settle_a_decision_only_where_the_remaining_t_prime_cannot_change_it():
+    """The final score is the mean of one share in [0, 1] per t': after 1 of 3, 0.95 is past a 0.305 bar whatever
+    follows (0.95 / 3 >= 0.305), 0.9 is not; after 2 of 3, a mean of 0.1 stays under 0.5 ((0.2 + 1) / 3)."""
+    b = irece.ScoreBounds(torch.zeros(1, 1), None, 1, 3)
+    assert b.settled(torch.tensor([0.95]), 0.305).item() and not b.settled(torch.tensor([0.9]), 0.305).item()
+    assert irece.ScoreBounds(torch.zeros(1, 1), None, 2, 3).settled(torch.tensor([0.1]), 0.5).item()
+    assert irece.ScoreBounds(torch.zeros(1, 1), None, 3, 3).settled(torch.rand(5), 0.5).all()
+    # against brute force: wherever a prefix settles, the prefix mean falls on the final mean's side of the bar
+    g = torch.Generator().manual_seed(0)
+    shares = torch.rand(4000, 3, generator=g).pow(torch.rand(4000, 1, generator=g) * 6)  # skewed both ways
+    final = shares.mean(1)
+    settled_any = 0
+    for bar in (0.1, 0.305, 0.5, 0.8):
+        for done in (1, 2):
+            mean = shares[:, :done].mean(1)
+            ok = irece.ScoreBounds(mean[:, None], None, done, 3).settled(mean, bar)
+            assert torch.equal((mean[ok] >= bar), (final[ok] >= bar))
+            settled_any += int(ok.sum())
+    assert settled_any > 1000  # the bound does settle many, so the check above is not empty

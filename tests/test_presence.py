@@ -65,5 +65,5 @@ def test_bench_gate_quick_reports_both_gates_for_every_study(tmp_path):
     # the paper's always-intervene re-noises every benign request: none comes back bit-identical
     off = next(r for r in res["benign"] if r["gate"] == "off")
     assert off["identical_text"] == 0.0 and off["identical_inverted"] == 0.0
-    aims = {(r["aimed_at"], r["gate"]) for r in res["wrong_concept"]}
-    assert aims == {("star", "off"), ("moon", "off"), ("star", PRESENCE_GATE), ("moon", PRESENCE_GATE)}
+    aims = {(r["aimed_at"], r["defence"]) for r in res["wrong_concept"]}
+    assert aims == {(a, d) for a in ("star", "moon") for d in ("irece-paper", "irece-gated", "full")}
