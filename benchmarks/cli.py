@@ -113,7 +113,7 @@ def cmd_latency(a):
         n = min(n, 4)
     res = latency.measure(a.model, a.erased, a.graphs, steps=steps, n=n, modality=a.modality, threshold=a.threshold,
                           classifier_timesteps=a.classifier_timesteps, classifier_pairs=a.classifier_pairs,
-                          shows=a.shows)
+                          shows=a.shows, t_star=a.t_star)
     if a.server:
         res["server"] = latency.measure_server(a.model, a.erased, steps=steps, per_client=2 if a.quick else 4,
                                                clients=(1, 2) if a.quick else (1, 4, 8))
@@ -200,9 +200,9 @@ def register(sub) -> None:
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--threshold", type=float, help="the gated defence's presence threshold (default: IreceConfig's)")
-    p.add_argument("--defences", nargs="+", choices=("none", "irece-paper", "irece-gated", "full"),
+    p.add_argument("--defences", nargs="+", choices=("none", "irece-paper", "irece-gated", "full", "full-keep"),
                    help="defences to compare (default: none irece-paper irece-gated; full adds the conditioning "
-                        "defence and a recheck to irece-gated)")
+                        "defence and a recheck to irece-gated; full-keep adds keep_outside to full)")
     p.add_argument("--scenarios", nargs="+", choices=("text", "adv_prompt", "ti_white", "ti_black", "inv_white_null",
                                                        "inv_white_prompt", "inv_black_null", "inv_black_prompt"))
     p.add_argument("--markdown", metavar="FILE")
@@ -264,6 +264,7 @@ def register(sub) -> None:
     p.add_argument("--graphs", help="exported graph folder (adds the onnx / tensorrt backends)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--modality", choices=("text", "inverted_latent"), default="text")
+    p.add_argument("--t-star", type=parse_t_star, help="IRECE's t* (default: IreceConfig's)")
     p.add_argument("--shows", help="the concept the requests show (default: star, IRECE's target; another concept: "
                                    "benign traffic)")
     p.add_argument("--server", action="store_true", help="also measure through the gRPC server (1, 4, 8 clients)")

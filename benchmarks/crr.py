@@ -46,6 +46,9 @@ DEFAULTS = IreceConfig.defaults()
 # full: irece-gated, and an image it re-noised is denoised without its conditioning from t* on (issue #12)
 DEFENCES = ("none", "irece-paper", "irece-gated")
 ALL_DEFENCES = DEFENCES + ("full",)
+# every defence a table may hold: also "full-keep", the full defence with keep_outside (inverted latents keep their
+# own latent outside IRECE's mask)
+CHOICES = ALL_DEFENCES + ("full-keep",)
 
 
 @dataclass
@@ -66,10 +69,12 @@ class BenchSettings:
 def defence_config(defence: str, concept: str, s: BenchSettings) -> IreceConfig | None:
     if defence == "none":
         return None
-    gate = {"irece-paper": "off", "irece-gated": PRESENCE_GATE, "full": PRESENCE_GATE}[defence]
-    full = defence == "full"
+    gate = {"irece-paper": "off", "irece-gated": PRESENCE_GATE, "full": PRESENCE_GATE, "full-keep": PRESENCE_GATE}[
+        defence]
+    full = defence.startswith("full")
     return IreceConfig(concepts=(concept,), tau=s.tau, t_star=s.t_star, gate=gate, threshold=s.threshold,
-                       conditioning="null" if full else "keep", recheck=RECHECK if full else ())
+                       conditioning="null" if full else "keep", recheck=RECHECK if full else (),
+                       keep_outside=defence == "full-keep")
 
 
 def erased_unet(model_dir: str, method: str, concept: str, s: BenchSettings) -> str | None:
@@ -114,15 +119,24 @@ def references(concept: str, n: int, perturbed: bool, seed: int) -> np.ndarray:
 
 
 def inverted(pipe, model_dir, erased, concept, which: str, perturbed: bool, s: BenchSettings) -> torch.Tensor:
+    return inversion(pipe, model_dir, erased, concept, which, perturbed, s)[0]
+
+
+def inversion(pipe, model_dir, erased, concept, which: str, perturbed: bool, s: BenchSettings
+              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The references' x_T and their inversion trajectory (for keep_outside), cached."""
     spec = dict(model=model_fingerprint(model_dir), erased=model_fingerprint(erased) if erased else None,
                 which=which, concept=concept, perturbed=perturbed, n=s.n, steps=s.steps, seed=s.seed)
     path = key("inverted", **spec).with_suffix(".safetensors")
     if path.exists():
-        return load_file(str(path))["x_T"]
-    x_T = gen.invert_images(pipe, references(concept, s.n, perturbed, s.seed), which, s.steps)
+        saved = load_file(str(path))
+        if "trajectory" in saved:  # (files cached before the trajectory was kept are made again)
+            return saved["x_T"], list(saved["trajectory"].unbind(0))
+    trajectory = []
+    x_T = gen.invert_images(pipe, references(concept, s.n, perturbed, s.seed), which, s.steps, trajectory=trajectory)
     with atomic_path(path) as tmp:
-        save_file({"x_T": x_T.contiguous()}, str(tmp))
-    return x_T
+        save_file({"x_T": x_T.contiguous(), "trajectory": torch.stack(trajectory).contiguous()}, str(tmp))
+    return x_T, trajectory
 
 
 def scenario_images(pipe, scenario, concept, model_dir, erased, s: BenchSettings, cfg):
@@ -141,9 +155,10 @@ def scenario_images(pipe, scenario, concept, model_dir, erased, s: BenchSettings
         prompts = [attacks.TI_TEMPLATES[k % len(attacks.TI_TEMPLATES)].format("<c>") for k in range(s.n)]
         return gen.from_prompts(pipe, prompts, seeds, cfg, learned={"<c>": vec}, steps=s.steps, guidance=s.guidance)
     white = scenario.startswith("inv_white")
-    x_T = inverted(pipe, model_dir, erased, concept, "erased" if white else "standard", not white, s)
+    x_T, trajectory = inversion(pipe, model_dir, erased, concept, "erased" if white else "standard", not white, s)
     prompt = "" if scenario.endswith("null") else prompt_of
-    return gen.from_latents(pipe, x_T, prompt, cfg, seed=seeds[0], steps=s.steps, guidance=s.guidance)
+    return gen.from_latents(pipe, x_T, prompt, cfg, seed=seeds[0], steps=s.steps, guidance=s.guidance,
+                            trajectory=trajectory)
 
 
 def outside_mask_change(off: np.ndarray, on: np.ndarray, masks: np.ndarray) -> tuple[float, float]:

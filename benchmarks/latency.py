@@ -68,17 +68,18 @@ def _pipe(model_dir, erased, backend, kw):
 def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, graphs_dir: str | None = None,
             concept: str = "star", steps: int = 25, n: int = 10, warmup: int = 2, modality: str = "text",
             threshold: float | None = None, classifier_timesteps: tuple[int, ...] | None = None,
-            classifier_pairs: bool = False, shows: str | None = None) -> dict:
+            classifier_pairs: bool = False, shows: str | None = None, t_star: float | int | None = None) -> dict:
     """p50/p95, throughput and peak memory with IRECE off, as the paper runs it ("paper": always intervening) and
     behind the presence gate ("gated"; "gated-every-t": scoring every t' even where the first settles the
     decision), interleaved per request; ratios on/off and gated/paper per backend. The requests show `concept`
     (IRECE's target), or `shows` (another concept: benign traffic, which the gate lets through)."""
     from miniworld.shapes import render
     d = IreceConfig.defaults()
-    gated = IreceConfig(concepts=(concept,), gate=PRESENCE_GATE, threshold=d.threshold if threshold is None else
+    t_star = d.t_star if t_star is None else t_star
+    gated = IreceConfig(concepts=(concept,), t_star=t_star, gate=PRESENCE_GATE, threshold=d.threshold if threshold is None else
                         threshold, classifier_timesteps=tuple(classifier_timesteps or d.classifier_timesteps),
                         classifier_pairs=classifier_pairs)
-    settings = {"off": None, "paper": IreceConfig(concepts=(concept,)), "gated": gated,
+    settings = {"off": None, "paper": IreceConfig(concepts=(concept,), t_star=t_star), "gated": gated,
                 "gated-every-t": replace(gated, classifier_early_exit=False)}
     cfg = settings["paper"]
     rows, overhead = [], {}
@@ -136,6 +137,7 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
     gated = settings["gated"]
     return {"rows": rows, "overhead": overhead, "device": "cuda" if torch.cuda.is_available() else "cpu",
             "gated": {"gate": gated.gate, "threshold": gated.threshold, "shows": shown, "target": concept,
+                      "t_star": t_star,
                       "classifier_timesteps": list(gated.classifier_timesteps),
                       "classifier_pairs": gated.classifier_pairs}}
 

@@ -12,12 +12,12 @@ def _cell(p: dict) -> str:
     return f"{100 * p['crr']:.0f}" if p["n"] else "–"
 
 
-LABEL = {"none": "off", "irece-paper": "paper", "irece-gated": "gated", "full": "full"}
+LABEL = {"none": "off", "irece-paper": "paper", "irece-gated": "gated", "full": "full", "full-keep": "full+keep"}
 
 
 def _defences(res: dict) -> list[str]:
-    from .crr import ALL_DEFENCES
-    return [d for d in ALL_DEFENCES if any(r.get("defence") == d for r in res["rows"])]
+    from .crr import CHOICES
+    return [d for d in CHOICES if any(r.get("defence") == d for r in res["rows"])]
 
 
 def crr_markdown(res: dict) -> str:

@@ -142,6 +142,9 @@ def test_bench_artifacts_are_made_once_and_read_back(pipe, tmp_path, monkeypatch
     assert calls == {"erase": 1, "ti": 1, "ring_a_bell": 1, "invert": 1}
     assert first[0] == second[0] and (Path(first[0]) / "config.json").exists()
     assert torch.equal(first[1], second[1]) and first[2] == second[2] and torch.equal(first[3], second[3])
+    # the inversion's trajectory (keep_outside) comes back from the same cached file: input first, x_T last
+    x_T, trajectory = crr.inversion(pipe, str(MODEL), None, "star", "standard", False, s)
+    assert calls["invert"] == 1 and len(trajectory) == s.steps + 1 and torch.equal(trajectory[-1], x_T)
     make(replace(s, seed=1))  # every spec names the seed
     assert calls == {"erase": 2, "ti": 2, "ring_a_bell": 2, "invert": 2}
 
