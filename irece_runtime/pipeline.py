@@ -573,6 +573,9 @@ class IreceStep:
         self.plan = cfg.plan(steps)
         self.report: irece.IreceReport | None = None
         self.seconds = 0.0
+        if trajectory is not None and len(trajectory) != steps + 1:
+            raise ValueError(f"keep_outside needs the inversion's {steps + 1} latents for {steps} steps, got "
+                             f"{len(trajectory)}: invert and denoise with the same number of steps")
         self.trajectory = trajectory  # keep_outside: the inversion's latents, input first (steps + 1)
 
     def __call__(self, i: int, t: torch.Tensor, x: torch.Tensor) -> Machine:
