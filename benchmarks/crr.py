@@ -69,8 +69,9 @@ class BenchSettings:
 def defence_config(defence: str, concept: str, s: BenchSettings) -> IreceConfig | None:
     if defence == "none":
         return None
-    gate = {"irece-paper": "off", "irece-gated": PRESENCE_GATE, "full": PRESENCE_GATE, "full-keep": PRESENCE_GATE}[
-        defence]
+    if defence not in CHOICES:
+        raise ValueError(f"defence must be one of {CHOICES}, got {defence!r}")
+    gate = "off" if defence == "irece-paper" else PRESENCE_GATE
     full = defence.startswith("full")
     return IreceConfig(concepts=(concept,), tau=s.tau, t_star=s.t_star, gate=gate, threshold=s.threshold,
                        conditioning="null" if full else "keep", recheck=RECHECK if full else (),

@@ -3,9 +3,9 @@ in one run (interleaved off/on after a warm-up, so drift hits both alike); then 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +76,9 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
     from miniworld.shapes import render
     d = IreceConfig.defaults()
     t_star = d.t_star if t_star is None else t_star
-    gated = IreceConfig(concepts=(concept,), t_star=t_star, gate=PRESENCE_GATE, threshold=d.threshold if threshold is None else
-                        threshold, classifier_timesteps=tuple(classifier_timesteps or d.classifier_timesteps),
+    gated = IreceConfig(concepts=(concept,), t_star=t_star, gate=PRESENCE_GATE,
+                        threshold=d.threshold if threshold is None else threshold,
+                        classifier_timesteps=tuple(classifier_timesteps or d.classifier_timesteps),
                         classifier_pairs=classifier_pairs)
     settings = {"off": None, "paper": IreceConfig(concepts=(concept,), t_star=t_star), "gated": gated,
                 "gated-every-t": replace(gated, classifier_early_exit=False)}

@@ -62,7 +62,9 @@ CONDITIONING_TEMPERATURE = 10.0
 # misses plain TI on world v4: white-box TI of star on ESD-x scores under its bar (4 of 16 images show star under the
 # full defence; 1 of 16 with "both"). "both" (the higher score counts) is the default, measured on world v4
 # (`irece bench conditioning`, held out, 64 attacking and 336 benign conditionings): it catches 73% of attacking
-# conditionings against 34% for the erased reader, and drops 2 benign ones of 336 (0.6%) against 0.
+# conditionings against 34% for the erased reader, and drops 2 benign ones of 336 (0.6%) against 0. Its cost: a text
+# prompt naming the concept loses its conditioning, which on UCE (whose erasure acts through that conditioning) lets
+# an inverted star render regenerated with "an image of a star" come back in 3 of 16 images (0 with the erased one).
 CONDITIONING_UNETS = ("standard", "erased", "both")
 # the full defence's later looks, behind the gate: what a dropped conditioning left half-drawn at t* = 0.5 is caught
 # at 0.7 of the schedule. White-box textual inversion of star, CRR with UCE / ESD-x / ESD-u / Receler (16 images
