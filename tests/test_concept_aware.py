@@ -89,11 +89,15 @@ def test_split_masks_keep_the_other_shape_of_two_shape_scenes(pipe, judge, pair_
     assert split["removed_and_kept"] >= FLOORS["two_shapes_split"], rows
 
 
-def test_right_aim_suppresses_the_erased_concept_a_wrong_aim_leaves_it(uce_star, judge, threshold):
-    """White-box DDIM inversion of star renders through the UCE-erased model, regenerated with the null prompt."""
+@pytest.mark.parametrize("defence", ["gated", "full"])
+def test_right_aim_suppresses_the_erased_concept_a_wrong_aim_leaves_it(uce_star, judge, threshold, defence):
+    """White-box DDIM inversion of star renders through the UCE-erased model, regenerated with the null prompt, behind
+    the gate alone and with the full defence (its later looks). Measured with 64 renders per method (`irece bench
+    gate --parts wrong_concept --n 64`): right aim gated 11-16%, full 6-8%; wrong aim survives 97-98% with both."""
+    make = cfg if defence == "gated" else full
     x_T = gen.invert_images(uce_star, references("star", 12, False, TEST_SEED), "erased")
-    right, _ = gen.from_latents(uce_star, x_T, "", cfg(concepts=("star",), threshold=threshold), seed=TEST_SEED)
-    wrong, _ = gen.from_latents(uce_star, x_T, "", cfg(concepts=("moon",), threshold=threshold), seed=TEST_SEED)
+    right, _ = gen.from_latents(uce_star, x_T, "", make(concepts=("star",), threshold=threshold), seed=TEST_SEED)
+    wrong, _ = gen.from_latents(uce_star, x_T, "", make(concepts=("moon",), threshold=threshold), seed=TEST_SEED)
     off, _ = gen.from_latents(uce_star, x_T, "", None, seed=TEST_SEED)
     assert shows(judge, off, "star").mean() >= 0.75  # the attack works without IRECE
     assert shows(judge, right, "star").mean() <= FLOORS["right_crr"]
