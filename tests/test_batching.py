@@ -8,6 +8,7 @@ is not promised; each test prints the largest difference it saw.
 """
 import threading
 import time
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -226,6 +227,26 @@ def test_batched_and_alone_give_the_same_image_per_seed_torch(pipe, start_server
     reqs = mixed_requests(pipe)
     s = start_server(pipe, workers=len(reqs), queue_size=0, gather_ms=1000)  # all join the first tick
     batched_vs_alone(s, pipe, reqs, rec)
+
+
+def test_batched_and_alone_agree_with_the_gate_settling_early_and_keep_outside(pipe, start_server, monkeypatch):
+    """The classifier gate at threshold 0 settles after its first t' (each request makes fewer calls), and
+    keep_outside blends each inverted latent with its own inversion's trajectory: batched, every request is still
+    what it is alone."""
+    rec = Recorder(pipe.backend)
+    monkeypatch.setattr(pipe, "backend", rec)
+    reqs = mixed_requests(pipe)
+    s = start_server(pipe, workers=len(reqs), queue_size=0, gather_ms=1000, gate="classifier", threshold=0.0,
+                     keep_outside=True)
+    service = s.server.service
+    assert service.operator.keep_outside and service.operator.classifier_early_exit
+    batched_vs_alone(s, pipe, reqs, rec)
+    kept = service.operator
+    for msg in (m for m in reqs if m.WhichOneof("input") == "inverted_latent"):  # what was served keeps outside
+        service.operator = replace(kept, keep_outside=False)
+        plain, _ = alone(service, msg)
+        service.operator = kept
+        assert not np.array_equal(alone(service, msg)[0], plain)
 
 
 def test_batched_and_alone_give_the_same_image_per_seed_onnx_runtime(engine_dir, erased_dir, start_server):
