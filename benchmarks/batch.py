@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from irece_runtime.calls import drive
 from irece_runtime.irece import IreceConfig
 from irece_runtime.images import to_tensor, to_uint8, to_unit
 from irece_runtime.pipeline import Pipeline
@@ -42,8 +41,7 @@ def invert_images(pipe: Pipeline, images: np.ndarray, invert_with: str, steps: i
     for s in range(0, len(images), batch):
         x0 = to_tensor(images[s:s + batch])
         parts.append([])
-        out.append(drive(pipe.invert_steps(pipe.backend.vae_encode(x0), hidden, invert_with, steps,
-                                           trajectory=parts[-1]), pipe.backend))
+        out.append(pipe.invert(pipe.backend.vae_encode(x0), hidden, invert_with, steps, trajectory=parts[-1]))
     if trajectory is not None:
         trajectory += [torch.cat(level) for level in zip(*parts)]
     return torch.cat(out)

@@ -152,9 +152,9 @@ class Pipeline:
         return s
 
     def invert(self, latent: torch.Tensor, hidden: torch.Tensor, model: str, steps: int,
-               callback: StepCallback | None = None) -> torch.Tensor:
+               callback: StepCallback | None = None, trajectory: list | None = None) -> torch.Tensor:
         """Deterministic DDIM inversion x_0 -> x_T along the same timesteps the sampler then walks back."""
-        return drive(self.invert_steps(latent, hidden, model, steps, callback), self.backend)
+        return drive(self.invert_steps(latent, hidden, model, steps, callback, trajectory), self.backend)
 
     def invert_steps(self, latent, hidden, model, steps, callback=None, trajectory: list | None = None) -> Machine:
         """With a `trajectory` list: it receives the latent at every level the inversion passes, from the input
@@ -303,17 +303,19 @@ class Pipeline:
         (its score reaches cfg.conditioning_threshold), whether or not the image shows the target yet."""
         concepts = self.contrast_set(cfg)
         scoring = cfg.conditioning == "null" and conditioning is not None
+        bars = [(concepts.index(c), thr) for c, _, thr in targets]  # each target's column and presence threshold
+
+        def carried_bar(shown: torch.Tensor) -> torch.Tensor:
+            """An image that shows the target needs less evidence against its conditioning."""
+            return torch.where(shown, cfg.conditioning_threshold_shown, cfg.conditioning_threshold)
 
         def decided(b: irece.ScoreBounds) -> bool:
             """Every decision below is taken: each target shown or not, its conditioning carried or not, and (with
             split_masks) each other concept shown or not."""
-            bars = [(concepts.index(c), thr) for c, _, thr in targets]
             for k, thr in bars:
-                shown = b.scores[:, k] >= thr
                 if not b.settled(b.scores[:, k], thr).all():
                     return False
-                if b.carried is not None and not b.settled(b.carried[:, k], torch.where(
-                        shown, cfg.conditioning_threshold_shown, cfg.conditioning_threshold)).all():
+                if b.carried is not None and not b.settled(b.carried[:, k], carried_bar(b.scores[:, k] >= thr)).all():
                     return False
             return not cfg.split_masks or all(b.settled(b.scores[:, k], cfg.threshold).all()
                                               for k in range(len(concepts)) if k not in dict(bars))
@@ -322,10 +324,8 @@ class Pipeline:
                                                          decided if cfg.classifier_early_exit else None)
         if not torch.isfinite(scores).all() or (carried is not None and not torch.isfinite(carried).all()):
             return self._fail_closed(x, cfg, targets, "presence score")
-        if carried is not None:  # an image that shows the target needs less evidence against its conditioning
-            rows = torch.stack([carried[:, concepts.index(c)] >= torch.where(
-                scores[:, concepts.index(c)] >= thr, cfg.conditioning_threshold_shown, cfg.conditioning_threshold)
-                for c, _, thr in targets])
+        if carried is not None:
+            rows = torch.stack([carried[:, k] >= carried_bar(scores[:, k] >= thr) for k, thr in bars])
             if rows.any():
                 conditioning.drop(rows.any(0))
         b = x.shape[0]
