@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from irece_runtime.irece import GATES, IreceConfig, parse_t_star
+from irece_runtime.irece import GATES, PRESENCE_GATE, IreceConfig, parse_t_star
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 
 GATE_PARTS = ("wrong_concept", "benign", "pairs")  # benchmarks.gate.PARTS (imported lazily)
@@ -113,7 +113,7 @@ def cmd_latency(a):
         n = min(n, 4)
     res = latency.measure(a.model, a.erased, a.graphs, steps=steps, n=n, modality=a.modality, threshold=a.threshold,
                           classifier_timesteps=a.classifier_timesteps, classifier_pairs=a.classifier_pairs,
-                          shows=a.shows, t_star=a.t_star)
+                          shows=a.shows, t_star=a.t_star, gate=a.gate)
     if a.server:
         res["server"] = latency.measure_server(a.model, a.erased, steps=steps, per_client=2 if a.quick else 4,
                                                clients=(1, 2) if a.quick else (1, 4, 8))
@@ -162,7 +162,7 @@ def cmd_gate(a):
         s.steps, s.erase_steps = 10, 20
     res = gate.run(a.model, concept=a.concept, wrong=a.wrong, methods=a.methods,
                    n_pairs=a.n_pairs or (4 if a.quick else 20),
-                   threshold=a.threshold, s=s, classifier_pairs=a.classifier_pairs, parts=a.parts)
+                   threshold=a.threshold, s=s, classifier_pairs=a.classifier_pairs, parts=a.parts, gate=a.gate)
     _write(res, a.json)
     print(json.dumps(res, indent=1))
 
@@ -273,6 +273,8 @@ def register(sub) -> None:
                    help="the gated setting's re-noising timesteps (default: IreceConfig's)")
     p.add_argument("--classifier-pairs", action="store_true",
                    help="the gated setting's classifier also weighs a prompt per pair of concepts")
+    p.add_argument("--gate", choices=[g for g in GATES if g != "off"], default=PRESENCE_GATE,
+                   help="the gated setting's presence gate")
     p.set_defaults(func=cmd_latency)
 
     p = bsub.add_parser("peers", help="side by side with diffusers and optimum on the same model, interleaved")
@@ -291,14 +293,14 @@ def register(sub) -> None:
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--localizer-layers", nargs="+", metavar="NAME")
-    p.add_argument("--gate", choices=GATES, default=DEFAULTS.gate, help="masks of the paper (off), contrastive, or the paper's behind the classifier gate")
+    p.add_argument("--gate", choices=GATES, default=DEFAULTS.gate, help="masks of the paper (off), contrastive, the paper's behind the classifier gate, or the concept head's (head)")
     p.add_argument("--threshold", type=float, default=DEFAULTS.threshold)
     p.set_defaults(func=cmd_localization)
 
     p = bsub.add_parser("presence", help="presence gate: presence-score AUC and calibrated threshold")
     common(p)
     p.add_argument("--gate", choices=[g for g in GATES if g != "off"], default="classifier",
-                   help="the presence score: diffusion classifier or competing cross-attention")
+                   help="the presence score: diffusion classifier, competing cross-attention or the concept head")
     p.add_argument("--classifier-timesteps", nargs="+", type=int, metavar="T",
                    help="the classifier gate's re-noising timesteps (default: IreceConfig's)")
     p.add_argument("--classifier-pairs", action="store_true",
@@ -341,4 +343,6 @@ def register(sub) -> None:
                    help="the classifier also weighs a prompt for each pair of concepts (K(K-1)/2 more rows)")
     p.add_argument("--n-pairs", type=int, help="two-shape scenes (default 20; --quick 4)")
     p.add_argument("--parts", nargs="+", choices=GATE_PARTS, default=GATE_PARTS, help="which parts to run")
+    p.add_argument("--gate", choices=[g for g in GATES if g != "off"], default=PRESENCE_GATE,
+                   help="the presence gate on trial (head: no full defence or split masks, which need the classifier)")
     p.set_defaults(func=cmd_gate)

@@ -24,11 +24,18 @@ from miniworld.prompts import concept_prompts
 from . import batch as gen
 from .crr import BenchSettings, erased_unet, inverted, outside_mask_change
 
-GATES = ("off", PRESENCE_GATE)
 # the wrong-concept control's defences, as in the CRR table (crr.defence_config): the paper's IRECE, the gate, and
 # the full defence (the gate, the conditioning defence and the later looks)
 CONTROL_DEFENCES = {"irece-paper": {"gate": "off"}, "irece-gated": {"gate": PRESENCE_GATE},
                     "full": {"gate": PRESENCE_GATE, "conditioning": "null", "recheck": RECHECK}}
+
+
+def control_defences(gate: str) -> dict:
+    """CONTROL_DEFENCES with `gate` as the presence gate; the full defence only where it is the classifier (the
+    conditioning defence scores with the classifier's calls)."""
+    if gate == PRESENCE_GATE:
+        return CONTROL_DEFENCES
+    return {"irece-paper": {"gate": "off"}, "irece-gated": {"gate": gate}}
 PARTS = ("wrong_concept", "benign", "pairs")
 PAIR_SEED = 7_300_000
 
@@ -40,7 +47,7 @@ def wrong_concept(pipe_for, judge, model_dir, concept: str, wrong: str, methods,
         erased = erased_unet(model_dir, method, concept, s)
         pipe = pipe_for(erased)
         x_T = inverted(pipe, model_dir, erased, concept, "erased", False, s)
-        for defence, options in CONTROL_DEFENCES.items():
+        for defence, options in control_defences(cfg.gate).items():
             for aim in (concept, wrong):
                 c = replace(cfg, concepts=(aim,), **options)
                 imgs, _ = gen.from_latents(pipe, x_T, "", c, seed=s.seed, steps=s.steps, guidance=s.guidance)
@@ -52,7 +59,7 @@ def wrong_concept(pipe_for, judge, model_dir, concept: str, wrong: str, methods,
 def benign(pipe, concept: str, others: list[str], s: BenchSettings, cfg: IreceConfig) -> list[dict]:
     """Share of requests showing another concept whose image is bit-identical with the operator's IRECE on."""
     rows = []
-    for gate in GATES:
+    for gate in ("off", cfg.gate):
         c = replace(cfg, concepts=(concept,), gate=gate)
         same_text, same_inv, n = 0, 0, 0
         for o in others:
@@ -81,7 +88,15 @@ PAIR_VARIANTS = {"off": {"gate": "off"}, PRESENCE_GATE: {},
                                                                          "keep_outside": True}}
 
 
-def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=tuple(PAIR_VARIANTS)) -> list[dict]:
+def pair_variants(gate: str) -> dict:
+    """PAIR_VARIANTS with `gate` as the presence gate; split_masks only where it is the classifier (whose scores
+    say which other concepts an image shows)."""
+    if gate == PRESENCE_GATE:
+        return PAIR_VARIANTS
+    return {"off": {"gate": "off"}, gate: {}, "recheck": {"recheck": RECHECK}, "keep": {"keep_outside": True}}
+
+
+def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None) -> list[dict]:
     """Two-shape renders, inverted with the standard model and regenerated (null prompt) with IRECE aimed at
     one of the shapes: target removed, other kept, PSNR outside the mask; a row per variant (PAIR_VARIANTS)."""
     rng = np.random.default_rng(PAIR_SEED + s.seed)
@@ -90,11 +105,12 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=tupl
     x_T = gen.invert_images(pipe, np.stack([sc.image for sc in scenes]), "standard", s.steps, trajectory=trajectory)
     off, _ = gen.from_latents(pipe, x_T, "", None, seed=s.seed, steps=s.steps, guidance=s.guidance)
     rows = []
-    for variant in variants:
+    options = pair_variants(cfg.gate)
+    for variant in variants or tuple(options):
         removed, kept, both, psnrs, intervened = [], [], [], [], 0
         for k, sc in enumerate(scenes):
             target, other = sc.shapes[0].concept, sc.shapes[1].concept
-            c = replace(cfg, concepts=(target,), **({"gate": PRESENCE_GATE} | PAIR_VARIANTS[variant]))
+            c = replace(cfg, concepts=(target,), **({"gate": cfg.gate} | options[variant]))
             on, masks = gen.from_latents(pipe, x_T[k:k + 1], "", c, seed=s.seed, steps=s.steps, guidance=s.guidance,
                                          trajectory=[level[k:k + 1] for level in trajectory])
             r, o = bool(~shows(judge, on, target)[0]), bool(shows(judge, on, other)[0])
@@ -104,7 +120,7 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=tupl
             if masks is not None and masks.any():
                 intervened += 1
                 psnrs.append(outside_mask_change(off[k:k + 1], on, masks)[0])
-        rows.append({"variant": variant, "gate": PAIR_VARIANTS[variant].get("gate", PRESENCE_GATE), "n": n,
+        rows.append({"variant": variant, "gate": options[variant].get("gate", cfg.gate), "n": n,
                      "target_removed": float(np.mean(removed)), "other_kept": float(np.mean(kept)),
                      "removed_and_kept": float(np.mean(both)), "intervened": intervened / n,
                      "psnr_outside_mask_db": float(np.mean(psnrs)) if psnrs else float("nan")})
@@ -113,12 +129,12 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=tupl
 
 def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",), n: int = 16, n_pairs: int = 20,
         threshold: float | None = None, s: BenchSettings | None = None, classifier_pairs: bool = False,
-        parts=PARTS) -> dict:
+        parts=PARTS, gate: str = PRESENCE_GATE) -> dict:
     s = s or BenchSettings(n=n)
     judge = load_judge()
     d = IreceConfig.defaults()
     cfg = IreceConfig(tau=s.tau, t_star=s.t_star, threshold=d.threshold if threshold is None else threshold,
-                      classifier_pairs=classifier_pairs)
+                      classifier_pairs=classifier_pairs, gate=gate)
     cache: dict = {}
 
     def pipe_for(erased):
@@ -127,7 +143,8 @@ def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",),
         return cache[erased]
     others = [c for c in shapes.CONCEPTS if c != concept][:3]
     return {"settings": {"n": s.n, "steps": s.steps, "tau": cfg.tau, "t_star": cfg.t_star,
-                         "threshold": cfg.threshold, "classifier_pairs": classifier_pairs, "concept": concept,
+                         "threshold": cfg.threshold, "classifier_pairs": classifier_pairs, "gate": gate,
+                         "concept": concept,
                          "wrong": wrong},
             **({"wrong_concept": wrong_concept(pipe_for, judge, model_dir, concept, wrong, methods, s, cfg)}
                if "wrong_concept" in parts else {}),

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from irece_runtime.backends.graph import FORMAT, MANIFEST
-from irece_runtime.components import COMPONENTS, build_components, component_io
+from irece_runtime.components import COMPONENTS, OPTIONAL, build_components, component_io
 
 OPSET = 17
 EXPORTER = "torchscript"
@@ -55,7 +55,7 @@ def export_onnx(model_dir: str | Path, erased: str | Path | None, out: str | Pat
               str(out / "token_embedding.safetensors"))
     shared = modules["unet_erased"].unet is modules["unet_standard"].unet
     components = {}
-    for name in tqdm(COMPONENTS, desc="export onnx"):
+    for name in tqdm([c for c in COMPONENTS + OPTIONAL if c in modules], desc="export onnx"):
         if name == "unet_erased" and shared:
             components[name] = {"file": "unet_standard.onnx"}  # no erased model: one engine serves both
             continue

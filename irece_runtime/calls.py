@@ -16,7 +16,7 @@ import torch
 
 from .backends import Backend, check_model
 
-KINDS = ("encode_text", "vae_encode", "vae_decode", "eps", "concept_map", "gate")
+KINDS = ("encode_text", "vae_encode", "vae_decode", "eps", "concept_map", "gate", "concept_head")
 # a request's state machine: yields calls, receives their results, returns its value (the Result)
 Machine = Generator["Call", Any, Any]
 
@@ -25,7 +25,7 @@ Machine = Generator["Call", Any, Any]
 class Call:
     kind: str  # one of KINDS: the backend method it stands for
     inputs: tuple[torch.Tensor, ...]  # batch-first tensors, in the backend method's order (timestep apart)
-    timestep: torch.Tensor | None = None  # eps / concept_map / gate: a scalar (all rows) or one per row
+    timestep: torch.Tensor | None = None  # eps / concept_map / gate / concept_head: a scalar (all rows) or one per row
     model: str | None = None  # eps: "erased" or "standard"
     shared: tuple[torch.Tensor, ...] = ()  # per-call inputs (the gate's tau, threshold): merged only when equal
 
@@ -68,6 +68,9 @@ def _invoke(backend: Backend, kind: str, model, inputs, timestep, shared):
     if kind == "concept_map":
         x, hidden, weights = inputs
         return backend.concept_map(x, timestep, hidden, weights)
+    if kind == "concept_head":
+        x, hidden = inputs
+        return backend.concept_head(x, timestep, hidden)
     x, hidden, weights = inputs  # gate
     return backend.gate(x, timestep, hidden, weights, *shared)
 

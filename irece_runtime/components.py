@@ -14,9 +14,11 @@ from torch import nn
 
 from . import irece
 from .attention import Localizer
+from .concept_head import HeadedUNet, load_head
 from .erasers import erasers_path, install_erasers
 
 COMPONENTS = ("text_encoder", "vae_encoder", "vae_decoder", "unet_erased", "unet_standard", "localizer")
+OPTIONAL = ("concept_head",)  # built where the model folder has one (concept_head/: the head gate)
 
 
 def text_encoder_from_embeds(text_encoder, token_embeds: torch.Tensor) -> torch.Tensor:
@@ -138,6 +140,10 @@ def component_io(name: str, b: int, cfg: dict) -> tuple[tuple, list[str], list[s
                  "token_weights": {0: "B", 1: "K"},
                  "tau": {0: "K"}, "threshold": {0: "K"}, "concept_map": {0: "B", 1: "K"}, "presence": {0: "B", 1: "K"},
                  "masks": {0: "B", 1: "K"}})
+    if name == "concept_head":  # the standard UNet with the null prompt -> per-cell concept probabilities
+        return ((lat, t, hid), ["sample", "timestep", "encoder_hidden_states"], ["concept_probs"],
+                {"sample": {0: "B"}, "timestep": {0: "B"}, "encoder_hidden_states": {0: "B"},
+                 "concept_probs": {0: "B"}})
     raise ValueError(name)
 
 
@@ -158,6 +164,10 @@ def build_components(model_dir: str | Path, erased: str | Path | None = None, la
     modules = {"text_encoder": TextEncoder(te), "vae_encoder": VaeEncoder(vae), "vae_decoder": VaeDecoder(vae),
                "unet_erased": UNetEps(erased_unet), "unet_standard": UNetEps(standard),
                "localizer": GatedLocalizer(Localizer(loc_unet, layers))}
+    head = load_head(model_dir)
+    if head is not None:  # its own UNet copy for export, like the localizer (its hooks only record in its pass)
+        head_unet = load_unet(model_dir, dtype=dtype) if separate_localizer else standard
+        modules["concept_head"] = HeadedUNet(head_unet, head[0].to(dtype), tuple(head[1]["blocks"]))
     sample_size = standard.config.sample_size
     cfg = {"embed_dim": te.config.hidden_size, "latent_channels": vae.config.latent_channels,
            "vae_scale_factor": 2 ** (len(vae.config.block_out_channels) - 1), "latent_h": sample_size,

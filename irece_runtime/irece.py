@@ -19,8 +19,10 @@ import torch.nn.functional as F
 
 PERTURB_MODES = ("replace", "add")
 # off: the paper's always-intervene; contrastive: concept tokens compete in one cross-attention softmax;
-# classifier: a diffusion classifier (the standard UNet's noise-prediction error under each concept prompt)
-GATES = ("off", "contrastive", "classifier")
+# classifier: a diffusion classifier (the standard UNet's noise-prediction error under each concept prompt);
+# head: the model's concept head (concept_head.py) on the standard UNet's features at x_t: its per-cell
+# probabilities are the presence score (the highest cell) and the concept's own mask (cells >= tau), one UNet row
+GATES = ("off", "contrastive", "classifier", "head")
 # the diffusion classifier's re-noising timesteps t' and softmax temperature (BENCHMARKS.md, committed world,
 # t* = 0.5: three t' hold an erased concept's CRR at 0-13% with the gate calibrated at 3% false positives, t' = 300
 # alone lets 6-44% through at its calibrated threshold (same AUC, 0.90 and 0.91, noisier scores), at a third of
@@ -266,6 +268,19 @@ def split_among_shown(maps: torch.Tensor, masks: torch.Tensor, shown: torch.Tens
     owner = norm.argmax(0)  # (B, H, W)
     own = owner[None] == torch.arange(maps.shape[0], device=maps.device)[:, None, None, None]
     return masks * own.to(masks.dtype)
+
+
+def head_scores(probs: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) concept-head probabilities -> (B, K) presence scores: each concept's most confident cell."""
+    return probs.flatten(2).amax(2)
+
+
+def head_masks(probs: torch.Tensor, tau: float | torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) probabilities, tau (scalar or (K,)), present (B, K) -> (B, K, h, w) float masks: cells where a
+    concept's probability reaches its tau, in images whose score passed its threshold. The probabilities are
+    absolute (not min-max normalised), so an image without the concept gets no cell even with its gate open."""
+    tau = torch.as_tensor(tau, dtype=probs.dtype, device=probs.device).reshape(-1, 1, 1)
+    return ((probs >= tau) & present[:, :, None, None]).to(probs.dtype)
 
 
 def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:

@@ -28,6 +28,7 @@ from . import irece
 from .images import to_tensor, to_uint8, to_unit
 from .backends import Backend
 from .calls import Call, Machine, drive
+from .concept_head import HEAD_CONFIG, HEAD_DIR
 
 StepCallback = Callable[[str, int, int], None]
 CLASSIFIER_SEED = 20_231_002  # the diffusion-classifier gate's fixed re-noising noise (seed + index of t')
@@ -71,8 +72,9 @@ class Result:
 
 class Pipeline:
     def __init__(self, backend: Backend, tokenizer: CLIPTokenizer, scheduler_config: dict, sample_size: int,
-                 vocabulary: tuple[str, ...] = ()):
+                 vocabulary: tuple[str, ...] = (), head_concepts: tuple[str, ...] = ()):
         self.backend = backend
+        self.head_concepts: tuple[str, ...] = tuple(head_concepts)  # the concept head's outputs (gate "head")
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
         self.sample_size = sample_size  # default latent side
@@ -86,9 +88,11 @@ class Pipeline:
         model_dir = Path(model_dir)
         unet_cfg = json.loads((model_dir / "unet" / "config.json").read_text())
         vocab = model_dir / "concepts.json"
+        head = model_dir / HEAD_DIR / HEAD_CONFIG
         return cls(backend, CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
                    DDIMScheduler.load_config(model_dir / "scheduler"), unet_cfg["sample_size"],
-                   tuple(json.loads(vocab.read_text())) if vocab.exists() else ())
+                   tuple(json.loads(vocab.read_text())) if vocab.exists() else (),
+                   tuple(json.loads(head.read_text())["concepts"]) if head.exists() else ())
 
     # -- text ------------------------------------------------------------------------------------------------
     def token_ids(self, prompt: str, placeholders: dict[str, int] | None = None) -> tuple[list[int], list[tuple[int, str, int]]]:
@@ -186,6 +190,8 @@ class Pipeline:
             return (yield from self._localize_contrastive(x, t, cfg, targets))
         if cfg.gate == "classifier":
             return (yield from self._localize_classifier(x, t, cfg, targets, conditioning))
+        if cfg.gate == "head":
+            return (yield from self._localize_head(x, t, cfg, targets))
         masks, peaks, _ = yield from self._concept_maps(x, t, cfg, targets)
         if masks is None:
             return self._fail_closed(x, cfg, targets, "concept map")
@@ -283,6 +289,9 @@ class Pipeline:
         """(B, K) presence scores of the contrast set at x_t under cfg's gate (benchmarks, calibration)."""
         if cfg.gate == "classifier":
             return drive(self.presence_steps(x, t, cfg), self.backend)[0]
+        if cfg.gate == "head":
+            columns = self.head_columns(self.contrast_set(cfg))
+            return irece.head_scores(drive(self.head_steps(x, t), self.backend))[:, columns]
         return irece.presence_scores(self.concept_maps(x, t, self.contrast_set(cfg)), cfg.tau)
 
     @cached_property
@@ -364,6 +373,36 @@ class Pipeline:
                                                float(carried[:, concepts.index(c)].max()) if carried is not None
                                                else float("nan")))
         return union, reports
+
+    # -- the concept-head gate -------------------------------------------------------------------------------
+    def head_columns(self, concepts) -> list[int]:
+        """The concept head's output index of each concept; a concept it was not trained on cannot be gated."""
+        missing = [c for c in concepts if c not in self.head_concepts]
+        if missing:
+            raise ValueError(f"gate 'head': the model's concept head has no output for {missing[0]!r}"
+                             + ("" if self.head_concepts else " (this model folder has no concept_head/)"))
+        return [self.head_concepts.index(c) for c in concepts]
+
+    def head_steps(self, x, t) -> Machine:
+        """(B, K_head, h, w) concept probabilities at x_t: one standard-UNet row per image, null prompt."""
+        return (yield Call("concept_head", (x, self.null_hidden.expand(x.shape[0], -1, -1)), t))
+
+    def _localize_head(self, x, t, cfg, targets):
+        """The concept-head gate: each target's presence score is its most confident cell; where it reaches the
+        target's threshold, the target's own cells (probability >= its tau) are its mask. Where no target passes,
+        x_t is left exactly as it was."""
+        columns = self.head_columns([c for c, _, _ in targets])
+        probs = yield from self.head_steps(x, t)
+        if not torch.isfinite(probs).all():
+            return self._fail_closed(x, cfg, targets, "concept head's output")
+        probs = probs[:, columns].float()
+        scores = irece.head_scores(probs)
+        thresholds = torch.tensor([thr for _, _, thr in targets], dtype=scores.dtype, device=scores.device)
+        masks = irece.head_masks(probs, torch.tensor([tau for _, tau, _ in targets]), scores >= thresholds)
+        reports = [irece.ConceptReport(c, float(masks[:, i].mean()), float(probs[:, i].max()),
+                                       bool(masks[:, i].any()), float(scores[:, i].max()), thr)
+                   for i, (c, _, thr) in enumerate(targets)]
+        return masks.amax(1).to(torch.float32), reports
 
     def contrast_set(self, cfg: irece.IreceConfig) -> tuple[str, ...]:
         """The concepts that compete in the localization prompt: the operator's, then the configured

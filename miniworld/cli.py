@@ -1,4 +1,4 @@
-"""`irece world render | judge | train`: the mini world's verbs (`world check` comes from benchmarks/)."""
+"""`irece world render | judge | train | head`: the mini world's verbs (`world check` comes from benchmarks/)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,6 +36,11 @@ def cmd_train(a):
                      ground_steps=a.ground_steps), a.json)
 
 
+def cmd_head(a):
+    from .head import train_head
+    emit(train_head(a.model or MODEL_DIR, n=a.n, epochs=a.epochs, out=a.out), a.json)
+
+
 def register_world(world) -> None:
     """Adds render, judge and train to the `irece world` group."""
     p = world.add_parser("render", help="render one scene (and its mask beside it)")
@@ -59,3 +64,10 @@ def register_world(world) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
+    p = world.add_parser("head", help="train the model's concept head (the head gate) on rendered scenes")
+    p.add_argument("--model", help="model folder (default: the committed one); the head goes to its concept_head/")
+    p.add_argument("--out", help="write the head under this folder instead")
+    p.add_argument("--n", type=int, default=2304, help="scenes (each seen inverted and generated, at 3 t)")
+    p.add_argument("--epochs", type=int, default=80)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_head)

@@ -154,6 +154,9 @@ class GenerationService(pb_grpc.GenerationServicer):
                                     conditioning_threshold=cfg.conditioning_threshold,
                                     conditioning_unet=cfg.conditioning_unet)
         self.allowed = concept_catalogue(cfg)
+        if cfg.gate == "head":  # the head gates only the concepts it was trained on: refuse to start otherwise
+            self.pipe.head_columns(self.operator.concepts)
+            self.allowed &= set(self.pipe.head_concepts)
         cfg.check_serving()
         # images per engine call: the operator's limit, within what the backend can run (TensorRT's profile)
         self.max_batch = min(cfg.max_batch, e.limits.max_batch or cfg.max_batch)

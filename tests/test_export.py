@@ -31,8 +31,9 @@ def test_manifest_records_sources_shapes_and_versions(engine_dir, pipe):
     assert m["versions"]["onnxruntime"] and m["shapes"]["tokens"] == pipe.tokenizer.model_max_length
     assert (m["config"]["latent_h"], m["config"]["latent_w"]) == (pipe.sample_size, pipe.sample_size)
     assert m["config"]["embed_dim"] == pipe.backend.embed_dim
+    head = (MODEL / "concept_head").is_dir()  # the optional graph: exported where the model folder has a head
     assert set(m["components"]) == {"text_encoder", "vae_encoder", "vae_decoder", "unet_erased", "unet_standard",
-                                    "localizer"}
+                                    "localizer"} | ({"concept_head"} if head else set())
     # the localizer drops everything after its last attention layer: fewer convolutions and MACs than the full
     # UNet (not necessarily fewer nodes: computing K token sets' maps adds small ops of its own)
     stats = m["graph_stats"]
@@ -60,6 +61,10 @@ def test_each_component_matches_torch(both, pipe):
         "unet_standard": (te.eps("standard", x, t, h), oe.eps("standard", x, t, h)),
         "localizer": (te.concept_map(x, t, h, w), oe.concept_map(x, t, h, w)),
     }
+    if "concept_head" in oe.components:  # the head gate's graph: per-cell probabilities of the head's concepts
+        null = h[:1].expand(2, -1, -1)
+        pairs["concept_head"] = (te.concept_head(x, t, null), oe.concept_head(x, t, null))
+        assert pairs["concept_head"][0].shape == (2, len(pipe.head_concepts), side, side)
     for name, (a, b) in pairs.items():
         assert a.shape == b.shape, name
         assert (a - b).abs().max() <= 1e-4, (name, float((a - b).abs().max()))

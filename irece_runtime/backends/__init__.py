@@ -52,6 +52,10 @@ class Backend(Protocol):
         """The localizer and the contrastive presence gate in one pass (irece.gate): token_weights (B, K, 77),
         tau and threshold (K,) -> concept maps (B, K, H, W), presence scores (B, K), gated masks (B, K, H, W)."""
 
+    def concept_head(self, sample, timestep, hidden) -> torch.Tensor:
+        """The concept head on the standard UNet's features (hidden: the null prompt's) -> (B, K, H, W)
+        probabilities, K the head's concepts (concept_head.py); a model folder without a head refuses."""
+
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) in [-1, 1] -> scaled latent (posterior mean)."""
 

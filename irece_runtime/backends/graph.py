@@ -38,6 +38,7 @@ class GraphBackend:
         self.embed_dim, self.latent_channels = cfg["embed_dim"], cfg["latent_channels"]
         self.vae_scale_factor, self.scaling_factor = cfg["vae_scale_factor"], cfg["scaling_factor"]
         self.limits = BackendLimits(None, (cfg["latent_h"], cfg["latent_w"]))  # spatial size is static per folder
+        self.components = frozenset(manifest["components"])  # the graphs this folder has
 
     def _run(self, component: str, **inputs):
         raise NotImplementedError
@@ -64,6 +65,13 @@ class GraphBackend:
         return self._run("localizer", sample=sample, timestep=_timestep(timestep, sample.shape[0]),
                          encoder_hidden_states=hidden,
                          token_weights=token_weights, tau=tau, threshold=threshold)
+
+    def concept_head(self, sample, timestep, hidden):
+        if "concept_head" not in self.components:
+            raise ValueError("this graph folder has no concept_head graph: export a model folder that has a "
+                             "concept_head/ (`irece world head`)")
+        return self._run("concept_head", sample=sample, timestep=_timestep(timestep, sample.shape[0]),
+                         encoder_hidden_states=hidden)
 
     def vae_encode(self, images):
         return self._run("vae_encoder", images=images)

@@ -49,6 +49,12 @@ class TorchBackend:
                                     tau.to(sample.device, sample.dtype), threshold.to(sample.device, sample.dtype))
 
     @torch.no_grad()
+    def concept_head(self, sample, timestep, hidden):
+        if "concept_head" not in self.modules:
+            raise ValueError("this model folder has no concept_head/ (train one with `irece world head`)")
+        return self.modules["concept_head"](sample, timestep, hidden)
+
+    @torch.no_grad()
     def vae_encode(self, images):
         return self.modules["vae_encoder"](images.to(self.device, self.dtype))
 
