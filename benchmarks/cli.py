@@ -157,7 +157,7 @@ def cmd_presence(a):
 def cmd_gate(a):
     from . import gate
     from .crr import BenchSettings
-    s = BenchSettings(n=a.n or (2 if a.quick else 16), seed=a.seed, t_star=a.t_star)
+    s = BenchSettings(n=a.n or (2 if a.quick else 16), seed=a.seed, t_star=a.t_star, tau=a.tau)
     if a.quick:
         s.steps, s.erase_steps = 10, 20
     res = gate.run(a.model, concept=a.concept, wrong=a.wrong, methods=a.methods,
@@ -339,6 +339,7 @@ def register(sub) -> None:
     p.add_argument("--methods", nargs="+", default=["uce"], choices=("uce", "esd-x", "esd-u", "receler"))
     p.add_argument("--threshold", type=float, help="presence threshold (default: IreceConfig's)")
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
+    p.add_argument("--tau", type=float, default=DEFAULTS.tau, help="every setting's mask threshold (the paper's too)")
     p.add_argument("--classifier-pairs", action="store_true",
                    help="the classifier also weighs a prompt for each pair of concepts (K(K-1)/2 more rows)")
     p.add_argument("--n-pairs", type=int, help="two-shape scenes (default 20; --quick 4)")

@@ -90,7 +90,7 @@ def test_head_gate_above_any_score_leaves_the_image_bit_identical(pipe):
     req = Request(init_image=model_image(pipe, "star", seed=3), steps=10, seed=1)
     off = pipe.generate(req, None)
     closed = pipe.generate(req, IreceConfig(concepts=("star",), gate="head", threshold=1.01, t_star=T_STAR))
-    assert np.array_equal(off.uint8, closed.uint8)
+    assert np.array_equal(off.images, closed.images)
     (c,) = closed.irece.concepts
     assert not c.intervened and c.mask_area == 0 and 0.0 <= c.score <= 1.0 and c.threshold == 1.01
 
@@ -162,3 +162,25 @@ def test_head_masks_match_the_renderers_shapes(pipe):
     paper_ious = [localization.iou(localization.pixel_mask(m), s.mask) for m, s in zip(paper, scenes)]
     assert np.mean(ious) >= FLOORS["iou"] and np.mean(ious) > np.mean(paper_ious) + 0.05, (np.mean(ious),
                                                                                            np.mean(paper_ious))
+
+
+@needs_head
+def test_server_with_the_head_gate_serves_gated_requests_and_refuses_concepts_the_head_does_not_know(pipe):
+    import grpc
+
+    from protos.irece.v1 import generation_pb2 as pb
+    from server.config import ServerConfig
+    from server.metrics import Metrics
+    from server.service import GenerationService
+
+    from .test_server import running
+    with running(pipe, gate="head", threshold=1.01, t_star=T_STAR, allowed_concepts=["unicorn"]) as s:
+        resp = s.stub.Generate(pb.GenerateRequest(text=pb.TextPrompt(prompt="a red star on a white background")))
+        (c,) = resp.irece.concepts
+        assert c.concept == "star" and not c.intervened and 0.0 <= c.score <= 1.0
+        with pytest.raises(grpc.RpcError) as err:  # in the catalogue, but the head cannot gate it
+            s.stub.Generate(pb.GenerateRequest(text=pb.TextPrompt(prompt="x"), suppress_concepts=["unicorn"]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "suppress_concepts[0]" in err.value.details()
+    cfg = ServerConfig(model=str(MODEL), concepts=["unicorn"], gate="head", port=0, metrics_port=0)
+    with pytest.raises(ValueError, match="no output for 'unicorn'"):  # the operator's own concept: no start
+        GenerationService(cfg, Metrics(), pipe)
