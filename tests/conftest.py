@@ -89,3 +89,21 @@ def engine_dir(tmp_path_factory, erased_dir):
     out = tmp_path_factory.mktemp("engines")
     export_onnx(MODEL, erased_dir, out)
     return out
+
+
+# The interpreter's own teardown can crash in native code after every test has passed (a fresh clone's `make test`
+# on 2026-12-04: 220 passed, then a segmentation fault at exit, which fails CI). The suite's verdict is pytest's exit
+# status: once pytest has printed its summary, leave without the native teardown, keeping that status.
+_EXIT = {"status": 0}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT["status"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT["status"])
