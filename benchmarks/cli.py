@@ -140,7 +140,7 @@ def cmd_localization(a):
     n, pairs = (10, 2) if a.quick else (a.n or 100, 20)
     layers = tuple(a.localizer_layers) if a.localizer_layers else None
     res = localization.run(a.model, n=n, n_pairs=pairs, tau=a.tau, t_star=a.t_star, layers=layers, gate=a.gate,
-                           threshold=a.threshold)
+                           threshold=a.threshold, grow=a.grow)
     _write(res, a.json)
     print(json.dumps(res, indent=1))
 
@@ -162,7 +162,8 @@ def cmd_gate(a):
         s.steps, s.erase_steps = 10, 20
     res = gate.run(a.model, concept=a.concept, wrong=a.wrong, methods=a.methods,
                    n_pairs=a.n_pairs or (4 if a.quick else 20),
-                   threshold=a.threshold, s=s, classifier_pairs=a.classifier_pairs, parts=a.parts, gate=a.gate)
+                   threshold=a.threshold, s=s, classifier_pairs=a.classifier_pairs, parts=a.parts, gate=a.gate,
+                   grow=a.grow)
     _write(res, a.json)
     print(json.dumps(res, indent=1))
 
@@ -295,6 +296,7 @@ def register(sub) -> None:
     p.add_argument("--localizer-layers", nargs="+", metavar="NAME")
     p.add_argument("--gate", choices=GATES, default=DEFAULTS.gate, help="masks of the paper (off), contrastive, the paper's behind the classifier gate, or the concept head's (head)")
     p.add_argument("--threshold", type=float, default=DEFAULTS.threshold)
+    p.add_argument("--grow", type=int, default=0, help="grow IRECE's mask by this many cells (the paper's rows: 0)")
     p.set_defaults(func=cmd_localization)
 
     p = bsub.add_parser("presence", help="presence gate: presence-score AUC and calibrated threshold")
@@ -346,4 +348,5 @@ def register(sub) -> None:
     p.add_argument("--parts", nargs="+", choices=GATE_PARTS, default=GATE_PARTS, help="which parts to run")
     p.add_argument("--gate", choices=[g for g in GATES if g != "off"], default=PRESENCE_GATE,
                    help="the presence gate on trial (head: no full defence or split masks, which need the classifier)")
+    p.add_argument("--grow", type=int, default=0, help="grow IRECE's mask by this many cells (the paper's rows: 0)")
     p.set_defaults(func=cmd_gate)

@@ -26,7 +26,7 @@ from .crr import BenchSettings, erased_unet, inverted, outside_mask_change
 
 # the wrong-concept control's defences, as in the CRR table (crr.defence_config): the paper's IRECE, the gate, and
 # the full defence (the gate, the conditioning defence and the later looks)
-CONTROL_DEFENCES = {"irece-paper": {"gate": "off"}, "irece-gated": {"gate": PRESENCE_GATE},
+CONTROL_DEFENCES = {"irece-paper": {"gate": "off", "grow": 0}, "irece-gated": {"gate": PRESENCE_GATE},
                     "full": {"gate": PRESENCE_GATE, "conditioning": "null", "recheck": RECHECK}}
 
 
@@ -35,7 +35,7 @@ def control_defences(gate: str) -> dict:
     conditioning defence scores with the classifier's calls)."""
     if gate == PRESENCE_GATE:
         return CONTROL_DEFENCES
-    return {"irece-paper": {"gate": "off"}, "irece-gated": {"gate": gate}}
+    return {"irece-paper": {"gate": "off", "grow": 0}, "irece-gated": {"gate": gate}}
 PARTS = ("wrong_concept", "benign", "pairs")
 PAIR_SEED = 7_300_000
 
@@ -50,9 +50,12 @@ def wrong_concept(pipe_for, judge, model_dir, concept: str, wrong: str, methods,
         for defence, options in control_defences(cfg.gate).items():
             for aim in (concept, wrong):
                 c = replace(cfg, concepts=(aim,), **options)
-                imgs, _ = gen.from_latents(pipe, x_T, "", c, seed=s.seed, steps=s.steps, guidance=s.guidance)
+                imgs, masks = gen.from_latents(pipe, x_T, "", c, seed=s.seed, steps=s.steps, guidance=s.guidance)
+                # intervened: the share of images IRECE re-noised (a gate's misses are the rest)
+                touched = np.zeros(len(imgs), bool) if masks is None else masks.reshape(len(imgs), -1).any(1)
                 rows.append({"method": method, "concept": concept, "aimed_at": aim, "defence": defence,
-                             "gate": c.gate, "n": len(imgs), "crr": float(shows(judge, imgs, concept).mean())})
+                             "gate": c.gate, "n": len(imgs), "crr": float(shows(judge, imgs, concept).mean()),
+                             "intervened": float(touched.mean())})
     return rows
 
 
@@ -81,7 +84,7 @@ def benign(pipe, concept: str, others: list[str], s: BenchSettings, cfg: IreceCo
 
 # two-shape scenes: the paper's IRECE, the gate, and the gate's options that make a mask concept-specific
 # (split_masks) and look again later in the schedule (recheck, the full defence's)
-PAIR_VARIANTS = {"off": {"gate": "off"}, PRESENCE_GATE: {},
+PAIR_VARIANTS = {"off": {"gate": "off", "grow": 0}, PRESENCE_GATE: {},
                  "split": {"split_masks": True}, "recheck": {"recheck": RECHECK},
                  "split+recheck": {"split_masks": True, "recheck": RECHECK},
                  "keep": {"keep_outside": True}, "split+recheck+keep": {"split_masks": True, "recheck": RECHECK,
@@ -93,7 +96,8 @@ def pair_variants(gate: str) -> dict:
     say which other concepts an image shows)."""
     if gate == PRESENCE_GATE:
         return PAIR_VARIANTS
-    return {"off": {"gate": "off"}, gate: {}, "recheck": {"recheck": RECHECK}, "keep": {"keep_outside": True}}
+    return {"off": {"gate": "off", "grow": 0}, gate: {}, "recheck": {"recheck": RECHECK},
+            "keep": {"keep_outside": True}}
 
 
 def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None) -> list[dict]:
@@ -129,12 +133,12 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None
 
 def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",), n: int = 16, n_pairs: int = 20,
         threshold: float | None = None, s: BenchSettings | None = None, classifier_pairs: bool = False,
-        parts=PARTS, gate: str = PRESENCE_GATE) -> dict:
+        parts=PARTS, gate: str = PRESENCE_GATE, grow: int = 0) -> dict:
     s = s or BenchSettings(n=n)
     judge = load_judge()
     d = IreceConfig.defaults()
     cfg = IreceConfig(tau=s.tau, t_star=s.t_star, threshold=d.threshold if threshold is None else threshold,
-                      classifier_pairs=classifier_pairs, gate=gate)
+                      classifier_pairs=classifier_pairs, gate=gate, grow=grow)
     cache: dict = {}
 
     def pipe_for(erased):
@@ -143,7 +147,7 @@ def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",),
         return cache[erased]
     others = [c for c in shapes.CONCEPTS if c != concept][:3]
     return {"settings": {"n": s.n, "steps": s.steps, "tau": cfg.tau, "t_star": cfg.t_star,
-                         "threshold": cfg.threshold, "classifier_pairs": classifier_pairs, "gate": gate,
+                         "threshold": cfg.threshold, "classifier_pairs": classifier_pairs, "gate": gate, "grow": grow,
                          "concept": concept,
                          "wrong": wrong},
             **({"wrong_concept": wrong_concept(pipe_for, judge, model_dir, concept, wrong, methods, s, cfg)}

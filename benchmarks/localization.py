@@ -28,14 +28,14 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def masks_for(pipe, images: np.ndarray, concepts: list[str], tau: float, t_star, steps: int, gate: str = "off",
-              threshold: float = DEFAULTS.threshold) -> np.ndarray:
+              threshold: float = DEFAULTS.threshold, grow: int = 0) -> np.ndarray:
     """Invert with the standard model (null prompt), localize each image's concept at t*: (N, h, w) masks
     (images grouped by concept, one batch each)."""
     x_T = gen.invert_images(pipe, images, "standard", steps)
     out: list = [None] * len(concepts)
     for c in dict.fromkeys(concepts):
         idx = [k for k, ck in enumerate(concepts) if ck == c]
-        cfg = IreceConfig(concepts=(c,), tau=tau, t_star=t_star, gate=gate, threshold=threshold)
+        cfg = IreceConfig(concepts=(c,), tau=tau, t_star=t_star, gate=gate, threshold=threshold, grow=grow)
         _, m = gen.from_latents(pipe, x_T[idx], "", cfg, steps=steps)
         for k, mk in zip(idx, m):
             out[k] = mk
@@ -44,13 +44,13 @@ def masks_for(pipe, images: np.ndarray, concepts: list[str], tau: float, t_star,
 
 def run(model_dir: str = str(DEFAULT_MODEL), n: int = 100, n_pairs: int = 20, tau: float = DEFAULTS.tau,
         t_star=DEFAULTS.t_star, steps: int = 25, layers: tuple[str, ...] | None = None, gate: str = "off",
-        threshold: float = DEFAULTS.threshold) -> dict:
+        threshold: float = DEFAULTS.threshold, grow: int = 0) -> dict:
     pipe = load_pipeline(model_dir, layers=layers)
     localizer = require_torch(pipe.backend, "the localization benchmark (it reports the localizer's layers)").localizer
     rng = np.random.default_rng(LOC_SEED)
     scenes = [shapes.render(shapes.CONCEPTS[i % 10], rng=rng) for i in range(n)]
     images = np.stack([s.image for s in scenes])
-    masks = masks_for(pipe, images, [s.label for s in scenes], tau, t_star, steps, gate, threshold)
+    masks = masks_for(pipe, images, [s.label for s in scenes], tau, t_star, steps, gate, threshold, grow)
     ious = [iou(pixel_mask(m), s.mask) for m, s in zip(masks, scenes)]
     # chance: the same masks scored against other images' shapes (a localizer that ignores the image)
     chance = [iou(pixel_mask(m), s.mask) for m, s in zip(masks, scenes[7:] + scenes[:7])]
@@ -59,7 +59,7 @@ def run(model_dir: str = str(DEFAULT_MODEL), n: int = 100, n_pairs: int = 20, ta
     own_cover, other_cover = [], []
     for k in range(2):  # each shape of each pair as the target in turn
         targets = [p.shapes[k].concept for p in pairs]
-        pm = masks_for(pipe, np.stack([p.image for p in pairs]), targets, tau, t_star, steps, gate, threshold)
+        pm = masks_for(pipe, np.stack([p.image for p in pairs]), targets, tau, t_star, steps, gate, threshold, grow)
         for p, c, m in zip(pairs, targets, pm):
             other = p.shapes[1 - k].concept
             m = pixel_mask(m)
@@ -69,7 +69,8 @@ def run(model_dir: str = str(DEFAULT_MODEL), n: int = 100, n_pairs: int = 20, ta
     x_T = gen.invert_images(pipe, images[:min(n, 50)], "standard", steps)
     recon, _ = gen.from_latents(pipe, x_T, "", None, steps=steps)
     vae_only = gen.decode(pipe, pipe.backend.vae_encode(to_tensor(images[:50])))
-    return {"n": n, "tau": tau, "t_star": t_star, "steps": steps, "gate": gate, "layers": list(localizer.layer_names),
+    return {"n": n, "tau": tau, "t_star": t_star, "steps": steps, "gate": gate, "grow": grow,
+            "layers": list(localizer.layer_names),
             "mean_iou": float(np.mean(ious)), "chance_iou": float(np.mean(chance)),
             "mask_area": float(masks.mean()),
             "iou_per_concept": per_concept, "pairs": n_pairs,

@@ -13,8 +13,7 @@ import torch
 from scipy.stats import rankdata
 
 from irece_runtime.irece import PRESENCE_GATE, IreceConfig
-from irece_runtime.calls import drive
-from irece_runtime.pipeline import guided_eps, sample
+from irece_runtime.pipeline import trajectory
 from miniworld import shapes
 
 from . import batch as gen
@@ -67,31 +66,6 @@ def calibrate(rows: list[dict], max_fpr: float = 0.03, min_per_concept: int = 8)
             out["per_concept"][c] = constrained_threshold([r["present"] for r in sub], [r["score"] for r in sub],
                                                           max_fpr)
     return out
-
-
-class _Stop(Exception):
-    pass
-
-
-def trajectory(pipe, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, steps: int,
-               at, model: str = "standard", backend=None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Run the pipeline's own sampler with `model` from x, without IRECE, and return (i, t, x_t) at each schedule
-    index in `at`, stopping after the last. `backend`: pipe.backend, or a differentiable stand-in (adaptive
-    attacks)."""
-    at, seen = set(at), []
-
-    def capture(i, t, x_t):
-        if i in at:
-            seen.append((i, t, x_t))
-            if i == max(at):
-                raise _Stop
-        return x_t
-    try:
-        drive(sample(guided_eps(model, cond, uncond, guidance), x, pipe.scheduler(steps), (capture,)),
-              backend or pipe.backend)
-    except _Stop:
-        pass
-    return seen
 
 
 def latents_at(pipe, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, steps: int,

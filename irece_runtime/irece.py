@@ -107,6 +107,8 @@ class IreceConfig:
     conditioning_threshold_shown: float = CONDITIONING_THRESHOLD_SHOWN  # the same, in images the gate says show it
     conditioning_unet: str = "both"  # which UNet reads the conditioning (CONDITIONING_UNETS; erased/both: one
     # erased-UNet call of B rows per t')
+    grow: int = 0  # cells by which the mask grows (3x3 dilation) before re-noising: a concept head's cells hold a
+    # shape's core, and the edge cells it leaves out carry enough of the shape to redraw it (grow_mask)
     recheck: tuple[float | int, ...] = ()  # later points of the schedule (like t_star) where IRECE runs again: a
     # conditioning that redraws the concept after t* is caught there (behind a gate, only images that show it)
 
@@ -130,6 +132,8 @@ class IreceConfig:
         if self.split_masks and self.gate != "classifier":
             raise ValueError("split_masks splits a mask among the concepts the classifier gate sees: it needs "
                              "gate='classifier'")
+        if isinstance(self.grow, bool) or not isinstance(self.grow, int) or self.grow < 0:
+            raise ValueError(f"grow must be a whole number of cells >= 0, got {self.grow!r}")
         if self.nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
         if not self.classifier_timesteps or not all(
@@ -281,6 +285,14 @@ def head_masks(probs: torch.Tensor, tau: float | torch.Tensor, present: torch.Te
     absolute (not min-max normalised), so an image without the concept gets no cell even with its gate open."""
     tau = torch.as_tensor(tau, dtype=probs.dtype, device=probs.device).reshape(-1, 1, 1)
     return ((probs >= tau) & present[:, :, None, None]).to(probs.dtype)
+
+
+def grow_mask(mask: torch.Tensor, cells: int) -> torch.Tensor:
+    """(B, h, w) binary mask -> the same grown by `cells` cells in every direction (8-neighbour dilation); an empty
+    mask stays empty, so an image the gate left alone stays untouched."""
+    if cells <= 0:
+        return mask
+    return F.max_pool2d(mask[:, None].float(), 2 * cells + 1, stride=1, padding=cells)[:, 0].to(mask.dtype)
 
 
 def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:

@@ -599,6 +599,31 @@ def guided_eps(model: str, cond: "torch.Tensor | Conditioning", uncond: torch.Te
     return eps
 
 
+class _Seen(Exception):
+    """trajectory: every asked-for step is seen."""
+
+
+def trajectory(pipe, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, steps: int,
+               at, model: str = "standard", backend=None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Run the pipeline's own sampler with `model` from x, without IRECE, and return (i, t, x_t) at each schedule
+    index in `at`, stopping after the last. `backend`: pipe.backend, or a differentiable stand-in (adaptive
+    attacks). Benchmarks and the concept head's training read x_t where IRECE would."""
+    at, seen = set(at), []
+
+    def capture(i, t, x_t):
+        if i in at:
+            seen.append((i, t, x_t))
+            if i == max(at):
+                raise _Seen
+        return x_t
+    try:
+        drive(sample(guided_eps(model, cond, uncond, guidance), x, pipe.scheduler(steps), (capture,)),
+              backend or pipe.backend)
+    except _Seen:
+        pass
+    return seen
+
+
 class IreceStep:
     """IRECE as a step hook: at each planned step (t*, or each concept's tuned t*) the standard UNet localizes
     the concepts and the masked latent is replaced by seeded noise; with conditioning "null", images whose
@@ -635,6 +660,7 @@ class IreceStep:
     def _intervene(self, i: int, t: torch.Tensor, x: torch.Tensor) -> Machine:
         t0 = time.perf_counter()
         mask, concepts = yield from self.pipe.localize_steps(x, t, self.cfg, self.plan[i], self.conditioning)
+        mask = irece.grow_mask(mask, self.cfg.grow)
         hit = mask.flatten(1).amax(1) > 0
         if self.cfg.conditioning == "null" and self.conditioning is not None and self.renoised is not None:
             # the concept came back where IRECE had already re-noised it: the conditioning redraws it

@@ -38,7 +38,10 @@ def cmd_train(a):
 
 def cmd_head(a):
     from .head import train_head
-    emit(train_head(a.model or MODEL_DIR, n=a.n, epochs=a.epochs, out=a.out), a.json)
+    from irece_runtime.irece import parse_t_star
+    fit_at = tuple(float(parse_t_star(v)) for v in a.fit_at.split(",")) if a.fit_at else None
+    emit(train_head(a.model or MODEL_DIR, n=a.n, epochs=a.epochs, out=a.out, fit_at=fit_at,
+                    cache=None if a.no_cache else a.cache), a.json)
 
 
 def register_world(world) -> None:
@@ -69,5 +72,8 @@ def register_world(world) -> None:
     p.add_argument("--out", help="write the head under this folder instead")
     p.add_argument("--n", type=int, default=2304, help="scenes (each seen inverted and generated, at 3 t)")
     p.add_argument("--epochs", type=int, default=80)
+    p.add_argument("--fit-at", help="schedule points to fit on, e.g. 0.5 (default: all three collected)")
+    p.add_argument("--cache", default=".cache/head", help="collected features are kept here and reused")
+    p.add_argument("--no-cache", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_head)

@@ -9,18 +9,20 @@ so only the image's labels count there (the highest cell per concept against the
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from irece_runtime.calls import drive
 from irece_runtime.concept_head import FEATURE_BLOCKS, ConceptHead, UNetFeatures, head_config, save_head
 from irece_runtime.images import to_tensor
-from irece_runtime.pipeline import guided_eps, sample
+from irece_runtime.pipeline import trajectory
 
 from . import shapes
 
@@ -47,53 +49,63 @@ def cell_cover(scene: shapes.Scene, concepts: tuple[str, ...], side: int) -> np.
     return y
 
 
-class _Enough(Exception):
-    pass
-
-
-def _latents_at(pipe, x, cond, uncond, guidance, steps, at) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(t, x_t) at the schedule indices `at` on the standard model's sampler from x (no IRECE)."""
-    seen = []
-
-    def capture(i, t, x_t):
-        if i in at:
-            seen.append((t, x_t))
-            if len(seen) == len(at):
-                raise _Enough
-        return x_t
-    try:
-        drive(sample(guided_eps("standard", cond, uncond, guidance), x, pipe.scheduler(steps), (capture,)),
-              pipe.backend)
-    except _Enough:
-        pass
-    return seen
-
-
 @torch.no_grad()
-def collect(pipe, items: list, features: UNetFeatures, concepts: tuple[str, ...], t_points=T_POINTS,
-            steps: int = 25, guidance: float = 5.0, seed: int = HEAD_SEED, batch: int = 64):
-    """(features (N, D, h, w), targets (N, K, h, w), spatial (N,) bool: whether the targets are cell-level)."""
+def collect_chunk(pipe, chunk: list, start: int, features: UNetFeatures, concepts: tuple[str, ...], t_points,
+                  steps: int, guidance: float, seed: int) -> dict[str, torch.Tensor]:
+    """One chunk of scenes (the scenes from index `start`): "x" features (N, D, h, w), "y" targets (N, K, h, w),
+    "spatial" (N,) whether the targets are cell-level, "t_point" (N,) the index into t_points of each row."""
     null = pipe.null_hidden
-    at = sorted({min(steps - 1, int(round(p * steps))) for p in t_points})
-    X, Y, S = [], [], []
+    at = [min(steps - 1, int(round(p * steps))) for p in t_points]
+    b, side = len(chunk), pipe.sample_size
+    cover = torch.from_numpy(np.stack([cell_cover(sc, concepts, side) for sc in chunk]))
+    labels = (cover.flatten(2).amax(2) > 0)[:, :, None, None].float().expand_as(cover)
+    x_inv = pipe.invert(pipe.backend.vae_encode(to_tensor(np.stack([sc.image for sc in chunk]))), null,
+                        "standard", steps)
+    noise = torch.cat([torch.randn((1, pipe.backend.latent_channels, side, side),
+                                   generator=torch.Generator().manual_seed(seed + start + k)) for k in range(b)])
+    prompts = torch.cat([pipe.encode_prompt(sc.prompt()) if sc.shapes else null for sc in chunk])
+    X, Y, S, T = [], [], [], []
+    for x, cond, target, spatial in ((x_inv, null.expand(b, -1, -1), cover, True),
+                                     (noise, prompts, labels, False)):
+        for i, t, x_t in trajectory(pipe, x, cond, null.expand(b, -1, -1), guidance, steps, at):
+            X.append(features(x_t, t, null.expand(b, -1, -1))[1])
+            Y.append(target)
+            S.append(torch.full((b,), spatial))
+            T.append(torch.full((b,), at.index(i)))
+    return {"x": torch.cat(X).contiguous(), "y": torch.cat(Y).contiguous(), "spatial": torch.cat(S),
+            "t_point": torch.cat(T)}
+
+
+def cache_key(model_dir: str | Path, t_points, steps: int, guidance: float, seed: int, batch: int,
+              blocks: tuple[str, ...]) -> str:
+    """The cache folder's name: the model's weights (UNet, VAE, text encoder) and every setting the features
+    depend on. Not the number of scenes: scene k and chunk k // batch are the same for any n."""
+    h = hashlib.sha256()
+    for part in ("unet", "vae", "text_encoder"):
+        for f in sorted((Path(model_dir) / part).glob("*.safetensors")):
+            h.update(f.read_bytes())
+    h.update(json.dumps([list(t_points), steps, guidance, seed, batch, list(blocks)]).encode())
+    return h.hexdigest()[:16]
+
+
+def collect(pipe, items: list, features: UNetFeatures, concepts: tuple[str, ...], t_points=T_POINTS,
+            steps: int = 25, guidance: float = 5.0, seed: int = HEAD_SEED, batch: int = 64,
+            cache: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """Every chunk's rows (collect_chunk), concatenated. With `cache`, each chunk is read from / written to
+    cache/chunk_<start>.safetensors, so an interrupted collection resumes where it stopped."""
+    parts = []
     for s in tqdm(range(0, len(items), batch), desc="head data"):
-        chunk = items[s:s + batch]
-        b = len(chunk)
-        side = pipe.sample_size
-        cover = torch.from_numpy(np.stack([cell_cover(sc, concepts, side) for sc in chunk]))
-        labels = (cover.flatten(2).amax(2) > 0)[:, :, None, None].float().expand_as(cover)
-        x_inv = pipe.invert(pipe.backend.vae_encode(to_tensor(np.stack([sc.image for sc in chunk]))), null,
-                            "standard", steps)
-        noise = torch.cat([torch.randn((1, pipe.backend.latent_channels, side, side),
-                                       generator=torch.Generator().manual_seed(seed + s + k)) for k in range(b)])
-        prompts = torch.cat([pipe.encode_prompt(sc.prompt()) if sc.shapes else null for sc in chunk])
-        for x, cond, target, spatial in ((x_inv, null.expand(b, -1, -1), cover, True),
-                                         (noise, prompts, labels, False)):
-            for t, x_t in _latents_at(pipe, x, cond, null.expand(b, -1, -1), guidance, steps, at):
-                X.append(features(x_t, t, null.expand(b, -1, -1))[1])
-                Y.append(target)
-                S.append(torch.full((b,), spatial))
-    return torch.cat(X), torch.cat(Y), torch.cat(S)
+        f = Path(cache) / f"chunk_{s:06d}.safetensors" if cache else None
+        if f is not None and f.exists():
+            parts.append(load_file(str(f)))
+            continue
+        part = collect_chunk(pipe, items[s:s + batch], s, features, concepts, t_points, steps, guidance, seed)
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            save_file(part, str(f.with_suffix(".tmp")))
+            f.with_suffix(".tmp").rename(f)  # whole chunks only: a chunk cut off mid-write is not reused
+        parts.append(part)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def head_loss(logits: torch.Tensor, target: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
@@ -125,16 +137,26 @@ def fit(X, Y, S, concepts, hidden: int = 64, epochs: int = 80, lr: float = 3e-3,
 
 
 def train_head(model_dir: str | Path, n: int = 2304, t_points=T_POINTS, epochs: int = 80, hidden: int = 64,
-               blocks: tuple[str, ...] = FEATURE_BLOCKS, out: str | Path | None = None) -> dict:
-    """Train the head of `model_dir` on its standard UNet and write it to `out` (default: the model folder)."""
+               blocks: tuple[str, ...] = FEATURE_BLOCKS, out: str | Path | None = None, fit_at=None,
+               cache: str | Path | None = None) -> dict:
+    """Train the head of `model_dir` on its standard UNet and write it to `out` (default: the model folder).
+    Features are collected at `t_points` and the head fits on the rows of `fit_at` (a subset; default all).
+    With `cache` (a folder), collected chunks are kept under cache/<cache_key> and reused."""
     from irece_runtime.loading import load_pipeline
 
     t0 = time.time()
+    steps, guidance, batch = 25, 5.0, 64
+    fit_at = tuple(t_points if fit_at is None else fit_at)
+    if not set(fit_at) <= set(t_points):
+        raise ValueError(f"fit_at {fit_at} must be among the collected t_points {tuple(t_points)}")
     pipe = load_pipeline(model_dir)
     concepts = tuple(pipe.vocabulary or shapes.CONCEPTS)
     feats = UNetFeatures(pipe.backend.unets["standard"], blocks)
-    X, Y, S = collect(pipe, scenes(n), feats, concepts, t_points)
+    where = Path(cache) / cache_key(model_dir, t_points, steps, guidance, HEAD_SEED, batch, blocks) if cache else None
+    d = collect(pipe, scenes(n), feats, concepts, t_points, steps, guidance, HEAD_SEED, batch, where)
+    keep = torch.isin(d["t_point"], torch.tensor([list(t_points).index(p) for p in fit_at]))
+    X, Y, S = d["x"][keep], d["y"][keep], d["spatial"][keep]
     head = fit(X, Y, S, concepts, hidden, epochs)
-    cfg = head_config(head, blocks, list(t_points), scenes=n, epochs=epochs, seed=HEAD_SEED)
+    cfg = head_config(head, blocks, list(fit_at), scenes=n, epochs=epochs, seed=HEAD_SEED)
     path = save_head(out or model_dir, head, cfg)
     return {"path": str(path), "examples": int(len(X)), "seconds": round(time.time() - t0, 1), **cfg}

@@ -96,17 +96,21 @@ def test_head_gate_above_any_score_leaves_the_image_bit_identical(pipe):
 
 
 @needs_head
-def test_head_gate_masks_exactly_the_heads_cells_over_tau(pipe, monkeypatch):
-    """At threshold 0 the mask is the head's own map >= tau, from one standard-UNet row per image."""
+@pytest.mark.parametrize("grow", [0, 1])
+def test_head_gate_masks_exactly_the_heads_cells_over_tau(pipe, monkeypatch, grow):
+    """At threshold 0 the mask is the head's own map >= tau (grown by `grow` cells), from one standard-UNet row
+    per image."""
     seen = []
     orig = pipe.backend.concept_head
     monkeypatch.setattr(pipe.backend, "concept_head",
                         lambda x, t, h: seen.append(orig(x, t, h)) or seen[-1])
     req = Request(init_image=model_image(pipe, "star", seed=3), steps=10, seed=1)
-    cfg = IreceConfig(concepts=("star",), gate="head", threshold=0.0, t_star=T_STAR)
+    cfg = IreceConfig(concepts=("star",), gate="head", threshold=0.0, t_star=T_STAR, grow=grow)
     res = pipe.generate(req, cfg)
     (probs,) = seen
-    expect = probs[:, pipe.head_concepts.index("star")] >= cfg.tau
+    expect = irece.grow_mask((probs[:, pipe.head_concepts.index("star")] >= cfg.tau).float(), grow).bool()
+    if grow:
+        assert expect.sum() > (probs[:, pipe.head_concepts.index("star")] >= cfg.tau).sum()
     assert torch.equal(res.irece.mask.bool(), expect)
     assert res.irece.concepts[0].intervened == bool(expect.any())
 

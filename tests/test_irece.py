@@ -286,3 +286,19 @@ def test_score_bounds_settle_a_decision_only_where_the_remaining_t_prime_cannot_
             assert torch.equal((mean[ok] >= bar), (final[ok] >= bar))
             settled_any += int(ok.sum())
     assert settled_any > 1000  # the bound does settle many, so the check above is not empty
+
+
+def test_grow_mask_dilates_by_whole_cells_and_leaves_empty_masks_empty():
+    m = torch.zeros(2, 6, 6)
+    m[0, 2, 3] = 1
+    grown = irece.grow_mask(m, 1)
+    expect = torch.zeros(6, 6)
+    expect[1:4, 2:5] = 1  # the cell and its 8 neighbours
+    assert torch.equal(grown[0], expect)
+    assert not grown[1].any()  # an image the gate left alone stays untouched
+    assert torch.equal(irece.grow_mask(m, 0), m)
+    corner = torch.zeros(1, 4, 4)
+    corner[0, 0, 0] = 1
+    assert irece.grow_mask(corner, 2)[0].sum() == 9  # clipped at the border: rows/cols 0..2
+    with pytest.raises(ValueError, match="grow"):
+        irece.IreceConfig(grow=-1)
