@@ -39,9 +39,10 @@ def cmd_train(a):
 def cmd_head(a):
     from .head import train_head
     from irece_runtime.irece import parse_t_star
-    fit_at = tuple(float(parse_t_star(v)) for v in a.fit_at.split(",")) if a.fit_at else None
-    emit(train_head(a.model or MODEL_DIR, n=a.n, epochs=a.epochs, out=a.out, fit_at=fit_at,
-                    cache=None if a.no_cache else a.cache), a.json)
+    given = {"epochs": a.epochs} if a.epochs else {}
+    if a.fit_at:
+        given["fit_at"] = tuple(float(parse_t_star(v)) for v in a.fit_at.split(","))
+    emit(train_head(a.model or MODEL_DIR, n=a.n, out=a.out, cache=None if a.no_cache else a.cache, **given), a.json)
 
 
 def register_world(world) -> None:
@@ -71,8 +72,9 @@ def register_world(world) -> None:
     p.add_argument("--model", help="model folder (default: the committed one); the head goes to its concept_head/")
     p.add_argument("--out", help="write the head under this folder instead")
     p.add_argument("--n", type=int, default=2304, help="scenes (each seen inverted and generated, at 3 t)")
-    p.add_argument("--epochs", type=int, default=80)
-    p.add_argument("--fit-at", help="schedule points to fit on, e.g. 0.5 (default: all three collected)")
+    p.add_argument("--epochs", type=int, help="default: miniworld.head.EPOCHS (300)")
+    p.add_argument("--fit-at", help="schedule points to fit on, among the collected 0.3,0.5,0.7 (default: "
+                                    "miniworld.head.FIT_AT, 0.5)")
     p.add_argument("--cache", default=".cache/head", help="collected features are kept here and reused")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--json", action="store_true")

@@ -130,9 +130,14 @@ def test_head_training_writes_a_head_the_pipeline_gates_with(tmp_path, pipe):
     from miniworld.head import train_head
     model = tmp_path / "model"
     shutil.copytree(MODEL, model, ignore=shutil.ignore_patterns("concept_head"))
-    res = train_head(model, n=6, epochs=1)
-    assert res["examples"] == 6 * 2 * 3  # each scene inverted and generated, at 3 schedule points
-    assert json.loads((model / "concept_head" / "config.json").read_text())["trained_at"] == [0.3, 0.5, 0.7]
+    res = train_head(model, n=6, epochs=1, cache=tmp_path / "cache")
+    assert res["examples"] == 6 * 2  # each scene inverted and generated, fitted at t* = 0.5 alone
+    assert json.loads((model / "concept_head" / "config.json").read_text())["trained_at"] == [0.5]
+    (chunk,) = (tmp_path / "cache").glob("*/chunk_*.safetensors")  # collected at all 3 points, cached
+    written = chunk.stat().st_mtime_ns
+    again = train_head(model, n=6, epochs=1, cache=tmp_path / "cache", fit_at=(0.3, 0.5, 0.7))
+    assert again["examples"] == 6 * 2 * 3 and again["trained_at"] == [0.3, 0.5, 0.7]
+    assert chunk.stat().st_mtime_ns == written  # read back, not collected again
     p = load_pipeline(model)
     assert p.head_concepts == tuple(res["concepts"])
     out = p.generate(Request(prompt="a star", steps=4, seed=0),

@@ -38,25 +38,27 @@ def imports(name: str, path: Path, module_level_only: bool) -> list[tuple[int, s
     else:
         nodes = list(ast.walk(tree))
     out = []
+
+    def text(node):  # only for imports: get_source_segment splits the whole source on every call
+        return ast.get_source_segment(source, node)
     for node in nodes:
-        text = ast.get_source_segment(source, node)
         if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name, [], text) for a in node.names]
+            out += [(node.lineno, a.name, [], text(node)) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             target = node.module
             if node.level:
                 base = package.split(".")
                 up = node.level - 1
                 if up >= len(base):  # `from ...x import y` above the top package
-                    out.append((node.lineno, None, [], text))
+                    out.append((node.lineno, None, [], text(node)))
                     continue
                 target = ".".join(base[:len(base) - up] + ([node.module] if node.module else []))
-            out.append((node.lineno, target, [a.name for a in node.names], text))
+            out.append((node.lineno, target, [a.name for a in node.names], text(node)))
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
                 and isinstance(node.args[0].value, str) \
                 and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
                      or (isinstance(node.func, ast.Name) and node.func.id in ("__import__", "import_module"))):
-            out.append((node.lineno, node.args[0].value, [], text))
+            out.append((node.lineno, node.args[0].value, [], text(node)))
     return out
 
 
