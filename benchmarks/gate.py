@@ -32,10 +32,12 @@ CONTROL_DEFENCES = {"irece-paper": {"gate": "off", "grow": 0}, "irece-gated": {"
 
 def control_defences(gate: str) -> dict:
     """CONTROL_DEFENCES with `gate` as the presence gate; the full defence only where it is the classifier (the
-    conditioning defence scores with the classifier's calls)."""
+    conditioning defence scores with the classifier's calls); for another gate, the gate with the full defence's
+    later looks (RECHECK) instead."""
     if gate == PRESENCE_GATE:
         return CONTROL_DEFENCES
-    return {"irece-paper": {"gate": "off", "grow": 0}, "irece-gated": {"gate": gate}}
+    return {"irece-paper": {"gate": "off", "grow": 0}, "irece-gated": {"gate": gate},
+            "gated+recheck": {"gate": gate, "recheck": RECHECK}}
 PARTS = ("wrong_concept", "benign", "pairs")
 PAIR_SEED = 7_300_000
 
