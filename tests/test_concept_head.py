@@ -19,8 +19,9 @@ TEST_SEED = 7_700_000  # the head trains on 6_000_000.., the benchmarks' splits 
 T_STAR = 0.5
 HAS_HEAD = (MODEL / "concept_head").is_dir()
 needs_head = pytest.mark.skipif(not HAS_HEAD, reason=f"{MODEL} has no concept_head/ (`irece world head`)")
-# measured on world v4's committed head (BENCHMARKS.md, "Ninth session"); the floors sit below, for 30-40 scenes
-FLOORS = {"auc_inverted": 0.90, "auc_text": 0.75, "iou": 0.45}
+# measured on world v4's committed head v2 (BENCHMARKS.md, "Tenth session": held out AUC inverted 0.970, text 0.974,
+# IoU 0.532 on 100 renders; on these tests' seeds 0.955 / 0.935 and IoU 0.537); the floors sit below, for 30-40 scenes
+FLOORS = {"auc_inverted": 0.92, "auc_text": 0.85, "iou": 0.50}
 
 
 def test_head_scores_are_each_concepts_most_confident_cell():
@@ -152,6 +153,7 @@ def test_head_tells_present_from_absent_concepts_on_unseen_scenes(pipe):
     rows = presence.score_splits(pipe, 30, 25, 5.0, cfg, splits=(("test", TEST_SEED),))["test"]
     inv = presence.summarize([r for r in rows if r["source"] == "inverted"])
     txt = presence.summarize([r for r in rows if r["source"] == "text"])
+    print(f"\nhead presence on unseen scenes: inverted {inv['auc']:.3f}, text {txt['auc']:.3f}")
     assert inv["auc"] >= FLOORS["auc_inverted"] and txt["auc"] >= FLOORS["auc_text"], (inv, txt)
 
 
@@ -159,7 +161,8 @@ def test_head_tells_present_from_absent_concepts_on_unseen_scenes(pipe):
 @needs_head
 def test_head_masks_match_the_renderers_shapes(pipe):
     """Localization IoU against the renderer's masks (inverted single-shape renders, gate open): the head's map
-    is concept-specific and absolute, the paper's min-max attention mask is neither (IoU 0.37 on world v4)."""
+    is concept-specific and absolute, the paper's min-max attention mask is neither (IoU 0.37 on world v4; 0.40 on
+    these 40 renders against the head's 0.54)."""
     from miniworld import shapes
     rng = np.random.default_rng(TEST_SEED)
     scenes = [shapes.render(shapes.CONCEPTS[i % 10], rng=rng) for i in range(40)]
@@ -169,6 +172,7 @@ def test_head_masks_match_the_renderers_shapes(pipe):
     paper = localization.masks_for(pipe, np.stack([s.image for s in scenes]), [s.label for s in scenes], 0.4,
                                    T_STAR, 25)
     paper_ious = [localization.iou(localization.pixel_mask(m), s.mask) for m, s in zip(paper, scenes)]
+    print(f"\nIoU on unseen renders: head {np.mean(ious):.3f}, paper {np.mean(paper_ious):.3f}")
     assert np.mean(ious) >= FLOORS["iou"] and np.mean(ious) > np.mean(paper_ious) + 0.05, (np.mean(ious),
                                                                                            np.mean(paper_ious))
 
