@@ -113,7 +113,7 @@ def cmd_latency(a):
         n = min(n, 4)
     res = latency.measure(a.model, a.erased, a.graphs, steps=steps, n=n, modality=a.modality, threshold=a.threshold,
                           classifier_timesteps=a.classifier_timesteps, classifier_pairs=a.classifier_pairs,
-                          shows=a.shows, t_star=a.t_star, gate=a.gate)
+                          shows=a.shows, t_star=a.t_star, gate=a.gate, grow=a.grow, recheck=a.recheck)
     if a.server:
         res["server"] = latency.measure_server(a.model, a.erased, steps=steps, per_client=2 if a.quick else 4,
                                                clients=(1, 2) if a.quick else (1, 4, 8))
@@ -276,6 +276,8 @@ def register(sub) -> None:
                    help="the gated setting's classifier also weighs a prompt per pair of concepts")
     p.add_argument("--gate", choices=[g for g in GATES if g != "off"], default=PRESENCE_GATE,
                    help="the gated setting's presence gate")
+    p.add_argument("--grow", type=int, default=0, help="the gated setting's mask growth in cells")
+    p.add_argument("--recheck", action="store_true", help="also the gate with its later looks (gated+recheck)")
     p.set_defaults(func=cmd_latency)
 
     p = bsub.add_parser("peers", help="side by side with diffusers and optimum on the same model, interleaved")

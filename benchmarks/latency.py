@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from irece_runtime.irece import PRESENCE_GATE, IreceConfig
+from irece_runtime.irece import PRESENCE_GATE, RECHECK, IreceConfig
 from irece_runtime.loading import load_pipeline
 from irece_runtime.pipeline import Request
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
@@ -69,19 +69,22 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
             concept: str = "star", steps: int = 25, n: int = 10, warmup: int = 2, modality: str = "text",
             threshold: float | None = None, classifier_timesteps: tuple[int, ...] | None = None,
             classifier_pairs: bool = False, shows: str | None = None, t_star: float | int | None = None,
-            gate: str = PRESENCE_GATE) -> dict:
+            gate: str = PRESENCE_GATE, grow: int = 0, recheck: bool = False) -> dict:
     """p50/p95, throughput and peak memory with IRECE off, as the paper runs it ("paper": always intervening) and
     behind the presence gate ("gated"; "gated-every-t": scoring every t' even where the first settles the
     decision), interleaved per request; ratios on/off and gated/paper per backend. The requests show `concept`
-    (IRECE's target), or `shows` (another concept: benign traffic, which the gate lets through)."""
+    (IRECE's target), or `shows` (another concept: benign traffic, which the gate lets through). `grow`: the gated
+    setting's mask growth; `recheck`: also the gate with the later looks (RECHECK, "gated+recheck")."""
     from miniworld.shapes import render
     d = IreceConfig.defaults()
     t_star = d.t_star if t_star is None else t_star
     gated = IreceConfig(concepts=(concept,), t_star=t_star, gate=gate,
                         threshold=d.threshold if threshold is None else threshold,
                         classifier_timesteps=tuple(classifier_timesteps or d.classifier_timesteps),
-                        classifier_pairs=classifier_pairs)
+                        classifier_pairs=classifier_pairs, grow=grow)
     settings = {"off": None, "paper": IreceConfig(concepts=(concept,), t_star=t_star), "gated": gated}
+    if recheck:
+        settings["gated+recheck"] = replace(gated, recheck=RECHECK)
     if gate == "classifier":  # the early exit is the classifier's: its cost without it, in the same run
         settings["gated-every-t"] = replace(gated, classifier_early_exit=False)
     cfg = settings["paper"]
@@ -134,6 +137,8 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
                              "p50_ratio_gated_paper": p50["gated"] / p50["paper"],
                              **({"p50_ratio_gated_every_t_paper": p50["gated-every-t"] / p50["paper"]}
                                 if "gated-every-t" in p50 else {}),
+                             **({"p50_ratio_gated_recheck_paper": p50["gated+recheck"] / p50["paper"]}
+                                if "gated+recheck" in p50 else {}),
                              "localizer_over_unet_step": float(np.median(loc_t) / np.median(unet_t)),
                              "floor_ratio": float(1 + floor),
                              "localization_share_of_request": float(np.mean(
@@ -143,7 +148,7 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
             "gated": {"gate": gated.gate, "threshold": gated.threshold, "shows": shown, "target": concept,
                       "t_star": t_star,
                       "classifier_timesteps": list(gated.classifier_timesteps),
-                      "classifier_pairs": gated.classifier_pairs}}
+                      "classifier_pairs": gated.classifier_pairs, "grow": grow, "recheck": recheck}}
 
 
 def measure_server(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, concept: str = "star",
