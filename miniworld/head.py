@@ -112,6 +112,16 @@ def collect(pipe, items: list, features: UNetFeatures, concepts: tuple[str, ...]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+def scene_features(pipe, model_dir: str | Path, n: int, seed: int, features: UNetFeatures, concepts: tuple[str, ...],
+                   t_points=T_POINTS, cache: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """collect() on scenes(n, seed) at the training's settings (25 steps, guidance 5, chunks of 64); with `cache`
+    (a folder), the chunks live under cache/<cache_key>."""
+    steps, guidance, batch = 25, 5.0, 64
+    where = Path(cache) / cache_key(model_dir, t_points, steps, guidance, seed, batch, features.blocks) if cache \
+        else None
+    return collect(pipe, scenes(n, seed), features, concepts, t_points, steps, guidance, seed, batch, where)
+
+
 def head_loss(logits: torch.Tensor, target: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
     """Cell-level BCE where the targets are cells; elsewhere BCE of each concept's highest cell (image labels)."""
     cell = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2, 3))
@@ -149,15 +159,13 @@ def train_head(model_dir: str | Path, n: int = 2304, t_points=T_POINTS, epochs: 
     from irece_runtime.loading import load_pipeline
 
     t0 = time.time()
-    steps, guidance, batch = 25, 5.0, 64
     fit_at = tuple(t_points if fit_at is None else fit_at)
     if not set(fit_at) <= set(t_points):
         raise ValueError(f"fit_at {fit_at} must be among the collected t_points {tuple(t_points)}")
     pipe = load_pipeline(model_dir)
     concepts = tuple(pipe.vocabulary or shapes.CONCEPTS)
     feats = UNetFeatures(pipe.backend.unets["standard"], blocks)
-    where = Path(cache) / cache_key(model_dir, t_points, steps, guidance, HEAD_SEED, batch, blocks) if cache else None
-    d = collect(pipe, scenes(n), feats, concepts, t_points, steps, guidance, HEAD_SEED, batch, where)
+    d = scene_features(pipe, model_dir, n, HEAD_SEED, feats, concepts, t_points, cache)
     keep = torch.isin(d["t_point"], torch.tensor([list(t_points).index(p) for p in fit_at]))
     X, Y, S = d["x"][keep], d["y"][keep], d["spatial"][keep]
     head = fit(X, Y, S, concepts, hidden, epochs)

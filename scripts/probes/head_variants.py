@@ -30,14 +30,9 @@ concepts = tuple(pipe.vocabulary)
 feats = UNetFeatures(pipe.backend.unets["standard"], FEATURE_BLOCKS)
 
 
-def data(n, seed):
-    key = H.cache_key(MODEL_DIR, H.T_POINTS, 25, 5.0, seed, 64, FEATURE_BLOCKS)
-    return H.collect(pipe, H.scenes(n, seed), feats, concepts, H.T_POINTS, 25, 5.0, seed, 64,
-                     f".cache/head/{key}")
-
-
 t0 = time.time()
-tr, va = data(N_TRAIN, H.HEAD_SEED), data(N_VAL, VAL_SEED)
+tr, va = (H.scene_features(pipe, MODEL_DIR, n, seed, feats, concepts, cache=".cache/head")
+          for n, seed in ((N_TRAIN, H.HEAD_SEED), (N_VAL, VAL_SEED)))
 val_scenes = H.scenes(N_VAL, VAL_SEED)
 print(f"features: train {tuple(tr['x'].shape)}, validation {tuple(va['x'].shape)} in {time.time() - t0:.0f}s",
       flush=True)
