@@ -23,7 +23,7 @@ def cmd_crr(a):
     from . import crr, report
     s = crr.BenchSettings(tau=a.tau, t_star=a.t_star, seed=a.seed,
                           threshold=DEFAULTS.threshold if a.threshold is None else a.threshold,
-                          defences=tuple(a.defences) if a.defences else crr.DEFENCES)
+                          defences=tuple(a.defences) if a.defences else crr.DEFENCES, gate=a.gate, grow=a.grow)
     concepts, methods, scenarios = a.concepts, a.methods, tuple(a.scenarios or crr.SCENARIOS)
     if a.quick:
         s.n, s.n_preserve, s.erase_steps, s.ti_steps = 2, 1, 20, 20
@@ -201,9 +201,14 @@ def register(sub) -> None:
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--threshold", type=float, help="the gated defence's presence threshold (default: IreceConfig's)")
-    p.add_argument("--defences", nargs="+", choices=("none", "irece-paper", "irece-gated", "full", "full-keep"),
+    p.add_argument("--defences", nargs="+",
+                   choices=("none", "irece-paper", "irece-gated", "full", "full-keep", "gated+recheck"),
                    help="defences to compare (default: none irece-paper irece-gated; full adds the conditioning "
-                        "defence and a recheck to irece-gated; full-keep adds keep_outside to full)")
+                        "defence and a recheck to irece-gated; full-keep adds keep_outside to full; gated+recheck "
+                        "adds the recheck alone)")
+    p.add_argument("--gate", choices=[g for g in GATES if g != "off"], default=PRESENCE_GATE,
+                   help="the gated defences' presence gate (full and full-keep need the classifier)")
+    p.add_argument("--grow", type=int, default=0, help="cells the gated defences' masks grow by")
     p.add_argument("--scenarios", nargs="+", choices=("text", "adv_prompt", "ti_white", "ti_black", "inv_white_null",
                                                        "inv_white_prompt", "inv_black_null", "inv_black_prompt"))
     p.add_argument("--markdown", metavar="FILE")

@@ -47,8 +47,9 @@ DEFAULTS = IreceConfig.defaults()
 DEFENCES = ("none", "irece-paper", "irece-gated")
 ALL_DEFENCES = DEFENCES + ("full",)
 # every defence a table may hold: also "full-keep", the full defence with keep_outside (inverted latents keep their
-# own latent outside IRECE's mask)
-CHOICES = ALL_DEFENCES + ("full-keep",)
+# own latent outside IRECE's mask), and "gated+recheck", the gate with the full defence's later looks (RECHECK) but
+# the conditioning kept (the full defence needs the classifier gate; the concept head's gate runs this one)
+CHOICES = ALL_DEFENCES + ("full-keep", "gated+recheck")
 
 
 @dataclass
@@ -64,6 +65,12 @@ class BenchSettings:
     seed: int = 0
     threshold: float = DEFAULTS.threshold  # the gate's presence threshold (`irece bench tune --gate classifier`)
     defences: tuple = DEFENCES
+    gate: str = PRESENCE_GATE  # the gated defences' presence gate (head: the model's concept head)
+    grow: int = 0  # cells the gated defences' masks grow by (the concept head's masks hold a shape's core)
+
+
+# BenchSettings fields added after cells were first cached: at their defaults they stay out of a cell's key
+LATER_SETTINGS = ("gate", "grow")
 
 
 def defence_config(defence: str, concept: str, s: BenchSettings) -> IreceConfig | None:
@@ -71,11 +78,11 @@ def defence_config(defence: str, concept: str, s: BenchSettings) -> IreceConfig 
         return None
     if defence not in CHOICES:
         raise ValueError(f"defence must be one of {CHOICES}, got {defence!r}")
-    gate = "off" if defence == "irece-paper" else PRESENCE_GATE
-    full = defence.startswith("full")
-    return IreceConfig(concepts=(concept,), tau=s.tau, t_star=s.t_star, gate=gate, threshold=s.threshold,
-                       conditioning="null" if full else "keep", recheck=RECHECK if full else (),
-                       keep_outside=defence == "full-keep")
+    paper, full = defence == "irece-paper", defence.startswith("full")
+    return IreceConfig(concepts=(concept,), tau=s.tau, t_star=s.t_star, gate="off" if paper else s.gate,
+                       threshold=s.threshold, conditioning="null" if full else "keep",
+                       recheck=RECHECK if full or defence == "gated+recheck" else (),
+                       keep_outside=defence == "full-keep", grow=0 if paper else s.grow)
 
 
 def erased_unet(model_dir: str, method: str, concept: str, s: BenchSettings) -> str | None:
@@ -176,14 +183,20 @@ def outside_mask_change(off: np.ndarray, on: np.ndarray, masks: np.ndarray) -> t
 def cell_path(model_dir: str, method: str, concept: str, scenarios, s: BenchSettings) -> Path:
     """Where a finished (method, concept) cell is cached."""
     return key("cell", model=model_fingerprint(model_dir), method=method, concept=concept,
-               scenarios=list(scenarios), settings=s.__dict__,
+               scenarios=list(scenarios), settings=settings_key(s),
                # the defences as configured (a changed default changes the cell)
                configs=[config_key(defence_config(d, concept, s)) for d in s.defences]).with_suffix(".json")
 
 
+def settings_key(s: BenchSettings) -> dict:
+    """The settings as they enter a cell's key: LATER_SETTINGS at their defaults left out."""
+    d = BenchSettings()
+    return {k: v for k, v in s.__dict__.items() if not (k in LATER_SETTINGS and v == getattr(d, k))}
+
+
 # Fields IreceConfig gained after cells were first cached. At their defaults they stay out of a cell's key, so
 # adding an option does not throw away every finished cell; set to anything else, they are in it.
-LATER_FIELDS = ("classifier_pairs", "split_masks", "classifier_early_exit", "keep_outside")
+LATER_FIELDS = ("classifier_pairs", "split_masks", "classifier_early_exit", "keep_outside", "grow")
 
 
 def config_key(cfg: IreceConfig | None) -> str:

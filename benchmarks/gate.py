@@ -99,7 +99,7 @@ def pair_variants(gate: str) -> dict:
     if gate == PRESENCE_GATE:
         return PAIR_VARIANTS
     return {"off": {"gate": "off", "grow": 0}, gate: {}, "recheck": {"recheck": RECHECK},
-            "keep": {"keep_outside": True}}
+            "keep": {"keep_outside": True}, "recheck+keep": {"recheck": RECHECK, "keep_outside": True}}
 
 
 def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None) -> list[dict]:

@@ -12,7 +12,8 @@ def _cell(p: dict) -> str:
     return f"{100 * p['crr']:.0f}" if p["n"] else "–"
 
 
-LABEL = {"none": "off", "irece-paper": "paper", "irece-gated": "gated", "full": "full", "full-keep": "full+keep"}
+LABEL = {"none": "off", "irece-paper": "paper", "irece-gated": "gated", "full": "full", "full-keep": "full+keep",
+         "gated+recheck": "gated+recheck"}
 
 
 def _defences(res: dict) -> list[str]:
@@ -28,7 +29,8 @@ def crr_markdown(res: dict) -> str:
     ds = _defences(res)
     arrow = " → ".join(LABEL[d] for d in ds)
     out = [f"CRR (%) pooled over {len(concepts)} concept(s) ({', '.join(concepts)}); each cell: {arrow} "
-           f"(off: erased model alone; paper: IRECE always intervening; gated: IRECE behind the presence gate; "
+           f"(off: erased model alone; paper: IRECE always intervening; gated: IRECE behind the presence gate"
+           f" ({res['settings'].get('gate', 'classifier')}, masks grown by {res['settings'].get('grow', 0)}); "
            f"n per cell and 95% Wilson intervals in the JSON).", "",
            "| method | " + " | ".join(scen) + " |", "|---|" + "---|" * len(scen)]
     for m in methods:

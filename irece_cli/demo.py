@@ -2,8 +2,9 @@
 
 1. the committed Shapes-10 model draws every concept; the judge scores it;
 2. erase one concept with UCE, attack it by white-box DDIM inversion, and let IRECE suppress it again: as the
-   paper does it (always re-noising) and behind the presence gate (threshold calibrated here, on renders the
-   benchmarks never use), which also leaves benign requests (another concept) bit-identical;
+   paper does it (always re-noising), behind the presence gate (threshold calibrated here, on renders the
+   benchmarks never use) and behind the concept head's gate (grown masks, later looks at 0.7 and 0.9), which also
+   leave benign requests (another concept) bit-identical;
 3. serve the erased model over gRPC (`irece serve` with the full defence: the classifier gate at the calibrated
    threshold, conditioning dropped where the standard or the erased UNet reads the concept in it, looks again at 0.7 and 0.9), send
    one request per modality for the erased concept
@@ -39,7 +40,7 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     from benchmarks import batch as gen
     from benchmarks.tune import calibrate_gate
     from erasure.methods import erase
-    from irece_runtime.irece import PRESENCE_GATE, IreceConfig
+    from irece_runtime.irece import PRESENCE_GATE, RECHECK, IreceConfig
     from irece_runtime.loading import load_pipeline
     from miniworld import shapes
     from miniworld.judge import classify, load_judge, shows
@@ -76,6 +77,14 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
           flush=True)
     paper, gated = IreceConfig(concepts=(concept,)), IreceConfig(concepts=(concept,), gate=PRESENCE_GATE,
                                                                  threshold=threshold, t_star=GATED_T_STAR)
+    settings = {"irece_paper": paper, "irece_gated": gated}
+    if concept in pipe.head_concepts:  # the model folder's concept head (`irece world head`): one UNet row a look
+        head_cal = calibrate_gate(pipe, n=40, steps=25, max_fpr=0.03, gate="head", t_star=GATED_T_STAR)
+        print(f"     head gate's presence threshold {head_cal['threshold']:.3f} (calibrated on the same split)",
+              flush=True)
+        settings["irece_head"] = IreceConfig(concepts=(concept,), gate="head", threshold=head_cal["threshold"],
+                                             t_star=GATED_T_STAR, grow=1, recheck=RECHECK)
+        summary["head_threshold"] = head_cal["threshold"]
     text, _ = gen.from_prompts(epipe, [f"an image of a {concept}"] * n_attack, list(range(n_attack)), None)
     rng = np.random.default_rng(123)
     refs = np.stack([shapes.render(concept, rng=rng).image for _ in range(n_attack)])
@@ -83,9 +92,11 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     attacked, _ = gen.from_latents(epipe, x_T, "", None)
     defended_paper, _ = gen.from_latents(epipe, x_T, "", paper)
     defended, masks = gen.from_latents(epipe, x_T, "", gated)
-    crr = {name: float(shows(judge, imgs, concept).mean())
-           for name, imgs in (("erased_text_prompt", text), ("inversion_irece_off", attacked),
-                              ("inversion_irece_paper", defended_paper), ("inversion_irece_gated", defended))}
+    runs = {"erased_text_prompt": text, "inversion_irece_off": attacked, "inversion_irece_paper": defended_paper,
+            "inversion_irece_gated": defended}
+    if "irece_head" in settings:
+        runs["inversion_irece_head"] = gen.from_latents(epipe, x_T, "", settings["irece_head"])[0]
+    crr = {name: float(shows(judge, imgs, concept).mean()) for name, imgs in runs.items()}
     for k, v in crr.items():
         print(f"     CRR {k:22s} {100 * v:5.1f}%  (n={n_attack})", flush=True)
     # benign: renders of another concept, inverted and regenerated, with IRECE on for the erased one
@@ -94,7 +105,7 @@ def run(out: Path, concept: str = "star", per_concept: int = 8, n_attack: int = 
     plain, _ = gen.from_latents(epipe, xb, "", None)
     untouched = {name: float(np.mean([np.array_equal(a, b) for a, b in
                                       zip(plain, gen.from_latents(epipe, xb, "", c)[0])]))
-                 for name, c in (("irece_paper", paper), ("irece_gated", gated))}
+                 for name, c in settings.items()}
     for k, v in untouched.items():
         print(f"     benign '{benign}' renders bit-identical to IRECE off, {k:12s} {100 * v:5.1f}%  (n={n_attack})",
               flush=True)

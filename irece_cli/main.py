@@ -29,7 +29,7 @@ def irece_config_from_args(a) -> IreceConfig | None:
         return None
     return IreceConfig(concepts=tuple(a.irece), tau=a.tau, t_star=a.t_star, mode=a.mode, template=a.template,
                        gate=a.gate, threshold=a.threshold, conditioning=a.conditioning, recheck=tuple(a.recheck or ()),
-                       conditioning_unet=a.conditioning_unet)
+                       conditioning_unet=a.conditioning_unet, grow=a.grow)
 
 
 def cmd_generate(a):
@@ -44,7 +44,14 @@ def cmd_generate(a):
     req = Request(prompt=a.prompt or "", negative_prompt=a.negative_prompt, learned=learned,
                   init_image=load_png(a.image) if a.image else None, invert_with=a.invert_with,
                   steps=a.steps, guidance=a.guidance, seed=a.seed)
-    res = pipe.generate(req, irece_config_from_args(a))
+    cfg = irece_config_from_args(a)
+    if cfg is not None and cfg.gate == "head":
+        from irece_runtime.irece import off_schedule
+        far = off_schedule(cfg, pipe.head_trained_at, req.steps)
+        if far:
+            print(f"warning: the concept head was trained at t = {list(pipe.head_trained_at)}; --t-star here is "
+                  f"{', '.join(f'{p:.2f}' for p in far)}, where it is weaker than measured", file=sys.stderr)
+    res = pipe.generate(req, cfg)
     save_png(res.uint8()[0], Path(a.out))
     report = res.irece if res.irece is not None else IreceReport()  # no concept: the empty report, as the server's
     emit({"output": a.out, "modality": req.modality, "irece": report.to_dict(),
@@ -64,8 +71,9 @@ def add_irece_flags(p):
     p.add_argument("--mode", choices=PERTURB_MODES, default=DEFAULTS.mode)
     p.add_argument("--template", default=DEFAULTS.template, help="localization prompt (default: %(default)r)")
     p.add_argument("--gate", choices=GATES, default=DEFAULTS.gate,
-                   help="off: always intervene (the paper); classifier (a diffusion classifier on the standard UNet) or "
-                        "contrastive (competing cross-attention): only where the concept is present")
+                   help="off: always intervene (the paper); classifier (a diffusion classifier on the standard UNet), "
+                        "contrastive (competing cross-attention) or head (the model folder's concept head, trained "
+                        "by `irece world head`): only where the concept is present")
     p.add_argument("--threshold", type=float, default=DEFAULTS.threshold,
                    help="presence gate's threshold (default: %(default)s)")
     p.add_argument("--conditioning", choices=CONDITIONING, default=DEFAULTS.conditioning,
@@ -75,6 +83,8 @@ def add_irece_flags(p):
                    help="which UNet reads the conditioning for --conditioning null: standard (does it name the "
                         "concept), erased (does it steer the model that draws towards it) or both, the higher score "
                         "(default: %(default)s)")
+    p.add_argument("--grow", type=int, default=DEFAULTS.grow,
+                   help="cells by which IRECE's mask grows before re-noising (default: %(default)s)")
     p.add_argument("--recheck", nargs="+", type=parse_t_star, metavar="T",
                    help="later points of the schedule where IRECE runs again (fractions or step indices)")
     p.add_argument("--localizer-layers", nargs="+", metavar="NAME",

@@ -1,14 +1,15 @@
 """The concept head: which concept each latent cell shows, read from the standard UNet's own features at t*.
 
-A small per-cell classifier (two 1x1 convolutions) over the outputs of a few UNet blocks, resized to the latent
-grid, in one pass of the standard UNet on x_t with the null prompt (label-efficient segmentation on diffusion
-features, Baranchuk et al., ICLR 2022). Its sigmoid per concept and cell is at once a presence score (the highest
-cell) and a concept-specific map (IRECE's mask: cells >= tau), so the "head" gate costs one UNet row where the
-diffusion classifier costs 1 + T'(K + 1). It is trained per model folder (`irece world head` on the mini world's
-renders; on another model, on labelled masks of its concepts) and lives beside the model's components:
+A small classifier (a 1x1 convolution, a 3x3 layer that lets each cell see its neighbours, a 1x1 convolution) over
+the outputs of a few UNet blocks, resized to the latent grid, in one pass of the standard UNet on x_t with the null
+prompt (label-efficient segmentation on diffusion features, Baranchuk et al., ICLR 2022). Its sigmoid per concept
+and cell is at once a presence score (the highest cell) and a concept-specific map (IRECE's mask: cells >= tau), so
+the "head" gate costs one UNet row where the diffusion classifier costs 1 + T'(K + 1). It is trained per model
+folder (`irece world head` on the mini world's renders; on another model, on labelled masks of its concepts) and
+lives beside the model's components:
 
-    <model>/concept_head/config.json        concepts, blocks, hidden width, the schedule points it was trained on
-    <model>/concept_head/head.safetensors   feature mean/std, the two convolutions
+    <model>/concept_head/config.json        concepts, blocks, hidden width, 3x3 layers (context), where it trained
+    <model>/concept_head/head.safetensors   feature mean/std, the convolutions
 """
 from __future__ import annotations
 
@@ -71,12 +72,15 @@ class UNetFeatures(nn.Module):
 class ConceptHead(nn.Module):
     """(B, D, h, w) UNet features -> (B, K, h, w) probabilities that each cell shows each concept."""
 
-    def __init__(self, width: int, concepts: tuple[str, ...], hidden: int = 64):
+    def __init__(self, width: int, concepts: tuple[str, ...], hidden: int = 64, context: int = 0):
         super().__init__()
-        self.concepts = tuple(concepts)
+        self.concepts, self.context = tuple(concepts), int(context)
         self.register_buffer("mean", torch.zeros(width))
         self.register_buffer("std", torch.ones(width))
-        self.net = nn.Sequential(nn.Conv2d(width, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, len(concepts), 1))
+        # `context` 3x3 layers let a cell see its neighbours (the coarser blocks arrive nearest-resized, in 2x2
+        # blocks of equal cells); 0: every cell on its own
+        mid = [m for _ in range(self.context) for m in (nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU())]
+        self.net = nn.Sequential(nn.Conv2d(width, hidden, 1), nn.SiLU(), *mid, nn.Conv2d(hidden, len(concepts), 1))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.net((features - self.mean[:, None, None]) / self.std[:, None, None])
@@ -98,7 +102,7 @@ class HeadedUNet(nn.Module):
 
 def head_config(head: ConceptHead, blocks: tuple[str, ...], trained_at: list, **extra) -> dict:
     return {"concepts": list(head.concepts), "blocks": list(blocks), "width": int(head.mean.numel()),
-            "hidden": int(head.net[0].out_channels), "trained_at": list(trained_at), **extra}
+            "hidden": int(head.net[0].out_channels), "context": head.context, "trained_at": list(trained_at), **extra}
 
 
 def save_head(model_dir: str | Path, head: ConceptHead, config: dict) -> Path:
@@ -115,6 +119,6 @@ def load_head(model_dir: str | Path) -> tuple[ConceptHead, dict] | None:
     if not (d / HEAD_CONFIG).exists():
         return None
     cfg = json.loads((d / HEAD_CONFIG).read_text())
-    head = ConceptHead(cfg["width"], tuple(cfg["concepts"]), cfg["hidden"])
+    head = ConceptHead(cfg["width"], tuple(cfg["concepts"]), cfg["hidden"], cfg.get("context", 0))
     head.load_state_dict(load_file(str(d / HEAD_FILE)))
     return head.eval(), cfg

@@ -174,6 +174,16 @@ class IreceConfig:
         return dict(sorted(out.items()))
 
 
+def off_schedule(cfg: IreceConfig, trained_at, num_steps: int, slack: float = 0.1) -> list[float]:
+    """cfg's t* (each concept's, as fractions of a num_steps schedule) farther than `slack` from every point a
+    concept head was trained at: there its scores and masks are weaker than measured (a head fitted at 0.5, at 0.3).
+    The later looks (recheck) are not held to it: they only add interventions the first look missed."""
+    if not trained_at:
+        return []
+    points = [step / num_steps for step in replace(cfg, recheck=()).plan(num_steps)]
+    return [p for p in points if min(abs(p - float(q)) for q in trained_at) > slack]
+
+
 def parse_t_star(value: str | float | int) -> float | int:
     """t* from a flag, config file or request: "0.3" (a fraction of the schedule) or "7" (a step index)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -287,12 +297,16 @@ def head_masks(probs: torch.Tensor, tau: float | torch.Tensor, present: torch.Te
     return ((probs >= tau) & present[:, :, None, None]).to(probs.dtype)
 
 
-def grow_mask(mask: torch.Tensor, cells: int) -> torch.Tensor:
+def grow_mask(mask: torch.Tensor, cells: int, spare: torch.Tensor | None = None) -> torch.Tensor:
     """(B, h, w) binary mask -> the same grown by `cells` cells in every direction (8-neighbour dilation); an empty
-    mask stays empty, so an image the gate left alone stays untouched."""
+    mask stays empty, so an image the gate left alone stays untouched. `spare` (B, h, w): cells the growth must not
+    take (another concept's own cells: the mask's edge, not its neighbour); the mask's own cells all stay."""
     if cells <= 0:
         return mask
-    return F.max_pool2d(mask[:, None].float(), 2 * cells + 1, stride=1, padding=cells)[:, 0].to(mask.dtype)
+    grown = F.max_pool2d(mask[:, None].float(), 2 * cells + 1, stride=1, padding=cells)[:, 0]
+    if spare is not None:
+        grown = torch.maximum(mask.float(), grown * (~spare.bool()).float())
+    return grown.to(mask.dtype)
 
 
 def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:

@@ -72,9 +72,10 @@ class Result:
 
 class Pipeline:
     def __init__(self, backend: Backend, tokenizer: CLIPTokenizer, scheduler_config: dict, sample_size: int,
-                 vocabulary: tuple[str, ...] = (), head_concepts: tuple[str, ...] = ()):
+                 vocabulary: tuple[str, ...] = (), head_concepts: tuple[str, ...] = (), head_trained_at: tuple = ()):
         self.backend = backend
         self.head_concepts: tuple[str, ...] = tuple(head_concepts)  # the concept head's outputs (gate "head")
+        self.head_trained_at = tuple(head_trained_at)  # the schedule points its training saw (fractions)
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
         self.sample_size = sample_size  # default latent side
@@ -89,10 +90,11 @@ class Pipeline:
         unet_cfg = json.loads((model_dir / "unet" / "config.json").read_text())
         vocab = model_dir / "concepts.json"
         head = model_dir / HEAD_DIR / HEAD_CONFIG
+        head_cfg = json.loads(head.read_text()) if head.exists() else {}
         return cls(backend, CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
                    DDIMScheduler.load_config(model_dir / "scheduler"), unet_cfg["sample_size"],
                    tuple(json.loads(vocab.read_text())) if vocab.exists() else (),
-                   tuple(json.loads(head.read_text())["concepts"]) if head.exists() else ())
+                   tuple(head_cfg.get("concepts", ())), tuple(head_cfg.get("trained_at", ())))
 
     # -- text ------------------------------------------------------------------------------------------------
     def token_ids(self, prompt: str, placeholders: dict[str, int] | None = None) -> tuple[list[int], list[tuple[int, str, int]]]:
@@ -183,15 +185,20 @@ class Pipeline:
     def localize_steps(self, x, t, cfg: irece.IreceConfig, targets, conditioning=None) -> Machine:
         """`localize` as a machine: one localizer call. With cfg.conditioning "null" and the request's
         `conditioning`, the classifier gate also scores the conditioning and drops it from the images where it
-        carries a target (Conditioning.drop)."""
+        carries a target (Conditioning.drop). The union mask comes grown by cfg.grow cells (irece.grow_mask)."""
         if not torch.isfinite(x).all():
             return self._fail_closed(x, cfg, targets, "latent")
+        if cfg.gate == "head":  # grows its own masks: it knows which cells the other concepts hold
+            return (yield from self._localize_head(x, t, cfg, targets))
+        mask, reports = yield from self._localize_maps(x, t, cfg, targets, conditioning)
+        return irece.grow_mask(mask, cfg.grow), reports
+
+    def _localize_maps(self, x, t, cfg: irece.IreceConfig, targets, conditioning=None) -> Machine:
+        """The ungrown union mask and reports of the attention-map gates (off, contrastive, classifier)."""
         if cfg.gate == "contrastive":
             return (yield from self._localize_contrastive(x, t, cfg, targets))
         if cfg.gate == "classifier":
             return (yield from self._localize_classifier(x, t, cfg, targets, conditioning))
-        if cfg.gate == "head":
-            return (yield from self._localize_head(x, t, cfg, targets))
         masks, peaks, _ = yield from self._concept_maps(x, t, cfg, targets)
         if masks is None:
             return self._fail_closed(x, cfg, targets, "concept map")
@@ -390,19 +397,22 @@ class Pipeline:
     def _localize_head(self, x, t, cfg, targets):
         """The concept-head gate: each target's presence score is its most confident cell; where it reaches the
         target's threshold, the target's own cells (probability >= its tau) are its mask. Where no target passes,
-        x_t is left exactly as it was."""
+        x_t is left exactly as it was. The union mask grows by cfg.grow cells, but not into cells where the head
+        sees a concept that is not a target (probability >= cfg.tau): a neighbouring shape is not the mask's edge."""
         columns = self.head_columns([c for c, _, _ in targets])
-        probs = yield from self.head_steps(x, t)
-        if not torch.isfinite(probs).all():
+        every = yield from self.head_steps(x, t)
+        if not torch.isfinite(every).all():
             return self._fail_closed(x, cfg, targets, "concept head's output")
-        probs = probs[:, columns].float()
+        probs = every[:, columns].float()
+        others = [k for k in range(every.shape[1]) if k not in columns]
+        spare = (every[:, others] >= cfg.tau).any(1) if others and cfg.grow else None
         scores = irece.head_scores(probs)
         thresholds = torch.tensor([thr for _, _, thr in targets], dtype=scores.dtype, device=scores.device)
         masks = irece.head_masks(probs, torch.tensor([tau for _, tau, _ in targets]), scores >= thresholds)
         reports = [irece.ConceptReport(c, float(masks[:, i].mean()), float(probs[:, i].max()),
                                        bool(masks[:, i].any()), float(scores[:, i].max()), thr)
                    for i, (c, _, thr) in enumerate(targets)]
-        return masks.amax(1).to(torch.float32), reports
+        return irece.grow_mask(masks.amax(1).to(torch.float32), cfg.grow, spare), reports
 
     def contrast_set(self, cfg: irece.IreceConfig) -> tuple[str, ...]:
         """The concepts that compete in the localization prompt: the operator's, then the configured
@@ -660,7 +670,6 @@ class IreceStep:
     def _intervene(self, i: int, t: torch.Tensor, x: torch.Tensor) -> Machine:
         t0 = time.perf_counter()
         mask, concepts = yield from self.pipe.localize_steps(x, t, self.cfg, self.plan[i], self.conditioning)
-        mask = irece.grow_mask(mask, self.cfg.grow)
         hit = mask.flatten(1).amax(1) > 0
         if self.cfg.conditioning == "null" and self.conditioning is not None and self.renoised is not None:
             # the concept came back where IRECE had already re-noised it: the conditioning redraws it

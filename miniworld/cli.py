@@ -40,6 +40,8 @@ def cmd_head(a):
     from .head import train_head
     from irece_runtime.irece import parse_t_star
     given = {"epochs": a.epochs} if a.epochs else {}
+    if a.context is not None:
+        given["context"] = a.context
     if a.fit_at:
         given["fit_at"] = tuple(float(parse_t_star(v)) for v in a.fit_at.split(","))
     emit(train_head(a.model or MODEL_DIR, n=a.n, out=a.out, cache=None if a.no_cache else a.cache, **given), a.json)
@@ -75,6 +77,8 @@ def register_world(world) -> None:
     p.add_argument("--epochs", type=int, help="default: miniworld.head.EPOCHS (300)")
     p.add_argument("--fit-at", help="schedule points to fit on, among the collected 0.3,0.5,0.7 (default: "
                                     "miniworld.head.FIT_AT, 0.5)")
+    p.add_argument("--context", type=int, help="3x3 layers between the head's two 1x1 convolutions (default: "
+                                                "miniworld.head.CONTEXT)")
     p.add_argument("--cache", default=".cache/head", help="collected features are kept here and reused")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--json", action="store_true")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import stats
+from irece_runtime import irece
 from irece_runtime.irece import IreceConfig
 from irece_runtime.pipeline import Pipeline
 
@@ -37,8 +38,25 @@ def test_a_cells_key_changes_with_a_later_field_only_when_it_is_set():
         expected = expected.replace(f", {name}={getattr(cfg, name)!r}", "")
     assert key == expected and "conditioning_unet=" in key  # only the later fields are left out
     for name in crr.LATER_FIELDS:
-        assert crr.config_key(replace(cfg, **{name: not getattr(cfg, name)})) != key
+        other = 1 if name == "grow" else not getattr(cfg, name)
+        assert crr.config_key(replace(cfg, **{name: other})) != key
     assert crr.config_key(replace(cfg, tau=0.3)) != key and crr.config_key(None) == "None"
+    # the same for the bench's own settings gained later (the gated defences' gate and grow)
+    s = crr.BenchSettings(n=4)
+    assert set(crr.settings_key(s)) == set(s.__dict__) - set(crr.LATER_SETTINGS)
+    assert crr.settings_key(replace(s, gate="head"))["gate"] == "head" and crr.settings_key(replace(s, grow=1))
+
+
+def test_crr_gated_defences_take_the_benchs_gate_and_grow_and_the_paper_neither():
+    from benchmarks import crr
+    s = crr.BenchSettings(gate="head", grow=1, threshold=0.7, t_star=0.5)
+    paper, gated, recheck = (crr.defence_config(d, "star", s) for d in ("irece-paper", "irece-gated",
+                                                                         "gated+recheck"))
+    assert (paper.gate, paper.grow, paper.recheck) == ("off", 0, ())
+    assert (gated.gate, gated.grow, gated.threshold, gated.recheck) == ("head", 1, 0.7, ())
+    assert recheck.recheck == irece.RECHECK and recheck.conditioning == "keep" and recheck.gate == "head"
+    with pytest.raises(ValueError, match="classifier"):  # the full defence scores the conditioning with it
+        crr.defence_config("full", "star", s)
 
 
 def test_wilson_interval_known_values():

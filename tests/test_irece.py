@@ -302,3 +302,27 @@ def test_grow_mask_dilates_by_whole_cells_and_leaves_empty_masks_empty():
     assert irece.grow_mask(corner, 2)[0].sum() == 9  # clipped at the border: rows/cols 0..2
     with pytest.raises(ValueError, match="grow"):
         irece.IreceConfig(grow=-1)
+
+
+def test_grow_mask_spares_cells_another_concept_holds_but_keeps_the_masks_own():
+    m = torch.zeros(1, 6, 6)
+    m[0, 2, 2:4] = 1  # the target's own cells
+    spare = torch.zeros(1, 6, 6, dtype=torch.bool)
+    spare[0, :, 4] = True  # a neighbouring shape's column
+    spare[0, 2, 3] = True  # a cell both claim: the target's own, so it stays
+    grown = irece.grow_mask(m, 1, spare)
+    plain = irece.grow_mask(m, 1)
+    assert torch.equal(grown, torch.maximum(plain * ~spare, m)) and grown[0, 2, 3] == 1
+    assert not grown[0, :, 4].any() and plain[0, 1:4, 4].all()  # the growth stopped at the other shape
+    assert grown[0, 1:4, 1:4].all()  # elsewhere it grew as before
+    assert not irece.grow_mask(torch.zeros(1, 6, 6), 1, spare).any()
+
+
+def test_off_schedule_names_each_t_star_far_from_where_the_head_trained():
+    cfg = irece.IreceConfig(concepts=("star", "moon"), t_star=0.3, per_concept={"moon": {"t_star": 0.5}},
+                            recheck=(0.9,))
+    assert irece.off_schedule(cfg, (0.5,), 20) == [0.3]  # star's t* only: moon's is where it trained, rechecks free
+    assert irece.off_schedule(cfg, (0.3, 0.5), 20) == []
+    assert irece.off_schedule(cfg, (), 20) == []  # a head that does not say where it trained: nothing to compare
+    assert irece.off_schedule(irece.IreceConfig(concepts=("star",), t_star=10), (0.5,), 20) == []  # a step index
+    assert irece.off_schedule(irece.IreceConfig(concepts=("star",), t_star=4), (0.5,), 20) == [0.2]

@@ -6,7 +6,8 @@ test), then fits variants and scores each on the validation split at every sched
 presence AUC (inverted renders: the scene's shapes; text prompts: the caption's), TPR at 3% FP, single-shape IoU
 at cuts 0.2-0.5, and on two/three-shape renders the share of the own / the largest other shape the mask covers.
 
-python scripts/probes/head_variants.py [n_train] [variants, e.g. base,long,t05,wide,binary]
+python scripts/probes/head_variants.py [n_train] [variants, e.g. base,long,t05,wide,binary,t05ctx,t05ctx2]
+(t05ctx: fitted at t = 0.5 with one 3x3 layer, head v3; t05ctx2: two)
 """
 import sys
 import time
@@ -39,12 +40,13 @@ print(f"features: train {tuple(tr['x'].shape)}, validation {tuple(va['x'].shape)
 
 
 def variant(name):
-    """(rows to fit on, target transform, epochs, hidden)"""
+    """(rows to fit on, target transform, epochs, hidden, context layers)"""
     every = torch.ones(len(tr["x"]), dtype=torch.bool)
     at05 = tr["t_point"] == H.T_POINTS.index(0.5)
-    return {"base": (every, None, 80, 64), "long": (every, None, 300, 64), "t05": (at05, None, 300, 64),
-            "wide": (every, None, 300, 128), "binary": (every, "binary", 300, 64),
-            "t05binary": (at05, "binary", 300, 64)}[name]
+    return {"base": (every, None, 80, 64, 0), "long": (every, None, 300, 64, 0), "t05": (at05, None, 300, 64, 0),
+            "wide": (every, None, 300, 128, 0), "binary": (every, "binary", 300, 64, 0),
+            "t05binary": (at05, "binary", 300, 64, 0), "t05ctx": (at05, None, 300, 64, 1),
+            "t05ctx2": (at05, None, 300, 64, 2)}[name]
 
 
 def evaluate(name, head):
@@ -76,11 +78,11 @@ def evaluate(name, head):
 
 
 for name in VARIANTS:
-    rows, target, epochs, hidden = variant(name)
+    rows, target, epochs, hidden, context = variant(name)
     Y = tr["y"][rows]
     if target == "binary":  # every cell a shape touches counts as the shape's (bigger masks, coarser edges)
         Y = (Y > 0).float()
     t1 = time.time()
-    head = H.fit(tr["x"][rows], Y, tr["spatial"][rows], concepts, hidden, epochs)
-    print(f"{name}: {int(rows.sum())} rows, {epochs} epochs, hidden {hidden}, fit {time.time() - t1:.0f}s", flush=True)
+    head = H.fit(tr["x"][rows], Y, tr["spatial"][rows], concepts, hidden, epochs, context=context)
+    print(f"{name}: {int(rows.sum())} rows, {epochs} epochs, hidden {hidden}, context {context}, fit {time.time() - t1:.0f}s", flush=True)
     evaluate(name, head)
