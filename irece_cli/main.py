@@ -46,11 +46,10 @@ def cmd_generate(a):
                   steps=a.steps, guidance=a.guidance, seed=a.seed)
     cfg = irece_config_from_args(a)
     if cfg is not None and cfg.gate == "head":
-        from irece_runtime.irece import off_schedule
-        far = off_schedule(cfg, pipe.head_trained_at, req.steps)
-        if far:
-            print(f"warning: the concept head was trained at t = {list(pipe.head_trained_at)}; --t-star here is "
-                  f"{', '.join(f'{p:.2f}' for p in far)}, where it is weaker than measured", file=sys.stderr)
+        from irece_runtime.irece import off_schedule_warning
+        warning = off_schedule_warning(cfg, pipe.head_trained_at, req.steps)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     res = pipe.generate(req, cfg)
     save_png(res.uint8()[0], Path(a.out))
     report = res.irece if res.irece is not None else IreceReport()  # no concept: the empty report, as the server's

@@ -184,6 +184,15 @@ def off_schedule(cfg: IreceConfig, trained_at, num_steps: int, slack: float = 0.
     return [p for p in points if min(abs(p - float(q)) for q in trained_at) > slack]
 
 
+def off_schedule_warning(cfg: IreceConfig, trained_at, num_steps: int) -> str | None:
+    """The warning the server logs and `irece generate` prints where off_schedule finds a t*; None where none."""
+    far = off_schedule(cfg, trained_at, num_steps)
+    if not far:
+        return None
+    return (f"gate 'head': the concept head was trained at t = {', '.join(map(str, trained_at))}; t* here is "
+            f"{', '.join(f'{p:.2f}' for p in far)}, where its scores and masks are weaker than measured")
+
+
 def parse_t_star(value: str | float | int) -> float | int:
     """t* from a flag, config file or request: "0.3" (a fraction of the schedule) or "7" (a step index)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):

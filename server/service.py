@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from irece_runtime import checkpoints
-from irece_runtime.irece import IreceConfig, NonFiniteError, off_schedule
+from irece_runtime.irece import IreceConfig, NonFiniteError, off_schedule_warning
 from irece_runtime.loading import load_pipeline
 from irece_runtime.pipeline import Pipeline, Request
 from protos.irece.v1 import generation_pb2 as pb
@@ -157,11 +157,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         if cfg.gate == "head":  # the head gates only the concepts it was trained on: refuse to start otherwise
             self.pipe.head_columns(self.operator.concepts)
             self.allowed &= set(self.pipe.head_concepts)
-            far = off_schedule(self.operator, self.pipe.head_trained_at, cfg.default_steps)
-            if far:
-                log.warning("gate 'head': the concept head was trained at t = %s; t* here is %s, "
-                            "where its scores and masks are weaker than measured (BENCHMARKS.md)",
-                            ", ".join(map(str, self.pipe.head_trained_at)), ", ".join(f"{p:.2f}" for p in far))
+            warning = off_schedule_warning(self.operator, self.pipe.head_trained_at, cfg.default_steps)
+            if warning:
+                log.warning("%s (BENCHMARKS.md)", warning)
         cfg.check_serving()
         # images per engine call: the operator's limit, within what the backend can run (TensorRT's profile)
         self.max_batch = min(cfg.max_batch, e.limits.max_batch or cfg.max_batch)
