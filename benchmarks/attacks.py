@@ -6,12 +6,9 @@ differentiates through the text encoder and a UNet, so it needs the torch backen
 """
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from irece_runtime.backends.torch_backend import require_torch
@@ -127,17 +124,9 @@ def textual_inversion(pipe: Pipeline, model: str, concept: str, token: str = "<c
     return vec.detach()
 
 
-# -- black-box reference perturbations ------------------------------------------------------------------------
+# -- black-box reference perturbations: the renderer's, at its defaults ------------------------------------------
 def perturb_reference(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    if kind == "noise":
-        return np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
-    if kind == "blur":
-        return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(0.8)))
-    if kind == "jpeg":
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="JPEG", quality=40)
-        return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-    raise ValueError(kind)
+    return shapes.perturb(image, kind, rng=rng)
 
 
-PERTURBATIONS = ("noise", "blur", "jpeg")
+PERTURBATIONS = shapes.PERTURBATIONS

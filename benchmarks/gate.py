@@ -110,7 +110,13 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None
     trajectory = []
     x_T = gen.invert_images(pipe, np.stack([sc.image for sc in scenes]), "standard", s.steps, trajectory=trajectory)
     off, _ = gen.from_latents(pipe, x_T, "", None, seed=s.seed, steps=s.steps, guidance=s.guidance)
-    rows = []
+    # IRECE off: how often the inversion alone brings both shapes back (the ceiling of removed-and-kept is the share
+    # where the other one comes back), and how often it loses the target by itself
+    t_off = np.array([bool(shows(judge, off[k:k + 1], sc.shapes[0].concept)[0]) for k, sc in enumerate(scenes)])
+    o_off = np.array([bool(shows(judge, off[k:k + 1], sc.shapes[1].concept)[0]) for k, sc in enumerate(scenes)])
+    rows = [{"variant": "none", "gate": "none", "n": n, "target_removed": float(np.mean(~t_off)),
+             "other_kept": float(np.mean(o_off)), "removed_and_kept": float(np.mean(~t_off & o_off)),
+             "both_shown": float(np.mean(t_off & o_off)), "intervened": 0.0, "psnr_outside_mask_db": float("nan")}]
     options = pair_variants(cfg.gate)
     for variant in variants or tuple(options):
         removed, kept, both, psnrs, intervened = [], [], [], [], 0

@@ -40,11 +40,13 @@ def cmd_head(a):
     from .head import train_head
     from irece_runtime.irece import parse_t_star
     given = {"epochs": a.epochs} if a.epochs else {}
+    if a.n:
+        given["n"] = a.n
     if a.context is not None:
         given["context"] = a.context
     if a.fit_at:
         given["fit_at"] = tuple(float(parse_t_star(v)) for v in a.fit_at.split(","))
-    emit(train_head(a.model or MODEL_DIR, n=a.n, out=a.out, cache=None if a.no_cache else a.cache, **given), a.json)
+    emit(train_head(a.model or MODEL_DIR, out=a.out, cache=None if a.no_cache else a.cache, **given), a.json)
 
 
 def register_world(world) -> None:
@@ -73,7 +75,8 @@ def register_world(world) -> None:
     p = world.add_parser("head", help="train the model's concept head (the head gate) on rendered scenes")
     p.add_argument("--model", help="model folder (default: the committed one); the head goes to its concept_head/")
     p.add_argument("--out", help="write the head under this folder instead")
-    p.add_argument("--n", type=int, default=2304, help="scenes (each seen inverted and generated, at 3 t)")
+    p.add_argument("--n", type=int, default=None, help="scenes, each seen inverted and generated, at 3 t "
+                                                        "(default: miniworld.head.N_SCENES, 3,072)")
     p.add_argument("--epochs", type=int, help="default: miniworld.head.EPOCHS (300)")
     p.add_argument("--fit-at", help="schedule points to fit on, among the collected 0.3,0.5,0.7 (default: "
                                     "miniworld.head.FIT_AT, 0.5)")

@@ -50,6 +50,9 @@ def test_bench_presence_quick_writes_every_figure(tmp_path, pipe):
     assert 0.0 <= res["held_out"]["auc"] <= 1.0
     assert res["held_out"]["n_pos"] >= 4 and res["held_out"]["n_neg"] > res["held_out"]["n_pos"]
     assert set(res["by_source"]) == {"text", "inverted"} and set(res["by_concept"]) == set(pipe.vocabulary)
+    # perturbed references: every held-out scene again, its concepts scored against the whole vocabulary
+    assert res["perturbed"]["n_pos"] == res["by_source"]["inverted"]["n_pos"]
+    assert res["perturbed"]["n_neg"] == res["by_source"]["inverted"]["n_neg"]
 
 
 @pytest.mark.shapes10_only  # Shapes-10 renders, judge and concept names
@@ -58,10 +61,13 @@ def test_bench_gate_quick_reports_both_gates_for_every_study(tmp_path):
     out = tmp_path / "gate.json"
     assert main(["bench", "gate", "--model", str(MODEL), "--quick", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    for study in ("wrong_concept", "benign", "pairs"):
+    for study in ("wrong_concept", "benign"):
         assert {r["gate"] for r in res[study]} == {"off", PRESENCE_GATE}
+    assert {r["gate"] for r in res["pairs"]} == {"none", "off", PRESENCE_GATE}
     from benchmarks.gate import PAIR_VARIANTS
-    assert [r["variant"] for r in res["pairs"]] == list(PAIR_VARIANTS)  # the gate's options, each a row
+    # IRECE off first (the ceiling: what the inversion alone keeps), then the gate's options, each a row
+    assert [r["variant"] for r in res["pairs"]] == ["none"] + list(PAIR_VARIANTS)
+    assert res["pairs"][0]["intervened"] == 0.0 and res["pairs"][0]["removed_and_kept"] <= res["pairs"][0]["other_kept"]
     # the paper's always-intervene re-noises every benign request: none comes back bit-identical
     off = next(r for r in res["benign"] if r["gate"] == "off")
     assert off["identical_text"] == 0.0 and off["identical_inverted"] == 0.0

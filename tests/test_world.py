@@ -56,6 +56,36 @@ def test_render_is_deterministic_and_concepts_distinct():
             assert iou < 0.85, (CONCEPTS[i], CONCEPTS[j], iou)
 
 
+def test_perturbations_change_the_image_but_not_its_ground_truth():
+    """The black-box references' perturbations (noise, blur, JPEG) and the head's perturbed training scenes: pixels
+    change, the shapes and their masks are the clean render's, and scene k is the same whatever n is drawn."""
+    from miniworld import head
+    im = shapes.render("star", seed=3).image
+    for kind in shapes.PERTURBATIONS:
+        out = shapes.perturb(im, kind, rng=np.random.default_rng(0))
+        assert out.shape == im.shape and out.dtype == np.uint8
+        diff = np.abs(out.astype(float) - im).mean()
+        assert 0.5 < diff < 20, (kind, diff)  # visible, but the shape is still there
+    # stronger settings change more
+    assert np.abs(shapes.perturb(im, "blur", radius=1.2).astype(float) - im).mean() > \
+        np.abs(shapes.perturb(im, "blur", radius=0.4).astype(float) - im).mean()
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        shapes.perturb(im, "rotate")
+    with pytest.raises(ValueError, match="rng"):
+        shapes.perturb(im, "noise")
+    scenes = head.scenes(64, seed=11)
+    assert [(s.perturbation, s.background) for s in head.scenes(8, seed=11)] == \
+        [(s.perturbation, s.background) for s in scenes[:8]]
+    kinds = [s.perturbation for s in scenes]
+    assert set(kinds) == {None, *shapes.PERTURBATIONS} and 0.3 < np.mean([k is not None for k in kinds]) < 0.7
+    for s in scenes:
+        clean = shapes.compose(s.shapes, s.background)
+        assert clean.masks.keys() == s.masks.keys()
+        assert all(np.array_equal(clean.masks[c], s.masks[c]) for c in s.masks)
+        if s.perturbation is None or s.shapes:  # (blurring a plain background changes nothing)
+            assert np.array_equal(clean.image, s.image) == (s.perturbation is None), s.perturbation
+
+
 def _open_clip_reference():
     """open_clip's own SimpleTokenizer, loaded from the wheel the set-up downloads (not installed: it would
     pull torchvision)."""

@@ -6,8 +6,11 @@ test), then fits variants and scores each on the validation split at every sched
 presence AUC (inverted renders: the scene's shapes; text prompts: the caption's), TPR at 3% FP, single-shape IoU
 at cuts 0.2-0.5, and on two/three-shape renders the share of the own / the largest other shape the mask covers.
 
-python scripts/probes/head_variants.py [n_train] [variants, e.g. base,long,t05,wide,binary,t05ctx,t05ctx2]
-(t05ctx: fitted at t = 0.5 with one 3x3 layer, head v3; t05ctx2: two)
+python scripts/probes/head_variants.py [n_train] [variants, e.g. base,long,t05,wide,binary,t05ctx,t05ctx2,
+                                                 dir=PATH]
+(t05ctx: fitted at t = 0.5 with one 3x3 layer, head v3 and v4; t05ctx2: two; dir=PATH: no fit, the head saved in
+the model folder PATH, e.g. the committed one, or an older one from `git show`.) Besides the whole inverted split,
+presence AUC is given on its perturbed renders (noise, blur, JPEG) and on its scenes of two or three shapes.
 """
 import sys
 import time
@@ -17,13 +20,13 @@ import torch
 
 from benchmarks.localization import iou, pixel_mask
 from benchmarks.presence import auc, constrained_threshold
-from irece_runtime.concept_head import FEATURE_BLOCKS, UNetFeatures
+from irece_runtime.concept_head import FEATURE_BLOCKS, UNetFeatures, load_head
 from irece_runtime.loading import load_pipeline
 from miniworld import head as H
 from miniworld.assets import MODEL_DIR
 
 torch.set_num_threads(2)
-N_TRAIN = int(sys.argv[1]) if len(sys.argv) > 1 else 2304
+N_TRAIN = int(sys.argv[1]) if len(sys.argv) > 1 else H.N_SCENES
 VARIANTS = (sys.argv[2] if len(sys.argv) > 2 else "base,long,t05,wide,binary").split(",")
 VAL_SEED, N_VAL = 6_500_000, 320
 pipe = load_pipeline(MODEL_DIR)
@@ -63,6 +66,11 @@ def evaluate(name, head):
             thr = constrained_threshold(y, s, 0.03)
             line += f"{src} AUC {auc(y, s):.3f} TPR {(s[y] >= thr).mean():.2f} | "
         inv = p[spatial]  # the validation scenes in order (inverted rows come first in each chunk)
+        y, sc_ = present[spatial.numpy()], score[spatial.numpy()]
+        for part, keep in (("perturbed", [sc.perturbation is not None for sc in val_scenes]),
+                           ("2-3 shapes", [len(sc.shapes) >= 2 for sc in val_scenes])):
+            keep = np.array(keep)
+            line += f"{part} AUC {auc(y[keep].ravel(), sc_[keep].ravel()):.3f} | "
         for cut in (0.2, 0.3, 0.4, 0.5):
             ious, own, other = [], [], []
             for i, sc in enumerate(val_scenes):
@@ -78,6 +86,11 @@ def evaluate(name, head):
 
 
 for name in VARIANTS:
+    if name.startswith("dir="):
+        head, cfg = load_head(name[4:])
+        print(f"{name}: {cfg}", flush=True)
+        evaluate(name[4:].rstrip("/").split("/")[-1][:9], head)
+        continue
     rows, target, epochs, hidden, context = variant(name)
     Y = tr["y"][rows]
     if target == "binary":  # every cell a shape touches counts as the shape's (bigger masks, coarser edges)
