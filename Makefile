@@ -49,7 +49,7 @@ test: setup $(OPEN_CLIP_WHEEL) $(PEERS_STAMP)
 # Retrain the mini world (Shapes-10 v4: scenes of 1-3 shapes, f=4 VAE, 8x8 latent) from scratch, as measured in
 # BENCHMARKS.md: 6,000 UNet steps, then warm restarts to 9,000 and 15,000 (about 4 h on one thread, 1.05 steps/s;
 # every stage resumes from .cache/world_train; at 15,000 it passes `irece world check`), then the concept head on the
-# trained model (`irece world head`, about 20 min). The committed weights (miniworld/models) are this run's.
+# trained model (`irece world head`, about 13 min). The committed weights (miniworld/models) are this run's.
 train: setup
 	$(VENV)/bin/irece world train
 	$(VENV)/bin/irece world train --unet-steps 9000
