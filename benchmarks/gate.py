@@ -18,7 +18,7 @@ import numpy as np
 from irece_runtime.irece import PRESENCE_GATE, RECHECK, IreceConfig
 from irece_runtime.loading import load_pipeline
 from miniworld import shapes
-from miniworld.judge import load_judge, shows
+from miniworld.judge import load_judge, presence, shows
 from miniworld.prompts import concept_prompts
 
 from . import batch as gen
@@ -112,8 +112,9 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None
     off, _ = gen.from_latents(pipe, x_T, "", None, seed=s.seed, steps=s.steps, guidance=s.guidance)
     # IRECE off: how often the inversion alone brings both shapes back (the ceiling of removed-and-kept is the share
     # where the other one comes back), and how often it loses the target by itself
-    t_off = np.array([bool(shows(judge, off[k:k + 1], sc.shapes[0].concept)[0]) for k, sc in enumerate(scenes)])
-    o_off = np.array([bool(shows(judge, off[k:k + 1], sc.shapes[1].concept)[0]) for k, sc in enumerate(scenes)])
+    seen = presence(judge, off) >= 0.5  # (n, concepts): what shows() reads, for all images in one call
+    t_off, o_off = (np.array([seen[k, shapes.CONCEPTS.index(sc.shapes[j].concept)] for k, sc in enumerate(scenes)])
+                    for j in (0, 1))
     rows = [{"variant": "none", "gate": "none", "n": n, "target_removed": float(np.mean(~t_off)),
              "other_kept": float(np.mean(o_off)), "removed_and_kept": float(np.mean(~t_off & o_off)),
              "both_shown": float(np.mean(t_off & o_off)), "intervened": 0.0, "psnr_outside_mask_db": float("nan")}]

@@ -194,7 +194,6 @@ def train_head(model_dir: str | Path, n: int = N_SCENES, t_points=T_POINTS, epoc
     keep = torch.isin(d["t_point"], torch.tensor([list(t_points).index(p) for p in fit_at]))
     X, Y, S = d["x"][keep], d["y"][keep], d["spatial"][keep]
     head = fit(X, Y, S, concepts, hidden, epochs, context=context)
-    cfg = head_config(head, blocks, list(fit_at), scenes=n, epochs=epochs, seed=HEAD_SEED,
-                     data=DATA)
+    cfg = head_config(head, blocks, list(fit_at), scenes=n, epochs=epochs, seed=HEAD_SEED, data=DATA)
     path = save_head(out or model_dir, head, cfg)
     return {"path": str(path), "examples": int(len(X)), "seconds": round(time.time() - t0, 1), **cfg}
