@@ -182,18 +182,22 @@ def train_head(model_dir: str | Path, n: int = N_SCENES, t_points=T_POINTS, epoc
 
     t0 = time.time()
     # denormal floats appear as the fit converges and slow the CPU's float math 7x (1 s -> 7 s an epoch, measured);
-    # set before torch starts its worker threads, which take the flag from this one
-    torch.set_flush_denormal(True)
+    # set before torch starts its worker threads, which take the flag from this one; the flag is process state, so
+    # it is cleared again afterwards (left on, it broke hypothesis's subnormal floats in a later test)
     fit_at = tuple(t_points if fit_at is None else fit_at)
     if not set(fit_at) <= set(t_points):
         raise ValueError(f"fit_at {fit_at} must be among the collected t_points {tuple(t_points)}")
-    pipe = load_pipeline(model_dir)
-    concepts = tuple(pipe.vocabulary or shapes.CONCEPTS)
-    feats = UNetFeatures(pipe.backend.unets["standard"], blocks)
-    d = scene_features(pipe, model_dir, n, HEAD_SEED, feats, concepts, t_points, cache)
-    keep = torch.isin(d["t_point"], torch.tensor([list(t_points).index(p) for p in fit_at]))
-    X, Y, S = d["x"][keep], d["y"][keep], d["spatial"][keep]
-    head = fit(X, Y, S, concepts, hidden, epochs, context=context)
+    torch.set_flush_denormal(True)
+    try:
+        pipe = load_pipeline(model_dir)
+        concepts = tuple(pipe.vocabulary or shapes.CONCEPTS)
+        feats = UNetFeatures(pipe.backend.unets["standard"], blocks)
+        d = scene_features(pipe, model_dir, n, HEAD_SEED, feats, concepts, t_points, cache)
+        keep = torch.isin(d["t_point"], torch.tensor([list(t_points).index(p) for p in fit_at]))
+        X, Y, S = d["x"][keep], d["y"][keep], d["spatial"][keep]
+        head = fit(X, Y, S, concepts, hidden, epochs, context=context)
+    finally:
+        torch.set_flush_denormal(False)
     cfg = head_config(head, blocks, list(fit_at), scenes=n, epochs=epochs, seed=HEAD_SEED, data=DATA)
     path = save_head(out or model_dir, head, cfg)
     return {"path": str(path), "examples": int(len(X)), "seconds": round(time.time() - t0, 1), **cfg}

@@ -144,6 +144,8 @@ def test_head_training_writes_a_head_the_pipeline_gates_with(tmp_path, pipe):
     again = train_head(model, n=6, epochs=1, cache=tmp_path / "cache", fit_at=(0.3, 0.5, 0.7))
     assert again["examples"] == 6 * 2 * 3 and again["trained_at"] == [0.3, 0.5, 0.7]
     assert chunk.stat().st_mtime_ns == written  # read back, not collected again
+    # the fit flushes denormals; the flag is process state and must not outlive it (hypothesis refuses to run then)
+    assert torch.tensor([1e-310], dtype=torch.float64).mul(1.0).item() != 0.0
     p = load_pipeline(model)
     assert p.head_concepts == tuple(res["concepts"])
     out = p.generate(Request(prompt="a star", steps=4, seed=0),
