@@ -163,7 +163,7 @@ def cmd_gate(a):
     res = gate.run(a.model, concept=a.concept, wrong=a.wrong, methods=a.methods,
                    n_pairs=a.n_pairs or (4 if a.quick else 20),
                    threshold=a.threshold, s=s, classifier_pairs=a.classifier_pairs, parts=a.parts, gate=a.gate,
-                   grow=a.grow)
+                   grow=a.grow, pairs_erased=a.pairs_erased)
     _write(res, a.json)
     print(json.dumps(res, indent=1))
 
@@ -356,4 +356,7 @@ def register(sub) -> None:
     p.add_argument("--gate", choices=[g for g in GATES if g != "off"], default=PRESENCE_GATE,
                    help="the presence gate on trial (head: no full defence or split masks, which need the classifier)")
     p.add_argument("--grow", type=int, default=0, help="grow IRECE's mask by this many cells (the paper's rows: 0)")
+    p.add_argument("--pairs-erased", choices=("uce", "esd-x", "esd-u", "receler"),
+                   help="two-shape scenes continue after t* on a model that erased their target with this method "
+                        "(default: the standard model, the strictest case)")
     p.set_defaults(func=cmd_gate)

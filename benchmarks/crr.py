@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from irece_runtime.irece import PRESENCE_GATE, RECHECK, IreceConfig
+from irece_runtime.irece import PAPER_TAU, PRESENCE_GATE, RECHECK, IreceConfig
 from irece_runtime.loading import load_pipeline
 from miniworld import shapes
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
@@ -73,16 +73,22 @@ class BenchSettings:
 LATER_SETTINGS = ("gate", "grow")
 
 
+# the paper's IRECE as the tables' "paper" row: always intervening, its tau, its masks as thresholded (settings
+# tuned for a gate, such as a lower tau or grown masks, are not applied to it)
+PAPER_IRECE = {"gate": "off", "grow": 0, "tau": PAPER_TAU}
+
+
 def defence_config(defence: str, concept: str, s: BenchSettings) -> IreceConfig | None:
     if defence == "none":
         return None
     if defence not in CHOICES:
         raise ValueError(f"defence must be one of {CHOICES}, got {defence!r}")
     paper, full = defence == "irece-paper", defence.startswith("full")
-    return IreceConfig(concepts=(concept,), tau=s.tau, t_star=s.t_star, gate="off" if paper else s.gate,
-                       threshold=s.threshold, conditioning="null" if full else "keep",
+    return IreceConfig(concepts=(concept,), t_star=s.t_star, threshold=s.threshold,
+                       conditioning="null" if full else "keep",
                        recheck=RECHECK if full or defence == "gated+recheck" else (),
-                       keep_outside=defence == "full-keep", grow=0 if paper else s.grow)
+                       keep_outside=defence == "full-keep",
+                       **(PAPER_IRECE if paper else {"tau": s.tau, "gate": s.gate, "grow": s.grow}))
 
 
 def erased_unet(model_dir: str, method: str, concept: str, s: BenchSettings) -> str | None:

@@ -22,11 +22,11 @@ from miniworld.judge import load_judge, presence, shows
 from miniworld.prompts import concept_prompts
 
 from . import batch as gen
-from .crr import BenchSettings, erased_unet, inverted, outside_mask_change
+from .crr import PAPER_IRECE, BenchSettings, erased_unet, inverted, outside_mask_change
 
 # the wrong-concept control's defences, as in the CRR table (crr.defence_config): the paper's IRECE, the gate, and
 # the full defence (the gate, the conditioning defence and the later looks)
-CONTROL_DEFENCES = {"irece-paper": {"gate": "off", "grow": 0}, "irece-gated": {"gate": PRESENCE_GATE},
+CONTROL_DEFENCES = {"irece-paper": PAPER_IRECE, "irece-gated": {"gate": PRESENCE_GATE},
                     "full": {"gate": PRESENCE_GATE, "conditioning": "null", "recheck": RECHECK}}
 
 
@@ -36,7 +36,7 @@ def control_defences(gate: str) -> dict:
     later looks (RECHECK) instead."""
     if gate == PRESENCE_GATE:
         return CONTROL_DEFENCES
-    return {"irece-paper": {"gate": "off", "grow": 0}, "irece-gated": {"gate": gate},
+    return {"irece-paper": PAPER_IRECE, "irece-gated": {"gate": gate},
             "gated+recheck": {"gate": gate, "recheck": RECHECK}}
 PARTS = ("wrong_concept", "benign", "pairs")
 PAIR_SEED = 7_300_000
@@ -86,7 +86,7 @@ def benign(pipe, concept: str, others: list[str], s: BenchSettings, cfg: IreceCo
 
 # two-shape scenes: the paper's IRECE, the gate, and the gate's options that make a mask concept-specific
 # (split_masks) and look again later in the schedule (recheck, the full defence's)
-PAIR_VARIANTS = {"off": {"gate": "off", "grow": 0}, PRESENCE_GATE: {},
+PAIR_VARIANTS = {"off": PAPER_IRECE, PRESENCE_GATE: {},
                  "split": {"split_masks": True}, "recheck": {"recheck": RECHECK},
                  "split+recheck": {"split_masks": True, "recheck": RECHECK},
                  "keep": {"keep_outside": True}, "split+recheck+keep": {"split_masks": True, "recheck": RECHECK,
@@ -98,18 +98,28 @@ def pair_variants(gate: str) -> dict:
     say which other concepts an image shows)."""
     if gate == PRESENCE_GATE:
         return PAIR_VARIANTS
-    return {"off": {"gate": "off", "grow": 0}, gate: {}, "recheck": {"recheck": RECHECK},
+    return {"off": PAPER_IRECE, gate: {}, "recheck": {"recheck": RECHECK},
             "keep": {"keep_outside": True}, "recheck+keep": {"recheck": RECHECK, "keep_outside": True}}
 
 
-def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None) -> list[dict]:
+def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None, erased_for=None) -> list[dict]:
     """Two-shape renders, inverted with the standard model and regenerated (null prompt) with IRECE aimed at
-    one of the shapes: target removed, other kept, PSNR outside the mask; a row per variant (PAIR_VARIANTS)."""
+    one of the shapes: target removed, other kept, PSNR outside the mask; a row per variant (PAIR_VARIANTS).
+    The denoising after t* runs on `pipe`'s erased UNet (the standard one for load_pipeline(model, None): the
+    strictest case, nothing but IRECE keeps the target away), or with erased_for(target) -> pipeline, on a model
+    that erased the target (the product's case: IRECE, then the erased UNet)."""
     rng = np.random.default_rng(PAIR_SEED + s.seed)
     scenes = [shapes.render_scene(2, rng=rng) for _ in range(n)]
     trajectory = []
     x_T = gen.invert_images(pipe, np.stack([sc.image for sc in scenes]), "standard", s.steps, trajectory=trajectory)
-    off, _ = gen.from_latents(pipe, x_T, "", None, seed=s.seed, steps=s.steps, guidance=s.guidance)
+    if erased_for is None:
+        pipe_of = lambda target: pipe  # noqa: E731
+        off, _ = gen.from_latents(pipe, x_T, "", None, seed=s.seed, steps=s.steps, guidance=s.guidance)
+    else:  # each scene on the model that erased its target
+        pipe_of = erased_for
+        off = np.concatenate([gen.from_latents(pipe_of(sc.shapes[0].concept), x_T[k:k + 1], "", None, seed=s.seed,
+                                               steps=s.steps, guidance=s.guidance)[0]
+                              for k, sc in enumerate(scenes)])
     # IRECE off: how often the inversion alone brings both shapes back (the ceiling of removed-and-kept is the share
     # where the other one comes back), and how often it loses the target by itself
     seen = presence(judge, off) >= 0.5  # (n, concepts): what shows() reads, for all images in one call
@@ -124,7 +134,8 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None
         for k, sc in enumerate(scenes):
             target, other = sc.shapes[0].concept, sc.shapes[1].concept
             c = replace(cfg, concepts=(target,), **({"gate": cfg.gate} | options[variant]))
-            on, masks = gen.from_latents(pipe, x_T[k:k + 1], "", c, seed=s.seed, steps=s.steps, guidance=s.guidance,
+            on, masks = gen.from_latents(pipe_of(target), x_T[k:k + 1], "", c, seed=s.seed, steps=s.steps,
+                                         guidance=s.guidance,
                                          trajectory=[level[k:k + 1] for level in trajectory])
             r, o = bool(~shows(judge, on, target)[0]), bool(shows(judge, on, other)[0])
             removed.append(r)
@@ -142,7 +153,9 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None
 
 def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",), n: int = 16, n_pairs: int = 20,
         threshold: float | None = None, s: BenchSettings | None = None, classifier_pairs: bool = False,
-        parts=PARTS, gate: str = PRESENCE_GATE, grow: int = 0) -> dict:
+        parts=PARTS, gate: str = PRESENCE_GATE, grow: int = 0, pairs_erased: str | None = None) -> dict:
+    """pairs_erased: an erasure method; the two-shape scenes then continue after t* on a model that erased their
+    target (one erasure per concept, cached), instead of the standard model."""
     s = s or BenchSettings(n=n)
     judge = load_judge()
     d = IreceConfig.defaults()
@@ -157,10 +170,11 @@ def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",),
     others = [c for c in shapes.CONCEPTS if c != concept][:3]
     return {"settings": {"n": s.n, "steps": s.steps, "tau": cfg.tau, "t_star": cfg.t_star,
                          "threshold": cfg.threshold, "classifier_pairs": classifier_pairs, "gate": gate, "grow": grow,
-                         "concept": concept,
-                         "wrong": wrong},
+                         "concept": concept, "wrong": wrong, "pairs_erased": pairs_erased},
             **({"wrong_concept": wrong_concept(pipe_for, judge, model_dir, concept, wrong, methods, s, cfg)}
                if "wrong_concept" in parts else {}),
             **({"benign": benign(pipe_for(erased_unet(model_dir, "uce", concept, s)), concept, others, s, cfg)}
                if "benign" in parts else {}),
-            **({"pairs": pairs(pipe_for(None), judge, n_pairs, s, cfg)} if "pairs" in parts else {})}
+            **({"pairs": pairs(pipe_for(None), judge, n_pairs, s, cfg, erased_for=None if pairs_erased is None else
+                               lambda target: pipe_for(erased_unet(model_dir, pairs_erased, target, s)))}
+               if "pairs" in parts else {})}

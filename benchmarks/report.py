@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .crr import METHODS, SCENARIOS, pooled
+from .crr import METHODS, PAPER_TAU, SCENARIOS, pooled
 
 
 def _cell(p: dict) -> str:
@@ -29,8 +29,9 @@ def crr_markdown(res: dict) -> str:
     ds = _defences(res)
     arrow = " → ".join(LABEL[d] for d in ds)
     out = [f"CRR (%) pooled over {len(concepts)} concept(s) ({', '.join(concepts)}); each cell: {arrow} "
-           f"(off: erased model alone; paper: IRECE always intervening; gated: IRECE behind the presence gate"
-           f" ({res['settings'].get('gate', 'classifier')}, masks grown by {res['settings'].get('grow', 0)}); "
+           f"(off: erased model alone; paper: IRECE always intervening, at the paper's tau {PAPER_TAU}; gated: IRECE "
+           f"behind the presence gate ({res['settings'].get('gate', 'classifier')}, tau {res['settings']['tau']}, "
+           f"masks grown by {res['settings'].get('grow', 0)}); "
            f"n per cell and 95% Wilson intervals in the JSON).", "",
            "| method | " + " | ".join(scen) + " |", "|---|" + "---|" * len(scen)]
     for m in methods:

@@ -81,10 +81,13 @@ class NonFiniteError(RuntimeError):
     """IRECE could not localize: x_t or the concept map at t* holds NaN or inf (policy nonfinite="error")."""
 
 
+PAPER_TAU = 0.4  # the paper's localization threshold
+
+
 @dataclass(frozen=True)
 class IreceConfig:
     concepts: tuple[str, ...] = ()
-    tau: float = 0.4  # the paper's localization threshold
+    tau: float = PAPER_TAU
     t_star: float | int = 0.3  # a fraction of the schedule (float) or a step index (int)
     mode: str = "replace"
     template: str = "a photo of a {concept}"  # the localization prompt c_tgt

@@ -49,11 +49,11 @@ def test_a_cells_key_changes_with_a_later_field_only_when_it_is_set():
 
 def test_crr_gated_defences_take_the_benchs_gate_and_grow_and_the_paper_neither():
     from benchmarks import crr
-    s = crr.BenchSettings(gate="head", grow=1, threshold=0.7, t_star=0.5)
+    s = crr.BenchSettings(gate="head", grow=1, threshold=0.7, t_star=0.5, tau=0.2)
     paper, gated, recheck = (crr.defence_config(d, "star", s) for d in ("irece-paper", "irece-gated",
                                                                          "gated+recheck"))
-    assert (paper.gate, paper.grow, paper.recheck) == ("off", 0, ())
-    assert (gated.gate, gated.grow, gated.threshold, gated.recheck) == ("head", 1, 0.7, ())
+    assert (paper.gate, paper.grow, paper.recheck, paper.tau) == ("off", 0, (), 0.4)  # the paper's tau, whatever s's
+    assert (gated.gate, gated.grow, gated.threshold, gated.recheck, gated.tau) == ("head", 1, 0.7, (), 0.2)
     assert recheck.recheck == irece.RECHECK and recheck.conditioning == "keep" and recheck.gate == "head"
     with pytest.raises(ValueError, match="classifier"):  # the full defence scores the conditioning with it
         crr.defence_config("full", "star", s)
