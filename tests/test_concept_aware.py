@@ -145,6 +145,29 @@ def test_head_gate_with_grown_masks_removes_one_shape_of_two_and_keeps_the_other
     assert rows["recheck"]["psnr_outside_mask_db"] >= FLOORS["head_pairs_psnr"], rows
 
 
+def test_pairs_can_continue_on_the_model_that_erased_each_scenes_target(pipe, judge, head_threshold):
+    """`irece bench gate --pairs-erased METHOD`: each two-shape scene, with IRECE off and on, continues on the
+    pipeline erased_for(its target) gives; handed the standard model back, the rows are the default run's."""
+    from miniworld import shapes
+    s = BenchSettings(seed=TEST_SEED, t_star=T_STAR)
+    c = IreceConfig(gate="head", t_star=T_STAR, threshold=head_threshold, grow=1)
+    asked = []
+
+    def erased_for(target):
+        asked.append(target)
+        return pipe
+    default = gate_bench.pairs(pipe, judge, 4, s, c, variants=("recheck",))
+    routed = gate_bench.pairs(pipe, judge, 4, s, c, variants=("recheck",), erased_for=erased_for)
+    rng = np.random.default_rng(gate_bench.PAIR_SEED + s.seed)  # the scenes pairs() renders, to name their targets
+    targets = [shapes.render_scene(2, rng=rng).shapes[0].concept for _ in range(4)]
+    assert asked == targets * 2  # IRECE off, then the variant
+    assert len(routed) == len(default)
+    for r, d in zip(routed, default):  # NaN: no mask with IRECE off; PSNR may differ in float rounding only
+        assert r.keys() == d.keys()
+        for k in d:
+            assert r[k] == (pytest.approx(d[k], rel=1e-4, nan_ok=True) if isinstance(d[k], float) else d[k]), k
+
+
 def test_benign_requests_come_back_bit_identical(uce_star, threshold):
     s = BenchSettings(n=6, seed=TEST_SEED)
     rows = gate_bench.benign(uce_star, "star", ["moon", "circle"], s, cfg(threshold=threshold))
