@@ -56,6 +56,7 @@ def from_latents(pipe: Pipeline, x_T: torch.Tensor, prompt: str, cfg: IreceConfi
     for s in range(0, len(x_T), batch):
         part = [level[s:s + batch] for level in trajectory] if trajectory is not None else None
         x, rep = pipe.denoise(x_T[s:s + batch], cond, uncond, guidance, steps, cfg, seed + s, trajectory=part)
-        images.append(decode(pipe, x))
+        keep = part if cfg is not None and cfg.keep_outside else None  # the pixels outside IRECE's mask too
+        images.append(to_uint8(pipe.decode(x, rep, keep)))
         masks.append(rep.mask if rep is not None else None)
     return np.concatenate(images), (torch.cat(masks).cpu().numpy() if masks[0] is not None else None)

@@ -541,9 +541,22 @@ class Pipeline:
         x, report = yield from self.denoise_steps(x, cond, uncond, req.guidance, req.steps, cfg, req.seed, timings,
                                                   callback, trajectory=trajectory)
         t2 = time.perf_counter()
-        images = to_unit((yield Call("vae_decode", (x,))))
+        images = yield from self.decode_steps(x, report, trajectory)
         timings["decoding"] = time.perf_counter() - t2
         return Result(images, report, timings, x)
+
+    def decode(self, x: torch.Tensor, report: irece.IreceReport | None = None,
+               trajectory: list | None = None) -> torch.Tensor:
+        """Latents -> float (B, H, W, 3) images in [0, 1]; with keep_outside's `trajectory` and IRECE's report, the pixels outside its
+        mask are the input latent's (irece.keep_pixels_outside)."""
+        return drive(self.decode_steps(x, report, trajectory), self.backend)
+
+    def decode_steps(self, x, report=None, trajectory=None) -> Machine:
+        decoded = yield Call("vae_decode", (x,))
+        if trajectory and report is not None and report.mask is not None and report.intervened:
+            reference = yield Call("vae_decode", (trajectory[0].to(x),))  # the input's own latent
+            decoded = irece.keep_pixels_outside(decoded, reference, report.mask)
+        return to_unit(decoded)
 
 
 # -- the recipe's parts: a sampler over a noise-prediction machine, guidance as a wrapper, IRECE as a hook -----

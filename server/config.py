@@ -42,7 +42,8 @@ class ServerConfig:
     classifier_pairs: bool = IRECE.classifier_pairs  # the classifier also weighs each pair of concepts (5x its rows)
     classifier_early_exit: bool = IRECE.classifier_early_exit  # the gate stops at the t' where its decisions are taken
     split_masks: bool = IRECE.split_masks  # a target's mask leaves the cells of the other concepts the gate sees
-    keep_outside: bool = IRECE.keep_outside  # inverted latents: outside IRECE's mask, the input's own latent is kept
+    keep_outside: bool = IRECE.keep_outside  # inverted latents: outside IRECE's mask, the input's own latent (and its
+    # decode's pixels) is kept
     grow: int = IRECE.grow  # cells by which IRECE's mask grows before re-noising (a concept head's core cells)
     allowed_concepts: list[str] | None = None  # what requests may add; None = model's concepts.json + operator's
     nonfinite: str = IRECE.nonfinite  # NaN/inf latent or concept map at t*: "error" (refuse) or "full_mask"

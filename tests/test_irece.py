@@ -326,3 +326,16 @@ def test_off_schedule_names_each_t_star_far_from_where_the_head_trained():
     assert irece.off_schedule(cfg, (), 20) == []  # a head that does not say where it trained: nothing to compare
     assert irece.off_schedule(irece.IreceConfig(concepts=("star",), t_star=10), (0.5,), 20) == []  # a step index
     assert irece.off_schedule(irece.IreceConfig(concepts=("star",), t_star=4), (0.5,), 20) == [0.2]
+
+
+def test_keep_pixels_outside_takes_the_reference_outside_each_masked_images_cells_only():
+    g = torch.Generator().manual_seed(2)
+    images, reference = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    mask = torch.zeros(2, 4, 4)
+    mask[0, 1, 2] = 1  # one latent cell: pixels rows 2-3, columns 4-5 of the image
+    out = irece.keep_pixels_outside(images, reference, mask)
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[2:4, 4:6] = True
+    assert torch.equal(out[0][:, inside], images[0][:, inside])  # the redrawn cell: the denoised image's
+    assert torch.equal(out[0][:, ~inside], reference[0][:, ~inside])  # elsewhere: the input's
+    assert torch.equal(out[1], images[1])  # no mask: IRECE left it alone, so nothing is taken from the input

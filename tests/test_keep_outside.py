@@ -1,5 +1,6 @@
 """keep_outside (blended latent diffusion on inverted latents): once IRECE re-noised an image, outside its mask the
-latent follows the inversion's own trajectory and ends on the input's latent. Model-agnostic."""
+latent follows the inversion's own trajectory and ends on the input's latent, and the pixels outside it are the input
+latent's decode. Model-agnostic."""
 from dataclasses import replace
 
 import numpy as np
@@ -51,6 +52,13 @@ def test_outside_the_mask_the_image_ends_on_the_input_latent_and_only_where_irec
     assert not torch.equal(kept.latents, plain.latents)  # the paper's IRECE redraws outside the mask too
     inside = m.bool().expand_as(kept.latents)
     assert not torch.allclose(kept.latents[inside], latent[inside])  # inside: redrawn
+    # in pixels too: the decoder reads neighbouring cells, so only the input latent's own decode is the input outside
+    reference, redrawn = pipe.decode(latent), pipe.decode(kept.latents)
+    px = torch.nn.functional.interpolate(m, size=kept.images.shape[1:3], mode="nearest")[:, 0, :, :, None].bool()
+    px = px.expand(kept.images.shape).numpy()
+    assert np.array_equal(kept.images[~px], reference[~px])
+    assert np.array_equal(kept.images[px], redrawn[px]) and not np.array_equal(kept.images[px], reference[px])
+    assert not np.array_equal(redrawn[~px], reference[~px])  # without it, the kept cells decode differently
     # where IRECE does not run (a gate no score reaches) or there is no inversion (text), keep_outside changes nothing
     gated = IreceConfig(concepts=paper.concepts, gate="classifier", threshold=1.01, t_star=0.5)
     text = Request(prompt="a photo", steps=STEPS, seed=4)

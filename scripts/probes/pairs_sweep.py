@@ -13,6 +13,7 @@ import numpy as np
 from benchmarks import batch as gen
 from benchmarks.crr import BenchSettings, erased_unet
 from benchmarks.gate import PAIR_SEED
+from irece_runtime.images import to_uint8
 from irece_runtime.irece import RECHECK, IreceConfig
 from irece_runtime.loading import load_pipeline
 from miniworld import shapes
@@ -60,7 +61,8 @@ for arg in sys.argv[4:]:
         p = pipe_of(target)
         x, rep = p.denoise(x_T[k:k + 1], p.encode_prompt(""), p.encode_prompt(""), s.guidance, s.steps,
                            cfg and replace(cfg, concepts=(target,)), s.seed, trajectory=[lv[k:k + 1] for lv in traj])
-        img = gen.decode(p, x)
+        keep = [lv[k:k + 1] for lv in traj] if cfg is not None and cfg.keep_outside else None
+        img = to_uint8(p.decode(x, rep, keep))  # keep_outside: pixels outside the mask are the input latent's
         r, o = bool(~shows(judge, img, target)[0]), bool(shows(judge, img, other)[0])
         score = rep.concepts[0].score if rep is not None else float("nan")
         scores.append(score)
