@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import random
 import socket
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -155,8 +156,22 @@ def configure(path: str | Path | None, overrides: dict | None = None) -> ServerC
     return cfg
 
 
+# where free_port looks: below Linux's ephemeral range (32768-60999), where the kernel hands out ports to whoever binds
+# port 0, and above Ray's worker ports (10002-19999). A port from the ephemeral range was taken between free_port and
+# the bind by one of the processes ray.init starts (measured: test_ray's proxy failed to bind once in a CI run).
+FREE_PORTS = (20000, 32767)
+
+
 def free_port() -> int:
-    """A loopback port free right now, for a server whose port its starter must know before it listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port free right now, for a server whose port its starter must know before it listens; picked at
+    random outside the ranges the kernel and Ray assign by themselves (FREE_PORTS)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(*FREE_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {FREE_PORTS[0]}-{FREE_PORTS[1]} after 200 tries")

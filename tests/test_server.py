@@ -15,7 +15,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from protos.irece.v1 import generation_pb2_grpc as pb_grpc
 from server import report
 from server.app import Server
 from server.client import tensor_to_wire
-from server.config import ServerConfig
+from server.config import ServerConfig, free_port
 from server.metrics import Metrics
 from server.service import GenerationService
 from server.validation import RequestError, to_pipeline_request
@@ -609,12 +608,6 @@ def start_process(args: list[str]) -> tuple[subprocess.Popen, int, "queue.Queue[
     raise AssertionError("the server did not start within 120 s")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_sigterm_with_work_in_flight_ends_the_process_within_the_drain(pipe):
     """`irece serve` with a long request running (a 256x256 request the operator's budget allows: minutes on a
     CPU) and one queued: SIGTERM refuses the queued one at once, aborts the running one at the drain's end (both
@@ -1117,3 +1110,17 @@ def test_fuzz_campaign(served, pipe):
     assert tally["requests"] >= FUZZ_REQUESTS
     assert requests_ended(s, "INTERNAL", "text") == requests_ended(s, "INTERNAL", "embedding") == 0
     assert requests_ended(s, "INTERNAL", "inverted_latent") == requests_ended(s, "INTERNAL", "none") == 0
+
+
+def test_free_port_is_bindable_and_outside_the_ranges_the_kernel_and_ray_hand_out():
+    """A port from the kernel's ephemeral range was taken by one of ray.init's processes before Ray's proxy bound it."""
+    import socket
+
+    from server.config import FREE_PORTS
+    lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()) \
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else (32768, 60999)
+    for _ in range(20):
+        port = free_port()
+        assert FREE_PORTS[0] <= port <= FREE_PORTS[1] and not lo <= port <= hi and not 10002 <= port <= 19999
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
