@@ -547,8 +547,8 @@ class Pipeline:
 
     def decode(self, x: torch.Tensor, report: irece.IreceReport | None = None,
                trajectory: list | None = None) -> torch.Tensor:
-        """Latents -> float (B, H, W, 3) images in [0, 1]; with keep_outside's `trajectory` and IRECE's report, the pixels outside its
-        mask are the input latent's (irece.keep_pixels_outside)."""
+        """Latents -> float (B, H, W, 3) images in [0, 1]; with keep_outside's `trajectory` and IRECE's report, the
+        pixels outside its mask are the input latent's (irece.keep_pixels_outside)."""
         return drive(self.decode_steps(x, report, trajectory), self.backend)
 
     def decode_steps(self, x, report=None, trajectory=None) -> Machine:
