@@ -5,12 +5,13 @@ import numpy as np
 import torch
 
 from irece_runtime.irece import IreceConfig
-from irece_runtime.images import to_tensor, to_uint8, to_unit
+from irece_runtime.images import to_tensor, to_uint8
 from irece_runtime.pipeline import Pipeline
 
 
-def decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:
-    return to_uint8(to_unit(pipe.backend.vae_decode(x)))
+def decode(pipe: Pipeline, x: torch.Tensor, report=None, trajectory: list | None = None) -> np.ndarray:
+    """Latents -> uint8 images (Pipeline.decode: with keep_outside's trajectory, the pixels outside IRECE's mask too)."""
+    return to_uint8(pipe.decode(x, report, trajectory))
 
 
 def noise(pipe: Pipeline, seeds: list[int]) -> torch.Tensor:
@@ -56,7 +57,6 @@ def from_latents(pipe: Pipeline, x_T: torch.Tensor, prompt: str, cfg: IreceConfi
     for s in range(0, len(x_T), batch):
         part = [level[s:s + batch] for level in trajectory] if trajectory is not None else None
         x, rep = pipe.denoise(x_T[s:s + batch], cond, uncond, guidance, steps, cfg, seed + s, trajectory=part)
-        keep = part if cfg is not None and cfg.keep_outside else None  # the pixels outside IRECE's mask too
-        images.append(to_uint8(pipe.decode(x, rep, keep)))
+        images.append(decode(pipe, x, rep, part if cfg is not None and cfg.keep_outside else None))
         masks.append(rep.mask if rep is not None else None)
     return np.concatenate(images), (torch.cat(masks).cpu().numpy() if masks[0] is not None else None)

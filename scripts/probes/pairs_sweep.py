@@ -13,7 +13,6 @@ import numpy as np
 from benchmarks import batch as gen
 from benchmarks.crr import BenchSettings, erased_unet
 from benchmarks.gate import PAIR_SEED
-from irece_runtime.images import to_uint8
 from irece_runtime.irece import RECHECK, IreceConfig
 from irece_runtime.loading import load_pipeline
 from miniworld import shapes
@@ -59,10 +58,10 @@ for arg in sys.argv[4:]:
     for k, sc in enumerate(scenes):
         target, other = sc.shapes[0].concept, sc.shapes[1].concept
         p = pipe_of(target)
+        part = [lv[k:k + 1] for lv in traj]
         x, rep = p.denoise(x_T[k:k + 1], p.encode_prompt(""), p.encode_prompt(""), s.guidance, s.steps,
-                           cfg and replace(cfg, concepts=(target,)), s.seed, trajectory=[lv[k:k + 1] for lv in traj])
-        keep = [lv[k:k + 1] for lv in traj] if cfg is not None and cfg.keep_outside else None
-        img = to_uint8(p.decode(x, rep, keep))  # keep_outside: pixels outside the mask are the input latent's
+                           cfg and replace(cfg, concepts=(target,)), s.seed, trajectory=part)
+        img = gen.decode(p, x, rep, part if cfg is not None and cfg.keep_outside else None)
         r, o = bool(~shows(judge, img, target)[0]), bool(shows(judge, img, other)[0])
         score = rep.concepts[0].score if rep is not None else float("nan")
         scores.append(score)
