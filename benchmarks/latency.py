@@ -69,12 +69,13 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
             concept: str = "star", steps: int = 25, n: int = 10, warmup: int = 2, modality: str = "text",
             threshold: float | None = None, classifier_timesteps: tuple[int, ...] | None = None,
             classifier_pairs: bool = False, shows: str | None = None, t_star: float | int | None = None,
-            gate: str = PRESENCE_GATE, grow: int = 0, recheck: bool = False) -> dict:
+            gate: str = PRESENCE_GATE, grow: int = 0, recheck: bool = False, negative_guidance: float = 0.0) -> dict:
     """p50/p95, throughput and peak memory with IRECE off, as the paper runs it ("paper": always intervening) and
     behind the presence gate ("gated"; "gated-every-t": scoring every t' even where the first settles the
     decision), interleaved per request; ratios on/off and gated/paper per backend. The requests show `concept`
     (IRECE's target), or `shows` (another concept: benign traffic, which the gate lets through). `grow`: the gated
-    setting's mask growth; `recheck`: also the gate with the later looks (RECHECK, "gated+recheck")."""
+    setting's mask growth; `recheck`: also the gate with the later looks (RECHECK, "gated+recheck");
+    `negative_guidance`: also that (or the gate) with re-noised regions steered away from the concept ("+neg")."""
     from miniworld.shapes import render
     d = IreceConfig.defaults()
     t_star = d.t_star if t_star is None else t_star
@@ -85,6 +86,9 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
     settings = {"off": None, "paper": IreceConfig(concepts=(concept,), t_star=t_star), "gated": gated}
     if recheck:
         settings["gated+recheck"] = replace(gated, recheck=RECHECK)
+    if negative_guidance:
+        last = "gated+recheck" if recheck else "gated"
+        settings[last + "+neg"] = replace(settings[last], negative_guidance=negative_guidance)
     if gate == "classifier":  # the early exit is the classifier's: its cost without it, in the same run
         settings["gated-every-t"] = replace(gated, classifier_early_exit=False)
     cfg = settings["paper"]
@@ -139,6 +143,8 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
                                 if "gated-every-t" in p50 else {}),
                              **({"p50_ratio_gated_recheck_paper": p50["gated+recheck"] / p50["paper"]}
                                 if "gated+recheck" in p50 else {}),
+                             **{f"p50_ratio_{k.replace('+', '_').replace('-', '_')}_paper": p50[k] / p50["paper"]
+                                for k in p50 if k.endswith("+neg")},
                              "localizer_over_unet_step": float(np.median(loc_t) / np.median(unet_t)),
                              "floor_ratio": float(1 + floor),
                              "localization_share_of_request": float(np.mean(
@@ -148,7 +154,8 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
             "gated": {"gate": gated.gate, "threshold": gated.threshold, "shows": shown, "target": concept,
                       "t_star": t_star,
                       "classifier_timesteps": list(gated.classifier_timesteps),
-                      "classifier_pairs": gated.classifier_pairs, "grow": grow, "recheck": recheck}}
+                      "classifier_pairs": gated.classifier_pairs, "grow": grow, "recheck": recheck,
+                      "negative_guidance": negative_guidance}}
 
 
 def measure_server(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, concept: str = "star",

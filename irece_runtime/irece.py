@@ -115,6 +115,8 @@ class IreceConfig:
     # shape's core, and the edge cells it leaves out carry enough of the shape to redraw it (grow_mask)
     recheck: tuple[float | int, ...] = ()  # later points of the schedule (like t_star) where IRECE runs again: a
     # conditioning that redraws the concept after t* is caught there (behind a gate, only images that show it)
+    negative_guidance: float = 0.0  # once IRECE re-noised an image, inside its mask the rest of the loop is steered
+    # away from the concepts it re-noised, by the standard UNet's direction towards them (steer_away); 0: the paper
 
     def __post_init__(self):
         if not 0.0 <= self.tau <= 1.0:
@@ -146,6 +148,9 @@ class IreceConfig:
                              f"{self.classifier_timesteps!r}")
         if isinstance(self.t_star, float) and not 0.0 <= self.t_star < 1.0:
             raise ValueError(f"t_star as a fraction must be in [0, 1), got {self.t_star}")
+        g = self.negative_guidance
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise ValueError(f"negative_guidance must be a finite number >= 0, got {g!r}")
         for when in self.recheck:
             if isinstance(when, bool) or not isinstance(when, (int, float)) or (
                     isinstance(when, float) and not 0.0 <= when < 1.0) or (isinstance(when, int) and when < 0):
@@ -407,6 +412,19 @@ def keep_pixels_outside(images: torch.Tensor, reference: torch.Tensor, mask: tor
     m = F.interpolate(mask[:, None], size=images.shape[-2:], mode="nearest")
     masked = mask.flatten(1).amax(1) > 0
     return torch.where(masked[:, None, None, None] & (m == 0), reference.to(images), images)
+
+
+def steer_away(eps: torch.Tensor, eps_null: torch.Tensor, eps_concepts: torch.Tensor, mask: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """negative_guidance: eps - scale * M * sum_c (eps_c - eps_null). eps (B, C, H, W): the loop's noise prediction
+    (the erased UNet's) for images IRECE re-noised; eps_null (B, C, H, W) and eps_concepts (B, n, C, H, W): the
+    standard UNet's under the null prompt and each re-noised concept's prompt; mask (B, H, W). The erased UNet
+    refills the re-noised region from its surroundings and, where they still carry the concept (its colour, the
+    edge of its cells), draws it again, erased or not (the standard model does the same, BENCHMARKS.md): the
+    standard UNet still knows the concept, so its direction towards it says which way not to go. Outside the mask
+    the prediction is unchanged."""
+    direction = (eps_concepts - eps_null[:, None]).sum(1)
+    return eps - scale * mask[:, None].to(eps) * direction
 
 
 def perturb(x: torch.Tensor, mask: torch.Tensor, xi: torch.Tensor, mode: str = "replace") -> torch.Tensor:

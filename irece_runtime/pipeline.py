@@ -491,8 +491,9 @@ class Pipeline:
         hook = IreceStep(self, cfg, len(scheduler.timesteps), seed, conditioning, keep) if cfg and cfg.concepts \
             else None
         t0 = time.perf_counter()
-        x = yield from sample(guided_eps("erased", conditioning, uncond, guidance), x.to(self.backend.device),
-                              scheduler, (hook,) if hook else (), callback)
+        eps = guided_eps("erased", conditioning, uncond, guidance)
+        x = yield from sample(hook.steer(eps) if hook else eps, x.to(self.backend.device), scheduler,
+                              (hook,) if hook else (), callback)
         if hook:
             x = hook.keep_outside(len(scheduler.timesteps), x)  # the last level: the input's own latent
         if hook and not torch.isfinite(x).all():  # e.g. a full mask cannot help a non-finite conditioning
@@ -670,6 +671,31 @@ class IreceStep:
         if i not in self.plan:
             return x
         return self._intervene(i, t, x)
+
+    def steer(self, eps: EpsSteps) -> EpsSteps:
+        """cfg.negative_guidance: the loop's noise prediction, steered away inside the mask from the concepts IRECE
+        re-noised (irece.steer_away) in the images it re-noised, from the step it did on: one standard-UNet call of
+        1 + n rows per such image and step (the null prompt, each concept's localization prompt). Images it left
+        alone keep the loop's own prediction, bit for bit."""
+        if not self.cfg.negative_guidance:
+            return eps
+
+        def steered(x, t):
+            e = yield from eps(x, t)
+            if self.renoised is None or not self.renoised.any():
+                return e
+            concepts = list(dict.fromkeys(c.concept for c in self.report.concepts if c.intervened))
+            hidden = torch.cat([self.pipe.null_hidden] + [self.pipe.localization(c, self.cfg.template)[0]
+                                                          for c in concepts])
+            rows = self.renoised.nonzero()[:, 0].to(x.device)
+            n = hidden.shape[0]
+            out = yield Call("eps", (x[rows].repeat_interleave(n, 0), hidden.repeat(len(rows), 1, 1)), t, "standard")
+            out = out.view(len(rows), n, *out.shape[1:]).to(e)
+            e = e.clone()
+            e[rows] = irece.steer_away(e[rows], out[:, 0], out[:, 1:], self.report.mask.to(e.device)[rows],
+                                       self.cfg.negative_guidance)
+            return e
+        return steered
 
     def keep_outside(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """keep_outside: in the images IRECE re-noised, the latent outside the union mask so far becomes the

@@ -46,6 +46,8 @@ class ServerConfig:
     keep_outside: bool = IRECE.keep_outside  # inverted latents: outside IRECE's mask, the input's own latent (and its
     # decode's pixels) is kept
     grow: int = IRECE.grow  # cells by which IRECE's mask grows before re-noising (a concept head's core cells)
+    negative_guidance: float = IRECE.negative_guidance  # re-noised regions steered away from their concepts (standard
+    # UNet; 1 + n rows more per re-noised image and step after t*)
     allowed_concepts: list[str] | None = None  # what requests may add; None = model's concepts.json + operator's
     nonfinite: str = IRECE.nonfinite  # NaN/inf latent or concept map at t*: "error" (refuse) or "full_mask"
     conditioning: str = IRECE.conditioning  # "null": drop a conditioning that carries a target (classifier gate)

@@ -152,7 +152,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                                     classifier_early_exit=cfg.classifier_early_exit, keep_outside=cfg.keep_outside,
                                     conditioning=cfg.conditioning, recheck=tuple(cfg.recheck),
                                     conditioning_threshold=cfg.conditioning_threshold,
-                                    conditioning_unet=cfg.conditioning_unet, grow=cfg.grow)
+                                    conditioning_unet=cfg.conditioning_unet, grow=cfg.grow,
+                                    negative_guidance=cfg.negative_guidance)
         self.allowed = concept_catalogue(cfg)
         if cfg.gate == "head":  # the head gates only the concepts it was trained on: refuse to start otherwise
             self.pipe.head_columns(self.operator.concepts)

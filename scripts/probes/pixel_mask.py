@@ -26,6 +26,7 @@ from benchmarks.crr import BenchSettings, erased_unet
 from benchmarks.gate import PAIR_SEED
 from irece_runtime.irece import RECHECK, IreceConfig
 from irece_runtime.loading import load_pipeline
+from irece_runtime import pipeline as pipeline_module
 from irece_runtime.pipeline import Call, Pipeline
 from irece_runtime.irece import predicted_x0, renoise
 from miniworld import shapes
@@ -39,7 +40,8 @@ judge = load_judge()
 std = load_pipeline(MODEL, None)
 cache = {}
 CFG = IreceConfig(gate="head", t_star=0.5, threshold=0.217, tau=0.2, grow=int(os.environ.get("GROW", 1)),
-                  recheck=RECHECK if os.environ.get("RECHECK", "1") == "1" else (), keep_outside=True)
+                  recheck=RECHECK if os.environ.get("RECHECK", "1") == "1" else (), keep_outside=True,
+                  negative_guidance=0.0 if os.environ.get("NEGPROMPT") else float(os.environ.get("NEG", 0)))
 
 captured = []
 _head_steps = Pipeline.head_steps
@@ -90,6 +92,45 @@ def localize_head(self, x, t, cfg, targets):
 
 Pipeline._localize_head = localize_head
 
+# NEG=s: IreceConfig.negative_guidance (the product's); NEGPROMPT=1: the first measurement's patch instead, whose
+# concept prompt was "a <target>" rather than the localization template (NEGSPARE=1: not in cells where the t* look
+# saw another concept)
+NEG = float(os.environ.get("NEG", 0))
+NEGPROMPT = bool(os.environ.get("NEGPROMPT"))
+NEGSPARE = bool(os.environ.get("NEGSPARE"))
+hooks = []
+_init = pipeline_module.IreceStep.__init__
+
+
+def init(self, *a, **k):
+    _init(self, *a, **k)
+    hooks.append(self)
+
+
+pipeline_module.IreceStep.__init__ = init
+_guided_eps = pipeline_module.guided_eps
+
+
+def guided_eps(model, cond, uncond, guidance):
+    base = _guided_eps(model, cond, uncond, guidance)
+
+    def eps(x, t):
+        e = yield from base(x, t)
+        hook = hooks[-1] if hooks else None
+        if NEGPROMPT and hook is not None and hook.renoised is not None and bool(hook.renoised.any()):
+            pipe = hook.pipe
+            hid = torch.cat([pipe.null_hidden, pipe.encode_prompt(f"a {state['target']}").to(pipe.null_hidden)])
+            e0, ec = (yield Call("eps", (torch.cat([x, x]), hid), t, "standard")).chunk(2)
+            m = hook.report.mask.to(e)
+            if NEGSPARE and state["claimed"] is not None:
+                m = m * (~state["claimed"]).to(m)
+            e = e - NEG * m[:, None] * (ec - e0)
+        return e
+    return eps
+
+
+pipeline_module.guided_eps = guided_eps
+
 
 def pipe_of(target):
     if cont == "standard":
@@ -115,7 +156,8 @@ for k, sc in enumerate(scenes):
     p = pipe_of(target)
     part = [lv[k:k + 1] for lv in traj]
     captured.clear()
-    state["claimed"] = None
+    hooks.clear()
+    state["claimed"], state["target"] = None, target
     x, rep = p.denoise(x_T[k:k + 1], p.encode_prompt(""), p.encode_prompt(""), s.guidance, s.steps,
                        replace(CFG, concepts=(target,)), s.seed, trajectory=part)
     product = gen.decode(p, x, rep, part)
