@@ -12,6 +12,23 @@ def load(path):
     return d, err, d["label"], d["source"], d["nshapes"], e[..., :k] / e[..., k:]
 
 
+def continuation(model, cont, std):
+    """target -> the pipeline two-shape scenes continue on after t*: `std` for "standard", else the model with
+    `cont` (an erasure method) erasing the target, at the bench's own erasure settings (seed 0), so the bench's cached
+    erasures are reused."""
+    from benchmarks.crr import BenchSettings, erased_unet
+    from irece_runtime.loading import load_pipeline
+    cache = {}
+
+    def pipe_of(target):
+        if cont == "standard":
+            return std
+        if target not in cache:
+            cache[target] = load_pipeline(model, erased_unet(model, cont, target, BenchSettings(t_star=0.5)))
+        return cache[target]
+    return pipe_of
+
+
 def report(name, s, lab, ns, src):
     """AUC overall, by number of shapes and by source; recall at <= 3% false positives."""
     s = np.asarray(s)

@@ -11,12 +11,14 @@ from dataclasses import replace
 import numpy as np
 
 from benchmarks import batch as gen
-from benchmarks.crr import BenchSettings, erased_unet
+from benchmarks.crr import BenchSettings
 from benchmarks.gate import PAIR_SEED
 from irece_runtime.irece import RECHECK, IreceConfig
 from irece_runtime.loading import load_pipeline
 from miniworld import shapes
 from miniworld.judge import load_judge, shows
+
+from common import continuation
 
 SAVE = os.environ.get("SAVE")
 DIAG = bool(os.environ.get("DIAG"))
@@ -25,16 +27,7 @@ seed, n, cont = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 s = BenchSettings(seed=seed, t_star=0.5)
 judge = load_judge()
 std = load_pipeline(MODEL, None)
-cache = {}
-
-
-def pipe_of(target):
-    if cont == "standard":
-        return std
-    if target not in cache:
-        # the bench's own erasure settings (seed 0), so its cached erasures are reused
-        cache[target] = load_pipeline(MODEL, erased_unet(MODEL, cont, target, BenchSettings(t_star=0.5)))
-    return cache[target]
+pipe_of = continuation(MODEL, cont, std)
 
 
 def parse(spec):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import batch as gen
-from benchmarks.crr import BenchSettings, erased_unet
+from benchmarks.crr import BenchSettings
 from benchmarks.gate import PAIR_SEED
 from irece_runtime.irece import RECHECK, IreceConfig
 from irece_runtime.loading import load_pipeline
@@ -32,13 +32,14 @@ from irece_runtime.irece import predicted_x0, renoise
 from miniworld import shapes
 from miniworld.judge import load_judge, shows
 
+from common import continuation
+
 MODEL = "miniworld/models/shapes10"
 SAVE = os.environ.get("SAVE")  # a folder: per scene, a strip render | input decode | redrawn | grown | core0
 seed, n, cont = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 s = BenchSettings(seed=seed, t_star=0.5)
 judge = load_judge()
 std = load_pipeline(MODEL, None)
-cache = {}
 CFG = IreceConfig(gate="head", t_star=0.5, threshold=0.217, tau=0.2, grow=int(os.environ.get("GROW", 1)),
                   recheck=RECHECK if os.environ.get("RECHECK", "1") == "1" else (), keep_outside=True,
                   negative_guidance=0.0 if os.environ.get("NEGPROMPT") else float(os.environ.get("NEG", 0)))
@@ -132,12 +133,7 @@ def guided_eps(model, cond, uncond, guidance):
 pipeline_module.guided_eps = guided_eps
 
 
-def pipe_of(target):
-    if cont == "standard":
-        return std
-    if target not in cache:
-        cache[target] = load_pipeline(MODEL, erased_unet(MODEL, cont, target, BenchSettings(t_star=0.5)))
-    return cache[target]
+pipe_of = continuation(MODEL, cont, std)
 
 
 def dilate(m, k):
