@@ -195,6 +195,15 @@ def test_config_file_t_star_is_parsed_like_the_flag(tmp_path):
         ServerConfig.load(tmp_path / "c.toml")
 
 
+def test_negative_guidance_in_the_config_reaches_irece_and_a_bad_one_refuses_to_start(pipe, tmp_path):
+    (tmp_path / "n.toml").write_text(f'model = "{MODEL.as_posix()}"\nconcepts = ["star"]\nnegative_guidance = 3.0\n')
+    cfg = ServerConfig.load(tmp_path / "n.toml")
+    assert GenerationService(cfg, Metrics(), pipe).operator.negative_guidance == 3.0
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="negative_guidance"):
+            GenerationService(replace(cfg, negative_guidance=bad), Metrics(), pipe)
+
+
 # -- over gRPC -------------------------------------------------------------------------------------------------
 def test_one_request_per_modality_and_metrics(served, pipe):
     s = served
