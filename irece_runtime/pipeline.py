@@ -679,14 +679,17 @@ class IreceStep:
         alone keep the loop's own prediction, bit for bit."""
         if not self.cfg.negative_guidance:
             return eps
+        prompts: dict[tuple[str, ...], torch.Tensor] = {}  # re-noised concepts -> [null; their prompts] hidden states
 
         def steered(x, t):
             e = yield from eps(x, t)
             if self.renoised is None or not self.renoised.any():
                 return e
-            concepts = list(dict.fromkeys(c.concept for c in self.report.concepts if c.intervened))
-            hidden = torch.cat([self.pipe.null_hidden] + [self.pipe.localization(c, self.cfg.template)[0]
-                                                          for c in concepts])
+            concepts = tuple(dict.fromkeys(c.concept for c in self.report.concepts if c.intervened))
+            if concepts not in prompts:  # the set changes only where IRECE intervenes, not every step
+                prompts[concepts] = torch.cat([self.pipe.null_hidden] + [self.pipe.localization(c, self.cfg.template)[0]
+                                                                         for c in concepts])
+            hidden = prompts[concepts]
             rows = self.renoised.nonzero()[:, 0].to(x.device)
             n = hidden.shape[0]
             out = yield Call("eps", (x[rows].repeat_interleave(n, 0), hidden.repeat(len(rows), 1, 1)), t, "standard")
