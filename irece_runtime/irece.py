@@ -415,15 +415,19 @@ def keep_pixels_outside(images: torch.Tensor, reference: torch.Tensor, mask: tor
 
 
 def steer_away(eps: torch.Tensor, eps_null: torch.Tensor, eps_concepts: torch.Tensor, mask: torch.Tensor,
-               scale: float) -> torch.Tensor:
-    """negative_guidance: eps - scale * M * sum_c (eps_c - eps_null). eps (B, C, H, W): the loop's noise prediction
+               scale: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """negative_guidance: eps - scale * M * sum_c w_c (eps_c - eps_null), w_c: weights (B, n), 1 for each concept
+    re-noised in that image (None: every concept in every image). eps (B, C, H, W): the loop's noise prediction
     (the erased UNet's) for images IRECE re-noised; eps_null (B, C, H, W) and eps_concepts (B, n, C, H, W): the
     standard UNet's under the null prompt and each re-noised concept's prompt; mask (B, H, W). The erased UNet
     refills the re-noised region from its surroundings and, where they still carry the concept (its colour, the
     edge of its cells), draws it again, erased or not (the standard model does the same, BENCHMARKS.md): the
     standard UNet still knows the concept, so its direction towards it says which way not to go. Outside the mask
     the prediction is unchanged."""
-    direction = (eps_concepts - eps_null[:, None]).sum(1)
+    delta = eps_concepts - eps_null[:, None]
+    if weights is not None:
+        delta = delta * weights.to(delta)[:, :, None, None, None]
+    direction = delta.sum(1)
     return eps - scale * mask[:, None].to(eps) * direction
 
 
@@ -467,6 +471,15 @@ class ConceptReport:
     score: float = float("nan")  # presence score of the concept at t* (NaN: no presence gate ran)
     threshold: float = float("nan")  # the gate's threshold for this concept (NaN: always intervene, the paper)
     conditioning_score: float = float("nan")  # how much the request's conditioning carries it (NaN: not asked)
+    # (B,) bool: the batch's images its mask covers (None: all of them where intervened). Stays on the server like
+    # the union mask: negative guidance steers each image away from its own concepts only.
+    images: torch.Tensor | None = field(default=None, repr=False, compare=False, metadata={"wire": False})
+
+    def covers(self, b: int) -> torch.Tensor:
+        """(b,) bool: the images this concept was re-noised in."""
+        if self.images is not None:
+            return self.images.detach().to("cpu", torch.bool)
+        return torch.full((b,), self.intervened)
 
     def to_dict(self) -> dict:
         """JSON form: NaN (no gate ran) becomes null, which strict JSON parsers accept."""

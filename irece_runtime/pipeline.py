@@ -202,7 +202,8 @@ class Pipeline:
         masks, peaks, _ = yield from self._concept_maps(x, t, cfg, targets)
         if masks is None:
             return self._fail_closed(x, cfg, targets, "concept map")
-        reports = [irece.ConceptReport(c, float(masks[i].mean()), float(peaks[i].max()), bool(masks[i].any()))
+        reports = [irece.ConceptReport(c, float(masks[i].mean()), float(peaks[i].max()), bool(masks[i].any()),
+                                       images=masks[i].flatten(1).amax(1) > 0)
                    for i, (c, _, _) in enumerate(targets)]
         return masks.amax(0), reports
 
@@ -378,7 +379,8 @@ class Pipeline:
                                                peaks.get(c, float("nan")), bool(mask is not None and mask.any()),
                                                float(scores[:, concepts.index(c)].max()), threshold_c,
                                                float(carried[:, concepts.index(c)].max()) if carried is not None
-                                               else float("nan")))
+                                               else float("nan"),
+                                               images=None if mask is None else mask.flatten(1).amax(1) > 0))
         return union, reports
 
     # -- the concept-head gate -------------------------------------------------------------------------------
@@ -410,7 +412,8 @@ class Pipeline:
         thresholds = torch.tensor([thr for _, _, thr in targets], dtype=scores.dtype, device=scores.device)
         masks = irece.head_masks(probs, torch.tensor([tau for _, tau, _ in targets]), scores >= thresholds)
         reports = [irece.ConceptReport(c, float(masks[:, i].mean()), float(probs[:, i].max()),
-                                       bool(masks[:, i].any()), float(scores[:, i].max()), thr)
+                                       bool(masks[:, i].any()), float(scores[:, i].max()), thr,
+                                       images=masks[:, i].flatten(1).amax(1) > 0)
                    for i, (c, _, thr) in enumerate(targets)]
         return irece.grow_mask(masks.amax(1).to(torch.float32), cfg.grow, spare), reports
 
@@ -466,7 +469,8 @@ class Pipeline:
             k = concepts.index(c)
             union = torch.maximum(union, masks[:, k])
             reports.append(irece.ConceptReport(c, float(masks[:, k].mean()), float(maps[:, k].max()),
-                                               bool(masks[:, k].any()), float(scores[:, k].max()), threshold_c))
+                                               bool(masks[:, k].any()), float(scores[:, k].max()), threshold_c,
+                                               images=masks[:, k].flatten(1).amax(1) > 0))
         return union, reports
 
     # -- the loop --------------------------------------------------------------------------------------------
@@ -675,7 +679,8 @@ class IreceStep:
     def steer(self, eps: EpsSteps) -> EpsSteps:
         """cfg.negative_guidance: the loop's noise prediction, steered away inside the mask from the concepts IRECE
         re-noised (irece.steer_away) in the images it re-noised, from the step it did on: one standard-UNet call of
-        1 + n rows per such image and step (the null prompt, each concept's localization prompt). Images it left
+        1 + n rows per such image and step (the null prompt, each concept's localization prompt), each image steered
+        away from the concepts re-noised in it only (a batch's images can show different ones). Images it left
         alone keep the loop's own prediction, bit for bit."""
         if not self.cfg.negative_guidance:
             return eps
@@ -685,7 +690,12 @@ class IreceStep:
             e = yield from eps(x, t)
             if self.renoised is None or not self.renoised.any():
                 return e
-            concepts = tuple(dict.fromkeys(c.concept for c in self.report.concepts if c.intervened))
+            b = x.shape[0]
+            covers: dict[str, torch.Tensor] = {}  # concept -> (B,) the images it was re-noised in, over all steps
+            for c in self.report.concepts:
+                if c.intervened:
+                    covers[c.concept] = covers.get(c.concept, torch.zeros(b, dtype=torch.bool)) | c.covers(b)
+            concepts = tuple(covers)
             if concepts not in prompts:  # the set changes only where IRECE intervenes, not every step
                 prompts[concepts] = torch.cat([self.pipe.null_hidden] + [self.pipe.localization(c, self.cfg.template)[0]
                                                                          for c in concepts])
@@ -695,8 +705,9 @@ class IreceStep:
             out = yield Call("eps", (x[rows].repeat_interleave(n, 0), hidden.repeat(len(rows), 1, 1)), t, "standard")
             out = out.view(len(rows), n, *out.shape[1:]).to(e)
             e = e.clone()
+            weights = torch.stack([covers[c] for c in concepts], 1)[rows.cpu()]  # (rows, n)
             e[rows] = irece.steer_away(e[rows], out[:, 0], out[:, 1:], self.report.mask.to(e.device)[rows],
-                                       self.cfg.negative_guidance)
+                                       self.cfg.negative_guidance, weights)
             return e
         return steered
 

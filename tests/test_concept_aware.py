@@ -154,6 +154,20 @@ def test_negative_guidance_keeps_a_re_noised_concept_from_being_redrawn(uce_star
     assert crr["wrong+neg"] >= FLOORS["wrong_survives"], crr
 
 
+def test_the_report_says_which_images_of_a_batch_each_concept_was_re_noised_in(pipe, head_threshold):
+    """A batch of an inverted star and an inverted moon, IRECE aimed at both: each concept's report names the image
+    that shows it (ConceptReport.images, which negative guidance reads to steer each image from its own concepts)."""
+    import torch
+    refs = np.concatenate([references("star", 1, False, TEST_SEED), references("moon", 1, False, TEST_SEED)])
+    x_T = gen.invert_images(pipe, refs, "standard")
+    c = IreceConfig(concepts=("star", "moon"), gate="head", t_star=T_STAR, threshold=head_threshold, grow=1)
+    cond = pipe.encode_prompt("")
+    _, rep = pipe.denoise(x_T, cond, cond, 1.0, 25, c, TEST_SEED)
+    images = {r.concept: r.images.tolist() for r in rep.concepts}
+    assert images == {"star": [True, False], "moon": [False, True]}, images
+    assert torch.equal(rep.mask.flatten(1).amax(1) > 0, torch.tensor([True, True]))
+
+
 def test_head_gate_with_grown_masks_removes_one_shape_of_two_and_keeps_the_other(pipe, judge, head_threshold):
     """Two-shape renders, IRECE aimed at one shape, head gate with grow=1 and the later looks (RECHECK): measured on
     40 scenes (`irece bench gate --gate head --grow 1 --parts pairs --n-pairs 40`, head v3) removed and kept 75%

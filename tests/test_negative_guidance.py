@@ -65,6 +65,37 @@ def test_the_step_steers_only_the_images_irece_re_noised_with_the_standard_unets
     assert torch.equal(out[:1, :, half:], loop[:1, :, half:])  # outside the mask: unchanged
 
 
+def test_each_image_is_steered_away_from_the_concepts_re_noised_in_it_only(pipe):
+    """A batch whose two images were re-noised for different concepts: each row gets its own concept's direction,
+    not the sum over the batch's concepts (which would push an image away from a concept it never showed)."""
+    vocab = (pipe.vocabulary or ("cat", "dog"))[:2]
+    cfg = IreceConfig(concepts=tuple(vocab), negative_guidance=2.0)
+    x = random_latent(pipe, batch=2, seed=9)
+    t = torch.tensor(400)
+    loop = torch.randn(x.shape, generator=torch.Generator().manual_seed(10))
+
+    def eps(x_, t_):
+        return loop.clone()
+        yield  # noqa: unreachable - makes this a machine
+
+    step = IreceStep(pipe, cfg, 10, seed=0)
+    mask = torch.ones(2, *x.shape[2:])
+    step.renoised = torch.tensor([True, True])
+    step.report = IreceReport(0, 400, [ConceptReport(vocab[0], 0.5, 1.0, True, images=torch.tensor([True, False])),
+                                       ConceptReport(vocab[1], 0.5, 1.0, True, images=torch.tensor([False, True]))],
+                              mask)
+    out = drive(step.steer(eps)(x, t), pipe.backend)
+    e_0 = pipe.backend.eps("standard", x, t, pipe.null_hidden.expand(2, -1, -1))
+    for row, concept in enumerate(vocab):
+        hidden, _ = pipe.localization(concept, cfg.template)
+        e_c = pipe.backend.eps("standard", x[row:row + 1], t, hidden)
+        want = loop[row] - 2.0 * (e_c[0] - e_0[row])
+        assert torch.allclose(out[row], want, atol=1e-4), concept
+    # the report's per-image flags stay on the server: the wire report is the one it was
+    from server.report import to_dict, to_proto
+    assert "images" not in to_dict(to_proto(step.report))["concepts"][0]
+
+
 def test_requests_irece_leaves_alone_are_bit_identical_with_negative_guidance_on(pipe):
     """A gate that no score reaches: negative guidance never runs, the image is IRECE off's."""
     concept = pipe.vocabulary[0] if pipe.vocabulary else "cat"
