@@ -24,7 +24,7 @@ def cmd_crr(a):
     s = crr.BenchSettings(tau=a.tau, t_star=a.t_star, seed=a.seed,
                           threshold=DEFAULTS.threshold if a.threshold is None else a.threshold,
                           defences=tuple(a.defences) if a.defences else crr.DEFENCES, gate=a.gate, grow=a.grow,
-                          negative_guidance=a.negative_guidance)
+                          negative_guidance=a.negative_guidance, negative_guidance_steps=a.negative_guidance_steps)
     concepts, methods, scenarios = a.concepts, a.methods, tuple(a.scenarios or crr.SCENARIOS)
     if a.quick:
         s.n, s.n_preserve, s.erase_steps, s.ti_steps = 2, 1, 20, 20
@@ -115,7 +115,7 @@ def cmd_latency(a):
     res = latency.measure(a.model, a.erased, a.graphs, steps=steps, n=n, modality=a.modality, threshold=a.threshold,
                           classifier_timesteps=a.classifier_timesteps, classifier_pairs=a.classifier_pairs,
                           shows=a.shows, t_star=a.t_star, gate=a.gate, grow=a.grow, recheck=a.recheck,
-                          negative_guidance=a.negative_guidance)
+                          negative_guidance=a.negative_guidance, negative_guidance_steps=a.negative_guidance_steps)
     if a.server:
         res["server"] = latency.measure_server(a.model, a.erased, steps=steps, per_client=2 if a.quick else 4,
                                                clients=(1, 2) if a.quick else (1, 4, 8))
@@ -165,7 +165,8 @@ def cmd_gate(a):
     res = gate.run(a.model, concept=a.concept, wrong=a.wrong, methods=a.methods,
                    n_pairs=a.n_pairs or (4 if a.quick else 20),
                    threshold=a.threshold, s=s, classifier_pairs=a.classifier_pairs, parts=a.parts, gate=a.gate,
-                   grow=a.grow, pairs_erased=a.pairs_erased, negative_guidance=a.negative_guidance)
+                   grow=a.grow, pairs_erased=a.pairs_erased, negative_guidance=a.negative_guidance,
+                   negative_guidance_steps=a.negative_guidance_steps)
     _write(res, a.json)
     print(json.dumps(res, indent=1))
 
@@ -213,6 +214,8 @@ def register(sub) -> None:
     p.add_argument("--grow", type=int, default=0, help="cells the gated defences' masks grow by")
     p.add_argument("--negative-guidance", type=float, default=0.0, metavar="G",
                    help="the gated defences steer re-noised regions away from the concept (the paper's rows: 0)")
+    p.add_argument("--negative-guidance-steps", type=int, default=0, metavar="K",
+                   help="... for the K steps after each re-noising only (0: to the end)")
     p.add_argument("--scenarios", nargs="+", choices=("text", "adv_prompt", "ti_white", "ti_black", "inv_white_null",
                                                        "inv_white_prompt", "inv_black_null", "inv_black_prompt"))
     p.add_argument("--markdown", metavar="FILE")
@@ -289,6 +292,8 @@ def register(sub) -> None:
     p.add_argument("--recheck", action="store_true", help="also the gate with its later looks (gated+recheck)")
     p.add_argument("--negative-guidance", type=float, default=0.0, metavar="G",
                    help="also the last gated setting with re-noised regions steered away from the concept (+neg)")
+    p.add_argument("--negative-guidance-steps", type=int, default=0, metavar="K",
+                   help="also +neg steering the K steps after each re-noising only (+negK)")
     p.set_defaults(func=cmd_latency)
 
     p = bsub.add_parser("peers", help="side by side with diffusers and optimum on the same model, interleaved")
@@ -364,6 +369,8 @@ def register(sub) -> None:
     p.add_argument("--grow", type=int, default=0, help="grow IRECE's mask by this many cells (the paper's rows: 0)")
     p.add_argument("--negative-guidance", type=float, default=0.0, metavar="G",
                    help="the gated settings steer re-noised regions away from the concept (the paper's rows: 0)")
+    p.add_argument("--negative-guidance-steps", type=int, default=0, metavar="K",
+                   help="... for the K steps after each re-noising only (0: to the end)")
     p.add_argument("--pairs-erased", choices=("uce", "esd-x", "esd-u", "receler"),
                    help="two-shape scenes continue after t* on a model that erased their target with this method "
                         "(default: the standard model, the strictest case)")

@@ -68,15 +68,16 @@ class BenchSettings:
     gate: str = PRESENCE_GATE  # the gated defences' presence gate (head: the model's concept head)
     grow: int = 0  # cells the gated defences' masks grow by (the concept head's masks hold a shape's core)
     negative_guidance: float = 0.0  # the gated defences steer re-noised regions away from the concept (steer_away)
+    negative_guidance_steps: int = 0  # ... for this many steps after each re-noising (0: to the end)
 
 
 # BenchSettings fields added after cells were first cached: at their defaults they stay out of a cell's key
-LATER_SETTINGS = ("gate", "grow", "negative_guidance")
+LATER_SETTINGS = ("gate", "grow", "negative_guidance", "negative_guidance_steps")
 
 
 # the paper's IRECE as the tables' "paper" row: always intervening, its tau, its masks as thresholded (settings
 # tuned for a gate, such as a lower tau or grown masks, are not applied to it)
-PAPER_IRECE = {"gate": "off", "grow": 0, "tau": PAPER_TAU, "negative_guidance": 0.0}
+PAPER_IRECE = {"gate": "off", "grow": 0, "tau": PAPER_TAU, "negative_guidance": 0.0, "negative_guidance_steps": 0}
 
 
 def defence_config(defence: str, concept: str, s: BenchSettings) -> IreceConfig | None:
@@ -90,7 +91,8 @@ def defence_config(defence: str, concept: str, s: BenchSettings) -> IreceConfig 
                        recheck=RECHECK if full or defence == "gated+recheck" else (),
                        keep_outside=defence == "full-keep",
                        **(PAPER_IRECE if paper else {"tau": s.tau, "gate": s.gate, "grow": s.grow,
-                                                     "negative_guidance": s.negative_guidance}))
+                                                     "negative_guidance": s.negative_guidance,
+                                                     "negative_guidance_steps": s.negative_guidance_steps}))
 
 
 def erased_unet(model_dir: str, method: str, concept: str, s: BenchSettings) -> str | None:
@@ -205,7 +207,7 @@ def settings_key(s: BenchSettings) -> dict:
 # Fields IreceConfig gained after cells were first cached. At their defaults they stay out of a cell's key, so
 # adding an option does not throw away every finished cell; set to anything else, they are in it.
 LATER_FIELDS = ("classifier_pairs", "split_masks", "classifier_early_exit", "keep_outside", "grow",
-                "negative_guidance")
+                "negative_guidance", "negative_guidance_steps")
 
 
 def config_key(cfg: IreceConfig | None) -> str:

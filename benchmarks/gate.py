@@ -154,7 +154,7 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None
 def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",), n: int = 16, n_pairs: int = 20,
         threshold: float | None = None, s: BenchSettings | None = None, classifier_pairs: bool = False,
         parts=PARTS, gate: str = PRESENCE_GATE, grow: int = 0, pairs_erased: str | None = None,
-        negative_guidance: float = 0.0) -> dict:
+        negative_guidance: float = 0.0, negative_guidance_steps: int = 0) -> dict:
     """pairs_erased: an erasure method; the two-shape scenes then continue after t* on a model that erased their
     target (one erasure per concept, cached), instead of the standard model. negative_guidance: every gated
     setting steers re-noised regions away from the concept (the paper's rows never do)."""
@@ -162,7 +162,8 @@ def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",),
     judge = load_judge()
     d = IreceConfig.defaults()
     cfg = IreceConfig(tau=s.tau, t_star=s.t_star, threshold=d.threshold if threshold is None else threshold,
-                      classifier_pairs=classifier_pairs, gate=gate, grow=grow, negative_guidance=negative_guidance)
+                      classifier_pairs=classifier_pairs, gate=gate, grow=grow, negative_guidance=negative_guidance,
+                      negative_guidance_steps=negative_guidance_steps)
     cache: dict = {}
 
     def pipe_for(erased):
@@ -172,7 +173,7 @@ def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",),
     others = [c for c in shapes.CONCEPTS if c != concept][:3]
     return {"settings": {"n": s.n, "steps": s.steps, "tau": cfg.tau, "t_star": cfg.t_star,
                          "threshold": cfg.threshold, "classifier_pairs": classifier_pairs, "gate": gate, "grow": grow,
-                         "negative_guidance": negative_guidance,
+                         "negative_guidance": negative_guidance, "negative_guidance_steps": negative_guidance_steps,
                          "concept": concept, "wrong": wrong, "pairs_erased": pairs_erased},
             **({"wrong_concept": wrong_concept(pipe_for, judge, model_dir, concept, wrong, methods, s, cfg)}
                if "wrong_concept" in parts else {}),

@@ -69,13 +69,15 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
             concept: str = "star", steps: int = 25, n: int = 10, warmup: int = 2, modality: str = "text",
             threshold: float | None = None, classifier_timesteps: tuple[int, ...] | None = None,
             classifier_pairs: bool = False, shows: str | None = None, t_star: float | int | None = None,
-            gate: str = PRESENCE_GATE, grow: int = 0, recheck: bool = False, negative_guidance: float = 0.0) -> dict:
+            gate: str = PRESENCE_GATE, grow: int = 0, recheck: bool = False, negative_guidance: float = 0.0,
+            negative_guidance_steps: int = 0) -> dict:
     """p50/p95, throughput and peak memory with IRECE off, as the paper runs it ("paper": always intervening) and
     behind the presence gate ("gated"; "gated-every-t": scoring every t' even where the first settles the
     decision), interleaved per request; ratios on/off and gated/paper per backend. The requests show `concept`
     (IRECE's target), or `shows` (another concept: benign traffic, which the gate lets through). `grow`: the gated
     setting's mask growth; `recheck`: also the gate with the later looks (RECHECK, "gated+recheck");
-    `negative_guidance`: also that (or the gate) with re-noised regions steered away from the concept ("+neg")."""
+    `negative_guidance`: also that (or the gate) with re-noised regions steered away from the concept ("+neg"),
+    and with `negative_guidance_steps` K, also steering only K steps after each re-noising ("+negK")."""
     from miniworld.shapes import render
     d = IreceConfig.defaults()
     t_star = d.t_star if t_star is None else t_star
@@ -89,6 +91,9 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
     if negative_guidance:
         last = "gated+recheck" if recheck else "gated"
         settings[last + "+neg"] = replace(settings[last], negative_guidance=negative_guidance)
+        if negative_guidance_steps:
+            settings[f"{last}+neg{negative_guidance_steps}"] = replace(
+                settings[last + "+neg"], negative_guidance_steps=negative_guidance_steps)
     if gate == "classifier":  # the early exit is the classifier's: its cost without it, in the same run
         settings["gated-every-t"] = replace(gated, classifier_early_exit=False)
     cfg = settings["paper"]
@@ -144,7 +149,7 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
                              **({"p50_ratio_gated_recheck_paper": p50["gated+recheck"] / p50["paper"]}
                                 if "gated+recheck" in p50 else {}),
                              **{f"p50_ratio_{k.replace('+', '_').replace('-', '_')}_paper": p50[k] / p50["paper"]
-                                for k in p50 if k.endswith("+neg")},
+                                for k in p50 if "+neg" in k},
                              "localizer_over_unet_step": float(np.median(loc_t) / np.median(unet_t)),
                              "floor_ratio": float(1 + floor),
                              "localization_share_of_request": float(np.mean(
@@ -155,7 +160,7 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
                       "t_star": t_star,
                       "classifier_timesteps": list(gated.classifier_timesteps),
                       "classifier_pairs": gated.classifier_pairs, "grow": grow, "recheck": recheck,
-                      "negative_guidance": negative_guidance}}
+                      "negative_guidance": negative_guidance, "negative_guidance_steps": negative_guidance_steps}}
 
 
 def measure_server(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, concept: str = "star",

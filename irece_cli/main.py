@@ -29,7 +29,8 @@ def irece_config_from_args(a) -> IreceConfig | None:
         return None
     return IreceConfig(concepts=tuple(a.irece), tau=a.tau, t_star=a.t_star, mode=a.mode, template=a.template,
                        gate=a.gate, threshold=a.threshold, conditioning=a.conditioning, recheck=tuple(a.recheck or ()),
-                       conditioning_unet=a.conditioning_unet, grow=a.grow, negative_guidance=a.negative_guidance)
+                       conditioning_unet=a.conditioning_unet, grow=a.grow, negative_guidance=a.negative_guidance,
+                       negative_guidance_steps=a.negative_guidance_steps)
 
 
 def cmd_generate(a):
@@ -87,6 +88,8 @@ def add_irece_flags(p):
     p.add_argument("--negative-guidance", type=float, default=DEFAULTS.negative_guidance, metavar="G",
                    help="steer the regions IRECE re-noised away from their concepts with this scale (standard UNet; "
                         "default: %(default)s, the paper's)")
+    p.add_argument("--negative-guidance-steps", type=int, default=DEFAULTS.negative_guidance_steps, metavar="K",
+                   help="steer only the K steps after each re-noising (default: %(default)s, to the end)")
     p.add_argument("--recheck", nargs="+", type=parse_t_star, metavar="T",
                    help="later points of the schedule where IRECE runs again (fractions or step indices)")
     p.add_argument("--localizer-layers", nargs="+", metavar="NAME",

@@ -117,6 +117,8 @@ class IreceConfig:
     # conditioning that redraws the concept after t* is caught there (behind a gate, only images that show it)
     negative_guidance: float = 0.0  # once IRECE re-noised an image, inside its mask the rest of the loop is steered
     # away from the concepts it re-noised, by the standard UNet's direction towards them (steer_away); 0: the paper
+    negative_guidance_steps: int = 0  # steer only this many steps after each step IRECE re-noised an image at (its
+    # cost is one standard-UNet call a step; the region takes its shape in the first few); 0: to the end
 
     def __post_init__(self):
         if not 0.0 <= self.tau <= 1.0:
@@ -151,6 +153,9 @@ class IreceConfig:
         g = self.negative_guidance
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
             raise ValueError(f"negative_guidance must be a finite number >= 0, got {g!r}")
+        k = self.negative_guidance_steps
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"negative_guidance_steps must be a whole number of steps >= 0, got {k!r}")
         for when in self.recheck:
             if isinstance(when, bool) or not isinstance(when, (int, float)) or (
                     isinstance(when, float) and not 0.0 <= when < 1.0) or (isinstance(when, int) and when < 0):

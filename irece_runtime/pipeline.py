@@ -662,6 +662,8 @@ class IreceStep:
                  conditioning: Conditioning | None = None, trajectory: list | None = None):
         self.pipe, self.cfg, self.seed, self.conditioning = pipe, cfg, seed, conditioning
         self.renoised: torch.Tensor | None = None  # (B,) images IRECE re-noised at an earlier step
+        self.renoised_at: torch.Tensor | None = None  # (B,) the last step it re-noised each at (-1: never)
+        self.step = -1  # the loop's step index, as the hook last saw it
         self.plan = cfg.plan(steps)
         self.report: irece.IreceReport | None = None
         self.seconds = 0.0
@@ -671,6 +673,7 @@ class IreceStep:
         self.trajectory = trajectory  # keep_outside: the inversion's latents, input first (steps + 1)
 
     def __call__(self, i: int, t: torch.Tensor, x: torch.Tensor) -> Machine:
+        self.step = i
         x = self.keep_outside(i, x)
         if i not in self.plan:
             return x
@@ -680,8 +683,9 @@ class IreceStep:
         """cfg.negative_guidance: the loop's noise prediction, steered away inside the mask from the concepts IRECE
         re-noised (irece.steer_away) in the images it re-noised, from the step it did on: one standard-UNet call of
         1 + n rows per such image and step (the null prompt, each concept's localization prompt), each image steered
-        away from the concepts re-noised in it only (a batch's images can show different ones). Images it left
-        alone keep the loop's own prediction, bit for bit."""
+        away from the concepts re-noised in it only (a batch's images can show different ones); with
+        cfg.negative_guidance_steps K, only in the K steps from the last step it re-noised the image at. Images it
+        left alone (or past their K steps) keep the loop's own prediction, bit for bit."""
         if not self.cfg.negative_guidance:
             return eps
         prompts: dict[tuple[str, ...], torch.Tensor] = {}  # re-noised concepts -> [null; their prompts] hidden states
@@ -690,6 +694,12 @@ class IreceStep:
             e = yield from eps(x, t)
             if self.renoised is None or not self.renoised.any():
                 return e
+            steered_rows = self.renoised
+            if self.cfg.negative_guidance_steps:
+                steered_rows = steered_rows & (self.step - self.renoised_at.to(steered_rows.device)
+                                               < self.cfg.negative_guidance_steps)
+                if not steered_rows.any():
+                    return e
             b = x.shape[0]
             covers: dict[str, torch.Tensor] = {}  # concept -> (B,) the images it was re-noised in, over all steps
             for c in self.report.concepts:
@@ -700,7 +710,7 @@ class IreceStep:
                 prompts[concepts] = torch.cat([self.pipe.null_hidden] + [self.pipe.localization(c, self.cfg.template)[0]
                                                                          for c in concepts])
             hidden = prompts[concepts]
-            rows = self.renoised.nonzero()[:, 0].to(x.device)
+            rows = steered_rows.nonzero()[:, 0].to(x.device)
             n = hidden.shape[0]
             out = yield Call("eps", (x[rows].repeat_interleave(n, 0), hidden.repeat(len(rows), 1, 1)), t, "standard")
             out = out.view(len(rows), n, *out.shape[1:]).to(e)
@@ -730,6 +740,8 @@ class IreceStep:
             if back.any():
                 self.conditioning.drop(back)
         self.renoised = hit if self.renoised is None else self.renoised | hit
+        at = torch.full(hit.shape, -1, dtype=torch.long) if self.renoised_at is None else self.renoised_at
+        self.renoised_at = torch.where(hit.cpu(), i, at)
         # noise seeded per request and step: the same request gives the same image alone or beside others
         xi = torch.randn(x.shape, generator=torch.Generator().manual_seed((self.seed + 1_000_003 + i) % 2**63)).to(x)
         x = irece.perturb(x, mask.to(x), xi, self.cfg.mode)

@@ -153,7 +153,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                                     conditioning=cfg.conditioning, recheck=tuple(cfg.recheck),
                                     conditioning_threshold=cfg.conditioning_threshold,
                                     conditioning_unet=cfg.conditioning_unet, grow=cfg.grow,
-                                    negative_guidance=cfg.negative_guidance)
+                                    negative_guidance=cfg.negative_guidance,
+                                    negative_guidance_steps=cfg.negative_guidance_steps)
         self.allowed = concept_catalogue(cfg)
         if cfg.gate == "head":  # the head gates only the concepts it was trained on: refuse to start otherwise
             self.pipe.head_columns(self.operator.concepts)

@@ -38,7 +38,7 @@ def test_a_cells_key_changes_with_a_later_field_only_when_it_is_set():
         expected = expected.replace(f", {name}={getattr(cfg, name)!r}", "")
     assert key == expected and "conditioning_unet=" in key  # only the later fields are left out
     for name in crr.LATER_FIELDS:
-        other = {"grow": 1, "negative_guidance": 3.0}.get(name, not getattr(cfg, name))
+        other = {"grow": 1, "negative_guidance": 3.0, "negative_guidance_steps": 6}.get(name, not getattr(cfg, name))
         assert crr.config_key(replace(cfg, **{name: other})) != key
     assert crr.config_key(replace(cfg, tau=0.3)) != key and crr.config_key(None) == "None"
     # the same for the bench's own settings gained later (the gated defences' gate and grow)
@@ -50,13 +50,15 @@ def test_a_cells_key_changes_with_a_later_field_only_when_it_is_set():
 
 def test_crr_gated_defences_take_the_benchs_gate_and_grow_and_the_paper_neither():
     from benchmarks import crr
-    s = crr.BenchSettings(gate="head", grow=1, threshold=0.7, t_star=0.5, tau=0.2, negative_guidance=3.0)
+    s = crr.BenchSettings(gate="head", grow=1, threshold=0.7, t_star=0.5, tau=0.2, negative_guidance=3.0,
+                          negative_guidance_steps=6)
     paper, gated, recheck = (crr.defence_config(d, "star", s) for d in ("irece-paper", "irece-gated",
                                                                          "gated+recheck"))
     assert (paper.gate, paper.grow, paper.recheck, paper.tau) == ("off", 0, (), 0.4)  # the paper's tau, whatever s's
-    assert paper.negative_guidance == 0.0  # nor its loop
+    assert paper.negative_guidance == paper.negative_guidance_steps == 0  # nor its loop
     assert (gated.gate, gated.grow, gated.threshold, gated.recheck, gated.tau) == ("head", 1, 0.7, (), 0.2)
     assert gated.negative_guidance == recheck.negative_guidance == 3.0
+    assert gated.negative_guidance_steps == recheck.negative_guidance_steps == 6
     assert recheck.recheck == irece.RECHECK and recheck.conditioning == "keep" and recheck.gate == "head"
     with pytest.raises(ValueError, match="classifier"):  # the full defence scores the conditioning with it
         crr.defence_config("full", "star", s)

@@ -33,6 +33,37 @@ def test_negative_guidance_must_be_a_finite_number_at_least_zero(bad):
         IreceConfig(negative_guidance=bad)
 
 
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "6"])
+def test_negative_guidance_steps_must_be_a_whole_number_at_least_zero(bad):
+    with pytest.raises(ValueError, match="negative_guidance_steps"):
+        IreceConfig(negative_guidance_steps=bad)
+
+
+def test_negative_guidance_steps_steers_only_the_k_steps_after_each_re_noising(pipe):
+    """K = 2: an image re-noised at step 5 is steered at steps 5 and 6, not 7; re-noised again at step 9 (a recheck),
+    at 9 and 10 again. An image re-noised at step 6 keeps its own window."""
+    concept = pipe.vocabulary[0] if pipe.vocabulary else "cat"
+    cfg = IreceConfig(concepts=(concept,), negative_guidance=3.0, negative_guidance_steps=2)
+    x = random_latent(pipe, batch=2, seed=11)
+    t = torch.tensor(450)
+    loop = torch.randn(x.shape, generator=torch.Generator().manual_seed(12))
+
+    def eps(x_, t_):
+        return loop.clone()
+        yield  # noqa: unreachable - makes this a machine
+
+    step = IreceStep(pipe, cfg, 20, seed=0)
+    step.report = IreceReport(0, 450, [ConceptReport(concept, 1.0, 1.0, True)], torch.ones(2, *x.shape[2:]))
+    steered = {}
+    for i, at in ((5, [5, -1]), (6, [5, 6]), (7, [5, 6]), (8, [5, 6]), (9, [9, 6]), (10, [9, 6]), (11, [9, 6])):
+        step.step, step.renoised_at = i, torch.tensor(at)
+        step.renoised = step.renoised_at >= 0
+        out = drive(step.steer(eps)(x, t), pipe.backend)
+        steered[i] = [not torch.equal(out[r], loop[r]) for r in range(2)]
+    assert steered == {5: [True, False], 6: [True, True], 7: [False, True], 8: [False, False],
+                       9: [True, False], 10: [True, False], 11: [False, False]}, steered
+
+
 def test_the_step_steers_only_the_images_irece_re_noised_with_the_standard_unets_concept_direction(pipe):
     """The wiring, against the backend's own calls: rows IRECE re-noised get eps - g M (eps_std(x, c) -
     eps_std(x, null)) for each concept it re-noised there (its localization prompt); the other rows come back as the
@@ -106,6 +137,11 @@ def test_requests_irece_leaves_alone_are_bit_identical_with_negative_guidance_on
     paper = IreceConfig(concepts=(concept,), t_star=0.5)  # always re-noises: now the guidance changes the image
     c, d = pipe.generate(req, paper), pipe.generate(req, replace(paper, negative_guidance=3.0))
     assert c.irece.intervened and not torch.equal(c.latents, d.latents)
+    # a window past the last step is the whole rest of the loop; a one-step window steers t* only
+    e = pipe.generate(req, replace(paper, negative_guidance=3.0, negative_guidance_steps=req.steps))
+    f = pipe.generate(req, replace(paper, negative_guidance=3.0, negative_guidance_steps=1))
+    assert torch.equal(e.latents, d.latents)
+    assert not torch.equal(f.latents, c.latents) and not torch.equal(f.latents, d.latents)
 
 
 @pytest.mark.shapes10_only

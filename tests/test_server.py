@@ -196,12 +196,17 @@ def test_config_file_t_star_is_parsed_like_the_flag(tmp_path):
 
 
 def test_negative_guidance_in_the_config_reaches_irece_and_a_bad_one_refuses_to_start(pipe, tmp_path):
-    (tmp_path / "n.toml").write_text(f'model = "{MODEL.as_posix()}"\nconcepts = ["star"]\nnegative_guidance = 3.0\n')
+    (tmp_path / "n.toml").write_text(f'model = "{MODEL.as_posix()}"\nconcepts = ["star"]\nnegative_guidance = 3.0\n'
+                                     'negative_guidance_steps = 6\n')
     cfg = ServerConfig.load(tmp_path / "n.toml")
-    assert GenerationService(cfg, Metrics(), pipe).operator.negative_guidance == 3.0
+    operator = GenerationService(cfg, Metrics(), pipe).operator
+    assert (operator.negative_guidance, operator.negative_guidance_steps) == (3.0, 6)
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="negative_guidance"):
             GenerationService(replace(cfg, negative_guidance=bad), Metrics(), pipe)
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="negative_guidance_steps"):
+            GenerationService(replace(cfg, negative_guidance_steps=bad), Metrics(), pipe)
 
 
 # -- over gRPC -------------------------------------------------------------------------------------------------

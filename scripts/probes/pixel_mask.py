@@ -8,7 +8,8 @@ the head's target probability bilinear-upsampled to the image, >= A, dilated by 
 
 Environment: RULE=earlier (a recheck leaves the cells where the t* look, having re-noised the image, saw another
 concept), split (a look's target cells leave those where another concept is more probable), both; RELOOK=1 (a
-recheck reads x0-hat re-noised to t*'s level, the head's training level); GROW=N; RECHECK=0; SAVE=dir (a strip per
+recheck reads x0-hat re-noised to t*'s level, the head's training level); GROW=N; RECHECK=0; NEG=G and
+NEGSTEPS=K (negative guidance, for K steps after each re-noising); SAVE=dir (a strip per
 scene: render | input decode | redrawn | grown composite | core0 composite).
 
     PYTHONPATH=.:scripts/probes python scripts/probes/pixel_mask.py SEED N METHOD|standard    # 35 s for 40 scenes
@@ -42,7 +43,8 @@ judge = load_judge()
 std = load_pipeline(MODEL, None)
 CFG = IreceConfig(gate="head", t_star=0.5, threshold=0.217, tau=0.2, grow=int(os.environ.get("GROW", 1)),
                   recheck=RECHECK if os.environ.get("RECHECK", "1") == "1" else (), keep_outside=True,
-                  negative_guidance=0.0 if os.environ.get("NEGPROMPT") else float(os.environ.get("NEG", 0)))
+                  negative_guidance=0.0 if os.environ.get("NEGPROMPT") else float(os.environ.get("NEG", 0)),
+                  negative_guidance_steps=int(os.environ.get("NEGSTEPS", 0)))
 
 captured = []
 _head_steps = Pipeline.head_steps
