@@ -6,7 +6,7 @@ dict with `to_dict(msg)`. Field names are shared, so a field added on one side a
 """
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 from irece_runtime.irece import ConceptReport, IreceReport
 from protos.irece.v1 import generation_pb2 as pb
@@ -22,8 +22,8 @@ def to_proto(report: IreceReport | None, hide_scores: bool = False) -> pb.IreceR
     hide_scores: the gate's numbers (presence score, threshold, attention peak) go out as NaN - a query-based
     attacker reading them learns how far each image stands from the threshold (`irece bench adaptive`, pgd-bb)."""
     r = report if report is not None else IreceReport()
-    concepts = [{k: v for k, v in asdict(c).items() if k in WIRE} | ({k: float("nan") for k in HIDDEN} if hide_scores
-                                                                      else {}) for c in r.concepts]
+    concepts = [{k: getattr(c, k) for k in WIRE} | ({k: float("nan") for k in HIDDEN} if hide_scores else {})
+                for c in r.concepts]
     return pb.IreceReport(intervened=r.intervened, mask_area=r.mask_area, step_index=r.step_index,
                           timestep=r.timestep, concepts=[pb.ConceptReport(**c) for c in concepts],
                           unconditioned=r.unconditioned)
