@@ -14,6 +14,16 @@ from irece_runtime.pipeline import IreceStep, Request
 from .conftest import random_latent
 
 
+def loop_prediction(x: torch.Tensor, seed: int):
+    """The loop's own noise prediction (a stand-in for the erased UNet with guidance) and an eps machine giving it."""
+    loop = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+
+    def eps(x_, t_):
+        return loop.clone()
+        yield  # noqa: unreachable - makes this a machine
+    return loop, eps
+
+
 def test_steer_away_is_the_negative_guidance_formula_inside_the_mask_only():
     g = torch.Generator().manual_seed(0)
     eps, null = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
@@ -46,11 +56,7 @@ def test_negative_guidance_steps_steers_only_the_k_steps_after_each_re_noising(p
     cfg = IreceConfig(concepts=(concept,), negative_guidance=3.0, negative_guidance_steps=2)
     x = random_latent(pipe, batch=2, seed=11)
     t = torch.tensor(450)
-    loop = torch.randn(x.shape, generator=torch.Generator().manual_seed(12))
-
-    def eps(x_, t_):
-        return loop.clone()
-        yield  # noqa: unreachable - makes this a machine
+    loop, eps = loop_prediction(x, 12)
 
     step = IreceStep(pipe, cfg, 20, seed=0)
     step.report = IreceReport(0, 450, [ConceptReport(concept, 1.0, 1.0, True)], torch.ones(2, *x.shape[2:]))
@@ -72,11 +78,7 @@ def test_the_step_steers_only_the_images_irece_re_noised_with_the_standard_unets
     cfg = IreceConfig(concepts=(concept,), negative_guidance=3.0)
     x = random_latent(pipe, batch=2, seed=5)
     t = torch.tensor(500)
-    loop = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
-
-    def eps(x_, t_):  # the loop's prediction (a stand-in: what the erased UNet with guidance would give)
-        return loop.clone()
-        yield  # noqa: unreachable - makes this a machine
+    loop, eps = loop_prediction(x, 6)
 
     step = IreceStep(pipe, cfg, 10, seed=0)
     assert drive(step.steer(eps)(x, t), pipe.backend).equal(loop)  # nothing re-noised yet: untouched
@@ -103,11 +105,7 @@ def test_each_image_is_steered_away_from_the_concepts_re_noised_in_it_only(pipe)
     cfg = IreceConfig(concepts=tuple(vocab), negative_guidance=2.0)
     x = random_latent(pipe, batch=2, seed=9)
     t = torch.tensor(400)
-    loop = torch.randn(x.shape, generator=torch.Generator().manual_seed(10))
-
-    def eps(x_, t_):
-        return loop.clone()
-        yield  # noqa: unreachable - makes this a machine
+    loop, eps = loop_prediction(x, 10)
 
     step = IreceStep(pipe, cfg, 10, seed=0)
     mask = torch.ones(2, *x.shape[2:])
