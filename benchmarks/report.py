@@ -31,7 +31,10 @@ def crr_markdown(res: dict) -> str:
     out = [f"CRR (%) pooled over {len(concepts)} concept(s) ({', '.join(concepts)}); each cell: {arrow} "
            f"(off: erased model alone; paper: IRECE always intervening, at the paper's tau {PAPER_TAU}; gated: IRECE "
            f"behind the presence gate ({res['settings'].get('gate', 'classifier')}, tau {res['settings']['tau']}, "
-           f"masks grown by {res['settings'].get('grow', 0)}); "
+           f"masks grown by {res['settings'].get('grow', 0)}"
+           + (f", steered away from the concept with negative guidance {ng}"
+              + (f" for {k} steps" if (k := res['settings'].get('negative_guidance_steps', 0)) else "")
+              if (ng := res['settings'].get('negative_guidance', 0)) else "") + "); "
            f"n per cell and 95% Wilson intervals in the JSON).", "",
            "| method | " + " | ".join(scen) + " |", "|---|" + "---|" * len(scen)]
     for m in methods:

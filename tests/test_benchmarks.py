@@ -344,3 +344,17 @@ def test_bench_serve_rows_for_every_mode_and_client_count(tmp_path, capsys):
     assert same["ray"]["compared"] == 12 and same["ray"]["max_abs_diff_255"] <= 1
     assert same["unbatched across client counts"]["max_abs_diff_255"] == 0
     assert "| torch | batched | 3 |" in capsys.readouterr().out
+
+
+def test_crr_markdown_names_the_negative_guidance_of_the_gated_rows():
+    """A table whose gated rows were steered away from the concept says so (and for how many steps)."""
+    from benchmarks import report
+    rows = [{"method": "uce", "scenario": "text", "defence": d, "concept": "star", "crr": 0.5, "n": 2, "k": 1,
+             "ci95": [0.1, 0.9]} for d in ("none", "irece-gated")]
+    res = {"rows": rows, "quality": [], "preservation": [], "controls": [],
+           "settings": {"tau": 0.2, "gate": "head", "grow": 1, "negative_guidance": 0.0}}
+    assert "negative guidance" not in report.crr_markdown(res)
+    res["settings"].update(negative_guidance=3.0)
+    assert "negative guidance 3.0);" in report.crr_markdown(res)
+    res["settings"].update(negative_guidance_steps=6)
+    assert "negative guidance 3.0 for 6 steps);" in report.crr_markdown(res)
