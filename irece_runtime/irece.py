@@ -420,6 +420,11 @@ def keep_pixels_outside(images: torch.Tensor, reference: torch.Tensor, mask: tor
     return torch.where(masked[:, None, None, None] & (m == 0), reference.to(images), images)
 
 
+def masked_images(mask: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) mask -> (B,) bool: the images with any masked cell."""
+    return mask.flatten(1).amax(1) > 0
+
+
 def steer_away(eps: torch.Tensor, eps_null: torch.Tensor, eps_concepts: torch.Tensor, mask: torch.Tensor,
                scale: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """negative_guidance: eps - scale * M * sum_c w_c (eps_c - eps_null), w_c: weights (B, n), 1 for each concept

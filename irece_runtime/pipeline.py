@@ -203,7 +203,7 @@ class Pipeline:
         if masks is None:
             return self._fail_closed(x, cfg, targets, "concept map")
         reports = [irece.ConceptReport(c, float(masks[i].mean()), float(peaks[i].max()), bool(masks[i].any()),
-                                       images=masks[i].flatten(1).amax(1) > 0)
+                                       images=irece.masked_images(masks[i]))
                    for i, (c, _, _) in enumerate(targets)]
         return masks.amax(0), reports
 
@@ -380,7 +380,7 @@ class Pipeline:
                                                float(scores[:, concepts.index(c)].max()), threshold_c,
                                                float(carried[:, concepts.index(c)].max()) if carried is not None
                                                else float("nan"),
-                                               images=None if mask is None else mask.flatten(1).amax(1) > 0))
+                                               images=None if mask is None else irece.masked_images(mask)))
         return union, reports
 
     # -- the concept-head gate -------------------------------------------------------------------------------
@@ -413,7 +413,7 @@ class Pipeline:
         masks = irece.head_masks(probs, torch.tensor([tau for _, tau, _ in targets]), scores >= thresholds)
         reports = [irece.ConceptReport(c, float(masks[:, i].mean()), float(probs[:, i].max()),
                                        bool(masks[:, i].any()), float(scores[:, i].max()), thr,
-                                       images=masks[:, i].flatten(1).amax(1) > 0)
+                                       images=irece.masked_images(masks[:, i]))
                    for i, (c, _, thr) in enumerate(targets)]
         return irece.grow_mask(masks.amax(1).to(torch.float32), cfg.grow, spare), reports
 
@@ -470,7 +470,7 @@ class Pipeline:
             union = torch.maximum(union, masks[:, k])
             reports.append(irece.ConceptReport(c, float(masks[:, k].mean()), float(maps[:, k].max()),
                                                bool(masks[:, k].any()), float(scores[:, k].max()), threshold_c,
-                                               images=masks[:, k].flatten(1).amax(1) > 0))
+                                               images=irece.masked_images(masks[:, k])))
         return union, reports
 
     # -- the loop --------------------------------------------------------------------------------------------
@@ -661,8 +661,7 @@ class IreceStep:
     def __init__(self, pipe: "Pipeline", cfg: irece.IreceConfig, steps: int, seed: int,
                  conditioning: Conditioning | None = None, trajectory: list | None = None):
         self.pipe, self.cfg, self.seed, self.conditioning = pipe, cfg, seed, conditioning
-        self.renoised: torch.Tensor | None = None  # (B,) images IRECE re-noised at an earlier step
-        self.renoised_at: torch.Tensor | None = None  # (B,) the last step it re-noised each at (-1: never)
+        self.renoised_at: torch.Tensor | None = None  # (B,) the last step IRECE re-noised each image at (-1: never)
         self.step = -1  # the loop's step index, as the hook last saw it
         self.plan = cfg.plan(steps)
         self.report: irece.IreceReport | None = None
@@ -671,6 +670,11 @@ class IreceStep:
             raise ValueError(f"keep_outside needs the inversion's {steps + 1} latents for {steps} steps, got "
                              f"{len(trajectory)}: invert and denoise with the same number of steps")
         self.trajectory = trajectory  # keep_outside: the inversion's latents, input first (steps + 1)
+
+    @property
+    def renoised(self) -> torch.Tensor | None:
+        """(B,) images IRECE re-noised at an earlier step (None: it has not localized yet)."""
+        return None if self.renoised_at is None else self.renoised_at >= 0
 
     def __call__(self, i: int, t: torch.Tensor, x: torch.Tensor) -> Machine:
         self.step = i
@@ -696,8 +700,7 @@ class IreceStep:
                 return e
             steered_rows = self.renoised
             if self.cfg.negative_guidance_steps:
-                steered_rows = steered_rows & (self.step - self.renoised_at.to(steered_rows.device)
-                                               < self.cfg.negative_guidance_steps)
+                steered_rows = steered_rows & (self.step - self.renoised_at < self.cfg.negative_guidance_steps)
                 if not steered_rows.any():
                     return e
             b = x.shape[0]
@@ -733,15 +736,15 @@ class IreceStep:
     def _intervene(self, i: int, t: torch.Tensor, x: torch.Tensor) -> Machine:
         t0 = time.perf_counter()
         mask, concepts = yield from self.pipe.localize_steps(x, t, self.cfg, self.plan[i], self.conditioning)
-        hit = mask.flatten(1).amax(1) > 0
+        hit = irece.masked_images(mask)
         if self.cfg.conditioning == "null" and self.conditioning is not None and self.renoised is not None:
             # the concept came back where IRECE had already re-noised it: the conditioning redraws it
             back = hit & self.renoised
             if back.any():
                 self.conditioning.drop(back)
-        self.renoised = hit if self.renoised is None else self.renoised | hit
-        at = torch.full(hit.shape, -1, dtype=torch.long) if self.renoised_at is None else self.renoised_at
-        self.renoised_at = torch.where(hit.cpu(), i, at)
+        at = torch.full(hit.shape, -1, dtype=torch.long, device=hit.device) if self.renoised_at is None \
+            else self.renoised_at
+        self.renoised_at = torch.where(hit, i, at)
         # noise seeded per request and step: the same request gives the same image alone or beside others
         xi = torch.randn(x.shape, generator=torch.Generator().manual_seed((self.seed + 1_000_003 + i) % 2**63)).to(x)
         x = irece.perturb(x, mask.to(x), xi, self.cfg.mode)

@@ -63,7 +63,6 @@ def test_negative_guidance_steps_steers_only_the_k_steps_after_each_re_noising(p
     steered = {}
     for i, at in ((5, [5, -1]), (6, [5, 6]), (7, [5, 6]), (8, [5, 6]), (9, [9, 6]), (10, [9, 6]), (11, [9, 6])):
         step.step, step.renoised_at = i, torch.tensor(at)
-        step.renoised = step.renoised_at >= 0
         out = drive(step.steer(eps)(x, t), pipe.backend)
         steered[i] = [not torch.equal(out[r], loop[r]) for r in range(2)]
     assert steered == {5: [True, False], 6: [True, True], 7: [False, True], 8: [False, False],
@@ -84,7 +83,7 @@ def test_the_step_steers_only_the_images_irece_re_noised_with_the_standard_unets
     assert drive(step.steer(eps)(x, t), pipe.backend).equal(loop)  # nothing re-noised yet: untouched
     mask = torch.zeros(2, *x.shape[2:])
     mask[0, : x.shape[2] // 2] = 1.0
-    step.renoised = torch.tensor([True, False])
+    step.renoised_at = torch.tensor([0, -1])  # re-noised at step 0: the first image only
     step.report = IreceReport(0, 500, [ConceptReport(concept, 0.5, 1.0, True)], mask)
     out = drive(step.steer(eps)(x, t), pipe.backend)
     hidden, _ = pipe.localization(concept, cfg.template)
@@ -109,7 +108,7 @@ def test_each_image_is_steered_away_from_the_concepts_re_noised_in_it_only(pipe)
 
     step = IreceStep(pipe, cfg, 10, seed=0)
     mask = torch.ones(2, *x.shape[2:])
-    step.renoised = torch.tensor([True, True])
+    step.renoised_at = torch.tensor([0, 0])
     step.report = IreceReport(0, 400, [ConceptReport(vocab[0], 0.5, 1.0, True, images=torch.tensor([True, False])),
                                        ConceptReport(vocab[1], 0.5, 1.0, True, images=torch.tensor([False, True]))],
                               mask)
