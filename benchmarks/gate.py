@@ -95,11 +95,13 @@ PAIR_VARIANTS = {"off": PAPER_IRECE, PRESENCE_GATE: {},
 
 def pair_variants(gate: str) -> dict:
     """PAIR_VARIANTS with `gate` as the presence gate; split_masks only where it is the classifier (whose scores
-    say which other concepts an image shows)."""
+    say which other concepts an image shows), keep_others only where it is the concept head."""
     if gate == PRESENCE_GATE:
         return PAIR_VARIANTS
     return {"off": PAPER_IRECE, gate: {}, "recheck": {"recheck": RECHECK},
-            "keep": {"keep_outside": True}, "recheck+keep": {"recheck": RECHECK, "keep_outside": True}}
+            "keep": {"keep_outside": True}, "recheck+keep": {"recheck": RECHECK, "keep_outside": True},
+            **({"recheck+keep+others": {"recheck": RECHECK, "keep_outside": True, "keep_others": True}}
+               if gate == "head" else {})}
 
 
 def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None, erased_for=None) -> list[dict]:

@@ -30,7 +30,8 @@ def irece_config_from_args(a) -> IreceConfig | None:
     return IreceConfig(concepts=tuple(a.irece), tau=a.tau, t_star=a.t_star, mode=a.mode, template=a.template,
                        gate=a.gate, threshold=a.threshold, conditioning=a.conditioning, recheck=tuple(a.recheck or ()),
                        conditioning_unet=a.conditioning_unet, grow=a.grow, negative_guidance=a.negative_guidance,
-                       negative_guidance_steps=a.negative_guidance_steps)
+                       negative_guidance_steps=a.negative_guidance_steps, keep_outside=a.keep_outside or a.keep_others,
+                       keep_others=a.keep_others)
 
 
 def cmd_generate(a):
@@ -90,6 +91,12 @@ def add_irece_flags(p):
                         "default: %(default)s, the paper's)")
     p.add_argument("--negative-guidance-steps", type=int, default=DEFAULTS.negative_guidance_steps, metavar="K",
                    help="steer only the K steps after each re-noising (default: %(default)s, to the end)")
+    p.add_argument("--keep-outside", action="store_true",
+                   help="inverted images: once IRECE re-noised an image, only its mask is redrawn; every pixel outside "
+                        "it stays the input's")
+    p.add_argument("--keep-others", action="store_true",
+                   help="with --gate head (implies --keep-outside): inside the mask too, the pixels where the concept "
+                        "head saw another concept more probable than the targets stay the input's")
     p.add_argument("--recheck", nargs="+", type=parse_t_star, metavar="T",
                    help="later points of the schedule where IRECE runs again (fractions or step indices)")
     p.add_argument("--localizer-layers", nargs="+", metavar="NAME",

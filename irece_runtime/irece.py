@@ -105,6 +105,9 @@ class IreceConfig:
     keep_outside: bool = False  # inverted latents: once IRECE re-noised an image, outside its mask the latent follows
     # the inversion's trajectory and ends on the input's latent (blended latent diffusion), and the pixels outside it
     # are the input latent's decode (keep_pixels_outside): only the mask is redrawn
+    keep_others: bool = False  # keep_outside (gate "head"): inside the mask too, the pixels where the first look's
+    # head saw another concept (its score >= threshold) more probable than the targets stay the input's (contest):
+    # at 8x8 a target's cells share pixels with a shape beside it, and those pixels are the other shape's
     nonfinite: str = "error"  # non-finite x_t or concept map at t*: "error" or "full_mask" (never an empty mask)
     conditioning: str = "keep"  # "null": an image whose conditioning carries a target loses it (classifier gate)
     conditioning_threshold: float = CONDITIONING_THRESHOLD  # conditioning score from which it counts as carried
@@ -141,6 +144,9 @@ class IreceConfig:
         if self.split_masks and self.gate != "classifier":
             raise ValueError("split_masks splits a mask among the concepts the classifier gate sees: it needs "
                              "gate='classifier'")
+        if self.keep_others and not (self.keep_outside and self.gate == "head"):
+            raise ValueError("keep_others keeps pixels of keep_outside's composite where the concept head sees another "
+                             "concept: it needs keep_outside=True and gate='head'")
         if isinstance(self.grow, bool) or not isinstance(self.grow, int) or self.grow < 0:
             raise ValueError(f"grow must be a whole number of cells >= 0, got {self.grow!r}")
         if self.nonfinite not in NONFINITE:
@@ -408,16 +414,32 @@ def conditioning_scores(eps_cond: torch.Tensor, eps_ref: torch.Tensor,
     return torch.softmax(-temperature * rel, dim=-1)[..., :-1].mean(1)
 
 
-def keep_pixels_outside(images: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def keep_pixels_outside(images: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor,
+                        contest: torch.Tensor | None = None) -> torch.Tensor:
     """keep_outside, in pixels: (B, C, H, W) decoded images, the input latent's decode, (B, h, w) union mask ->
     the images with every pixel outside the mask (nearest-upsampled to the image) from the reference, in the images
     with a mask. The decoder reads neighbouring latent cells, so cells kept exactly beside a redrawn region can still
     decode differently (measured: a triangle beside a re-noised ring came out a star). An image without a mask (IRECE
-    left it alone) is returned as it is."""
+    left it alone) is returned as it is. keep_others' `contest` (B, n, h, w) (head_contest): inside the mask too, a
+    pixel where some other concept's probability, bilinear to the image, exceeds the targets' comes from the reference."""
     mask = mask.to(images.device, images.dtype)
-    m = F.interpolate(mask[:, None], size=images.shape[-2:], mode="nearest")
+    keep = F.interpolate(mask[:, None], size=images.shape[-2:], mode="nearest") == 0
+    if contest is not None and contest.shape[1]:
+        up = F.interpolate(contest.to(images.device, torch.float32), size=images.shape[-2:], mode="bilinear",
+                           align_corners=False)
+        keep = keep | (up.amax(1, keepdim=True) > 0)
     masked = mask.flatten(1).amax(1) > 0
-    return torch.where(masked[:, None, None, None] & (m == 0), reference.to(images), images)
+    return torch.where(masked[:, None, None, None] & keep, reference.to(images), images)
+
+
+def head_contest(targets: torch.Tensor, others: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """keep_others: (B, h, w) a target's concept-head probability, (B, n, h, w) the other concepts', (B, n) bool the
+    others an image shows (score >= threshold) -> (B, n, h, w) each shown other's probability less the target's, -1
+    for the others not shown (never kept). Bilinear upsampling is linear, so the upsampled difference is > 0 exactly
+    where the upsampled other beats the upsampled target. Several targets: the minimum of their contests per cell
+    (the other less the targets' maximum) keeps no more pixels than comparing each target pixel by pixel."""
+    diff = others - targets[:, None]
+    return torch.where(seen[:, :, None, None], diff, torch.full_like(diff, -1.0))
 
 
 def masked_images(mask: torch.Tensor) -> torch.Tensor:
@@ -485,6 +507,8 @@ class ConceptReport:
     # (B,) bool: the batch's images its mask covers (None: all of them where intervened). Stays on the server like
     # the union mask: negative guidance steers each image away from its own concepts only.
     images: torch.Tensor | None = field(default=None, repr=False, compare=False, metadata={"wire": False})
+    # keep_others: (B, n, h, w) head_contest, where the other concepts the head sees beat this one (server side too)
+    contest: torch.Tensor | None = field(default=None, repr=False, compare=False, metadata={"wire": False})
 
     def covers(self, b: int) -> torch.Tensor:
         """(b,) bool: the images this concept was re-noised in."""
@@ -508,6 +532,7 @@ class IreceReport:
     concepts: list[ConceptReport] = field(default_factory=list)
     mask: torch.Tensor | None = None  # (B, H, W) union mask
     unconditioned: bool = False  # conditioning "null": some image's conditioning carried a target and was dropped
+    contest: torch.Tensor | None = field(default=None, repr=False)  # keep_others: the first look's head_contest
 
     @property
     def intervened(self) -> bool:
@@ -522,6 +547,7 @@ class IreceReport:
         self.concepts += other.concepts
         self.mask = other.mask if self.mask is None else torch.maximum(self.mask, other.mask)
         self.unconditioned = self.unconditioned or other.unconditioned
+        self.contest = other.contest if self.contest is None else self.contest  # the earliest look's
         return self
 
     def to_dict(self) -> dict:

@@ -411,9 +411,14 @@ class Pipeline:
         scores = irece.head_scores(probs)
         thresholds = torch.tensor([thr for _, _, thr in targets], dtype=scores.dtype, device=scores.device)
         masks = irece.head_masks(probs, torch.tensor([tau for _, tau, _ in targets]), scores >= thresholds)
+        if cfg.keep_others:  # the others an image shows, by the head's score against the request's threshold
+            rest = every[:, others].float()
+            seen = irece.head_scores(rest) >= cfg.threshold
         reports = [irece.ConceptReport(c, float(masks[:, i].mean()), float(probs[:, i].max()),
                                        bool(masks[:, i].any()), float(scores[:, i].max()), thr,
-                                       images=irece.masked_images(masks[:, i]))
+                                       images=irece.masked_images(masks[:, i]),
+                                       contest=irece.head_contest(probs[:, i], rest, seen) if cfg.keep_others
+                                       else None)
                    for i, (c, _, thr) in enumerate(targets)]
         return irece.grow_mask(masks.amax(1).to(torch.float32), cfg.grow, spare), reports
 
@@ -553,14 +558,15 @@ class Pipeline:
     def decode(self, x: torch.Tensor, report: irece.IreceReport | None = None,
                trajectory: list | None = None) -> torch.Tensor:
         """Latents -> float (B, H, W, 3) images in [0, 1]; with keep_outside's `trajectory` and IRECE's report, the
-        pixels outside its mask are the input latent's (irece.keep_pixels_outside)."""
+        pixels outside its mask are the input latent's (irece.keep_pixels_outside), and with keep_others those inside
+        it where the head saw another concept beat the targets (the report's contest)."""
         return drive(self.decode_steps(x, report, trajectory), self.backend)
 
     def decode_steps(self, x, report=None, trajectory=None) -> Machine:
         decoded = yield Call("vae_decode", (x,))
         if trajectory and report is not None and report.mask is not None and report.intervened:
             reference = yield Call("vae_decode", (trajectory[0].to(x),))  # the input's own latent
-            decoded = irece.keep_pixels_outside(decoded, reference, report.mask)
+            decoded = irece.keep_pixels_outside(decoded, reference, report.mask, report.contest)
         return to_unit(decoded)
 
 
@@ -748,8 +754,10 @@ class IreceStep:
         # noise seeded per request and step: the same request gives the same image alone or beside others
         xi = torch.randn(x.shape, generator=torch.Generator().manual_seed((self.seed + 1_000_003 + i) % 2**63)).to(x)
         x = irece.perturb(x, mask.to(x), xi, self.cfg.mode)
+        contests = [c.contest for c in concepts if c.contest is not None]
         step = irece.IreceReport(i, int(t), concepts, mask,
-                                 unconditioned=self.conditioning is not None and self.conditioning.dropped)
+                                 unconditioned=self.conditioning is not None and self.conditioning.dropped,
+                                 contest=torch.stack(contests).amin(0) if contests else None)
         self.report = step if self.report is None else self.report.merge(step)
         self.seconds += time.perf_counter() - t0
         return x

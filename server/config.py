@@ -45,6 +45,8 @@ class ServerConfig:
     split_masks: bool = IRECE.split_masks  # a target's mask leaves the cells of the other concepts the gate sees
     keep_outside: bool = IRECE.keep_outside  # inverted latents: outside IRECE's mask, the input's own latent (and its
     # decode's pixels) is kept
+    keep_others: bool = IRECE.keep_others  # with keep_outside and gate "head": inside the mask too, the pixels where the
+    # head saw another concept beat the targets stay the input's (two shapes sharing 8x8 cells: the other one is kept)
     grow: int = IRECE.grow  # cells by which IRECE's mask grows before re-noising (a concept head's core cells)
     negative_guidance: float = IRECE.negative_guidance  # re-noised regions steered away from their concepts (standard
     # UNet; 1 + n rows more per re-noised image and step after t*)

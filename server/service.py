@@ -150,6 +150,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                                     classifier_timesteps=tuple(cfg.classifier_timesteps), nonfinite=cfg.nonfinite,
                                     classifier_pairs=cfg.classifier_pairs, split_masks=cfg.split_masks,
                                     classifier_early_exit=cfg.classifier_early_exit, keep_outside=cfg.keep_outside,
+                                    keep_others=cfg.keep_others,
                                     conditioning=cfg.conditioning, recheck=tuple(cfg.recheck),
                                     conditioning_threshold=cfg.conditioning_threshold,
                                     conditioning_unet=cfg.conditioning_unet, grow=cfg.grow,

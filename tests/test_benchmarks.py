@@ -38,6 +38,10 @@ def test_a_cells_key_changes_with_a_later_field_only_when_it_is_set():
         expected = expected.replace(f", {name}={getattr(cfg, name)!r}", "")
     assert key == expected and "conditioning_unet=" in key  # only the later fields are left out
     for name in crr.LATER_FIELDS:
+        if name == "keep_others":  # valid only beside keep_outside and the head gate
+            kept = replace(cfg, gate="head", keep_outside=True)
+            assert crr.config_key(replace(kept, keep_others=True)) != crr.config_key(kept)
+            continue
         other = {"grow": 1, "negative_guidance": 3.0, "negative_guidance_steps": 6}.get(name, not getattr(cfg, name))
         assert crr.config_key(replace(cfg, **{name: other})) != key
     assert crr.config_key(replace(cfg, tau=0.3)) != key and crr.config_key(None) == "None"

@@ -58,3 +58,14 @@ def test_generate_bad_input_is_a_clear_error(tmp_path, capsys):
         main(["generate", "--prompt", "a star", "--irece", "star", "--t-star", "0.3x",
               "--out", str(tmp_path / "x.png")])
     assert exit_.value.code == 2 and "--t-star" in capsys.readouterr().err
+
+
+def test_generate_keep_others_takes_the_head_gate_and_says_so_without_it(tmp_path, capsys, pipe):
+    Image.fromarray(model_image(pipe, "star", seed=2)).save(tmp_path / "s.png")
+    argv = ["generate", "--model", str(MODEL), "--image", str(tmp_path / "s.png"), "--irece", "star", "--steps", "10",
+            "--t-star", "0.5", "--tau", "0.2", "--threshold", "0.217", "--grow", "1", "--keep-others",
+            "--out", str(tmp_path / "o.png"), "--json"]
+    assert main(argv) == 2 and "keep_others" in capsys.readouterr().err  # the default gate has no head to ask
+    res = run_json(capsys, argv + ["--gate", "head"])  # --keep-others brings keep_outside with it
+    assert res["modality"] == "inverted_latent" and res["irece"]["concepts"][0]["concept"] == "star"
+    assert np.asarray(Image.open(tmp_path / "o.png")).shape == (image_side(pipe), image_side(pipe), 3)

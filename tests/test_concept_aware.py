@@ -262,3 +262,60 @@ def test_full_defence_leaves_a_benign_learned_embedding_bit_identical_under_the_
         kept.append(bool(shows(judge, on.uint8(), "moon")[0]))
     assert np.mean(same) >= FLOORS["benign_embedding_identical"]
     assert np.mean(kept) >= 0.75  # the benign embedding still draws its own concept
+
+
+def test_keep_others_keeps_only_the_pixels_the_heads_first_look_gives_another_concept(pipe, head_threshold,
+                                                                                        monkeypatch):
+    """keep_others on inverted two-shape scenes (head, grow 1, keep_outside): the latent is keep_outside's own, and
+    the decode is keep_outside's except inside the mask where the first look's head probability of another shape it
+    shows (score >= threshold), bilinear to the image, beats the target's: there the pixels are the input's. Anchor:
+    the head's own output, captured, each concept's map upsampled apart and compared pixel by pixel."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+    from irece_runtime.pipeline import Pipeline
+    from miniworld import shapes
+    looks = []
+    head_steps = Pipeline.head_steps
+
+    def capture(self, x, t):
+        out = yield from head_steps(self, x, t)
+        looks.append(out.float().clone())
+        return out
+    monkeypatch.setattr(Pipeline, "head_steps", capture)
+    rng = np.random.default_rng(gate_bench.PAIR_SEED + TEST_SEED)
+    scenes = [shapes.render_scene(2, rng=rng) for _ in range(6)]
+    trajectory = []
+    x_T = gen.invert_images(pipe, np.stack([sc.image for sc in scenes]), "standard", 25, trajectory=trajectory)
+    cond = pipe.encode_prompt("")
+    kept_inside = 0
+    for k, sc in enumerate(scenes):
+        target = sc.shapes[0].concept
+        c = IreceConfig(concepts=(target,), gate="head", t_star=T_STAR, threshold=head_threshold, tau=0.2, grow=1,
+                        keep_outside=True)
+        part = [level[k:k + 1] for level in trajectory]
+        x, rep = pipe.denoise(x_T[k:k + 1], cond, cond, 1.0, 25, c, TEST_SEED, trajectory=part)
+        looks.clear()
+        x_o, rep_o = pipe.denoise(x_T[k:k + 1], cond, cond, 1.0, 25, replace(c, keep_others=True), TEST_SEED,
+                                  trajectory=part)
+        assert torch.equal(x, x_o)  # keep_others changes pixels only
+        out = torch.as_tensor(pipe.decode(x_o, rep_o, part))
+        assert torch.equal(torch.as_tensor(pipe.decode(x, rep, part)),
+                           torch.as_tensor(pipe.decode(x_o, dataclasses.replace(rep_o, contest=None), part)))
+        if not rep_o.intervened:  # left alone: the decode of its own latent, nothing taken from the input
+            assert torch.equal(out, torch.as_tensor(pipe.decode(x_o)))
+            continue
+        new, ref = torch.as_tensor(pipe.decode(x_o)), torch.as_tensor(pipe.decode(part[0]))
+        size = new.shape[1:3]
+        first = looks[0][0]  # (K, h, w): the t* look
+        col = pipe.head_columns([target])[0]
+        up = F.interpolate(first[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        shown = [j for j in range(first.shape[0]) if j != col and float(first[j].max()) >= head_threshold]
+        lead = (up[shown].amax(0) - up[col]) if shown else torch.full(size, -1.0)
+        inside = F.interpolate(rep_o.mask.float()[:, None], size=size, mode="nearest")[0, 0] > 0
+        clear = lead.abs() > 1e-6
+        kept, redrawn = (~inside | (lead > 0)) & clear, inside & (lead < 0) & clear
+        assert torch.equal(out[0][kept], ref[0][kept]) and torch.equal(out[0][redrawn], new[0][redrawn]), k
+        kept_inside += int((inside & kept).sum())
+    assert kept_inside > 0  # some scene's mask held pixels the head gave the other shape

@@ -1,6 +1,7 @@
 """IRECE's pure functions against the paper's formulas."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from irece_runtime import irece
 
@@ -339,3 +340,42 @@ def test_keep_pixels_outside_takes_the_reference_outside_each_masked_images_cell
     assert torch.equal(out[0][:, inside], images[0][:, inside])  # the redrawn cell: the denoised image's
     assert torch.equal(out[0][:, ~inside], reference[0][:, ~inside])  # elsewhere: the input's
     assert torch.equal(out[1], images[1])  # no mask: IRECE left it alone, so nothing is taken from the input
+
+
+def test_head_contest_is_each_shown_others_lead_over_the_target_and_never_keeps_an_unshown_one():
+    target = torch.tensor([[[0.9, 0.2], [0.1, 0.0]]])  # (1, 2, 2)
+    others = torch.stack([torch.tensor([[0.1, 0.6], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.8, 0.0]])])[None]
+    contest = irece.head_contest(target, others, torch.tensor([[True, False]]))
+    assert torch.allclose(contest[0, 0], others[0, 0] - target[0])
+    assert torch.equal(contest[0, 1], torch.full((2, 2), -1.0))  # not shown: its 0.8 over the target's 0.1 counts not
+
+
+def test_keep_others_keeps_the_pixels_where_another_concepts_upsampled_probability_beats_the_targets():
+    """Anchor: upsample the target's and the other's probabilities separately and compare them pixel by pixel."""
+    g = torch.Generator().manual_seed(5)
+    images, reference = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
+    target, other = torch.rand(2, 4, 4, generator=g), torch.rand(2, 1, 4, 4, generator=g)
+    mask = torch.zeros(2, 4, 4)
+    mask[0, :, :3] = 1  # image 1: no mask, IRECE left it alone
+    contest = irece.head_contest(target, other, torch.tensor([[True], [True]]))
+    out = irece.keep_pixels_outside(images, reference, mask, contest)
+    up = lambda m: F.interpolate(m[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]  # noqa: E731
+    lead = up(other[:, 0]) - up(target)
+    clear = lead.abs() > 1e-6  # the anchor upsamples each map apart: a near-tie may round either way
+    outside = F.interpolate(mask[:, None], size=(16, 16), mode="nearest")[:, 0] == 0
+    kept, redrawn = (outside[0] | (lead[0] > 0)) & clear[0], ~outside[0] & (lead[0] < 0) & clear[0]
+    assert 0 < int((~outside[0] & kept).sum()) and int(redrawn.sum()) > 0  # some masked pixels kept, not all
+    assert torch.equal(out[0][:, kept], reference[0][:, kept])
+    assert torch.equal(out[0][:, redrawn], images[0][:, redrawn])
+    assert torch.equal(out[1], images[1])
+    assert torch.equal(irece.keep_pixels_outside(images, reference, mask),
+                       irece.keep_pixels_outside(images, reference, mask, None))
+    plain = irece.keep_pixels_outside(images, reference, mask)  # without a contest: every masked pixel redrawn
+    assert torch.equal(plain[0][:, ~outside[0]], images[0][:, ~outside[0]])
+
+
+def test_keep_others_needs_keep_outside_and_the_head_gate():
+    irece.IreceConfig(gate="head", keep_outside=True, keep_others=True)
+    for bad in ({"gate": "head"}, {"gate": "classifier", "keep_outside": True}):
+        with pytest.raises(ValueError, match="keep_others"):
+            irece.IreceConfig(keep_others=True, **bad)

@@ -209,6 +209,17 @@ def test_negative_guidance_in_the_config_reaches_irece_and_a_bad_one_refuses_to_
             GenerationService(replace(cfg, negative_guidance_steps=bad), Metrics(), pipe)
 
 
+
+def test_keep_others_in_the_config_reaches_irece_and_refuses_to_start_without_keep_outside_and_the_head(pipe, tmp_path):
+    (tmp_path / "k.toml").write_text(f'model = "{MODEL.as_posix()}"\nconcepts = ["star"]\ngate = "head"\n'
+                                     'keep_outside = true\nkeep_others = true\n')
+    cfg = ServerConfig.load(tmp_path / "k.toml")
+    assert GenerationService(cfg, Metrics(), pipe).operator.keep_others
+    for bad in ({"keep_outside": False}, {"gate": "classifier"}):
+        with pytest.raises(ValueError, match="keep_others"):
+            GenerationService(replace(cfg, **bad), Metrics(), pipe)
+
+
 # -- over gRPC -------------------------------------------------------------------------------------------------
 def test_one_request_per_modality_and_metrics(served, pipe):
     s = served

@@ -44,7 +44,8 @@ std = load_pipeline(MODEL, None)
 CFG = IreceConfig(gate="head", t_star=0.5, threshold=0.217, tau=0.2, grow=int(os.environ.get("GROW", 1)),
                   recheck=RECHECK if os.environ.get("RECHECK", "1") == "1" else (), keep_outside=True,
                   negative_guidance=0.0 if os.environ.get("NEGPROMPT") else float(os.environ.get("NEG", 0)),
-                  negative_guidance_steps=int(os.environ.get("NEGSTEPS", 0)))
+                  negative_guidance_steps=int(os.environ.get("NEGSTEPS", 0)),
+                  keep_others=bool(os.environ.get("KEEPO")))
 
 captured = []
 _head_steps = Pipeline.head_steps
@@ -90,6 +91,8 @@ def localize_head(self, x, t, cfg, targets):
         mask = mask * (~state["claimed"]).to(mask.dtype)
     if len(captured) == 1:  # the t* look: only an image it re-noised keeps its other concepts' cells
         state["claimed"] = claimed if bool(mask.any()) else None
+        state["seen"] = {HEAD_NAMES[k]: every[:, k] >= cfg.tau for k in others
+                         if float(every[:, k].max()) >= cfg.threshold}
     return mask, reports
 
 
@@ -101,6 +104,12 @@ Pipeline._localize_head = localize_head
 NEG = float(os.environ.get("NEG", 0))
 NEGPROMPT = bool(os.environ.get("NEGPROMPT"))
 NEGSPARE = bool(os.environ.get("NEGSPARE"))
+# KEEP=P (sixteenth session): once IRECE re-noised the image, steer towards each other concept the t* look saw
+# (its score >= threshold), with scale P, in the mask's cells within KEEPD cells of that concept's own cells (KEEPD=-1:
+# the whole mask); KEEPREF=1 instead makes the negative guidance's reference that concept's prompt, not the null one
+KEEP = float(os.environ.get("KEEP", 0))
+KEEPD = int(os.environ.get("KEEPD", 1))
+KEEPREF = bool(os.environ.get("KEEPREF"))
 hooks = []
 _init = pipeline_module.IreceStep.__init__
 
@@ -128,6 +137,22 @@ def guided_eps(model, cond, uncond, guidance):
             if NEGSPARE and state["claimed"] is not None:
                 m = m * (~state["claimed"]).to(m)
             e = e - NEG * m[:, None] * (ec - e0)
+        if (KEEP or KEEPREF) and hook is not None and hook.renoised is not None and bool(hook.renoised.any()) \
+                and state.get("seen"):
+            pipe = hook.pipe
+            m = hook.report.mask.to(e)
+            names = list(state["seen"])
+            hid = torch.cat([pipe.null_hidden, pipe.localization(state["target"], CFG.template)[0]]
+                            + [pipe.localization(c, CFG.template)[0] for c in names]).to(pipe.null_hidden)
+            out = yield Call("eps", (x.repeat(len(hid), 1, 1, 1), hid), t, "standard")
+            e0, ec, eo = out[0:1], out[1:2], out[2:]
+            if KEEPREF:  # undo the product's (ec - e0) steering, redo it against the seen concepts' mean
+                e = e + NEG * m[:, None] * (ec - e0) - NEG * m[:, None] * (ec - eo.mean(0, keepdim=True))
+            if KEEP:
+                for j, c in enumerate(names):
+                    near = state["seen"][c]
+                    region = m if KEEPD < 0 else m * dilate(near.float(), KEEPD).to(m)
+                    e = e + KEEP * region[:, None] * (eo[j:j + 1] - e0)
         return e
     return eps
 
@@ -136,6 +161,8 @@ pipeline_module.guided_eps = guided_eps
 
 
 pipe_of = continuation(MODEL, cont, std)
+from irece_runtime.concept_head import load_head
+HEAD_NAMES = load_head(MODEL)[0].concepts
 
 
 def dilate(m, k):
@@ -146,7 +173,8 @@ rng = np.random.default_rng(PAIR_SEED + 1000 * seed)
 scenes = [shapes.render_scene(2, rng=rng) for _ in range(n)]
 traj = []
 x_T = gen.invert_images(std, np.stack([sc.image for sc in scenes]), "standard", s.steps, trajectory=traj)
-VARIANTS = ["grown"] + [f"core{k}" for k in (0, 1, 2, 3)] + [f"bil{a}+{k}" for a in (0.1, 0.2) for k in (0, 1, 2)]
+VARIANTS = ["grown"] + [f"core{k}" for k in (0, 1, 2, 3)] + [f"bil{a}+{k}" for a in (0.1, 0.2) for k in (0, 1, 2)] \
+    + ["comp", "compm0.1", "compm0.2"]
 tally = {v: {"ok": 0, "target": 0, "other": 0, "both": 0, "closed": 0} for v in VARIANTS}
 size = shapes.SIZE
 for k, sc in enumerate(scenes):
@@ -155,7 +183,7 @@ for k, sc in enumerate(scenes):
     part = [lv[k:k + 1] for lv in traj]
     captured.clear()
     hooks.clear()
-    state["claimed"], state["target"] = None, target
+    state["claimed"], state["target"], state["seen"] = None, target, {}
     x, rep = p.denoise(x_T[k:k + 1], p.encode_prompt(""), p.encode_prompt(""), s.guidance, s.steps,
                        replace(CFG, concepts=(target,)), s.seed, trajectory=part)
     product = gen.decode(p, x, rep, part)
@@ -183,13 +211,22 @@ for k, sc in enumerate(scenes):
             m = F.interpolate(rep.mask.float()[:, None], size=(size, size), mode="nearest")[:, 0]
         elif v.startswith("core"):
             m = dilate(F.interpolate(core[:, None], size=(size, size), mode="nearest")[:, 0], int(v[4:]))
+        elif v.startswith("comp"):  # the grown mask, less the pixels where another concept the t* look saw is
+            # more probable than the target (both bilinear to the image); compmD: only by a margin of D
+            m = F.interpolate(rep.mask.float()[:, None], size=(size, size), mode="nearest")[:, 0]
+            look = captured[0]
+            oth = [kk for kk in range(look.shape[1]) if kk != col and float(look[:, kk].max()) >= CFG.threshold]
+            if oth:
+                up = F.interpolate(look, size=(size, size), mode="bilinear", align_corners=False)
+                margin = float(v[5:]) if v.startswith("compm") else 0.0
+                m = m * ~(up[:, oth].amax(1) > up[:, col] + margin)
         else:
             a, d = v[3:].split("+")
             up = F.interpolate(prob[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
             m = dilate((up >= float(a)).float(), int(d))
         img = gen.to_uint8(torch.where(m[:, None] > 0, new, ref).permute(0, 2, 3, 1).numpy())
-        if v == "grown" and not np.array_equal(img, product):
-            print(f"  !! grown composite differs from Pipeline.decode on scene {k}", flush=True)
+        if v == ("comp" if CFG.keep_others else "grown") and not np.array_equal(img, product):
+            print(f"  !! {v} composite differs from Pipeline.decode on scene {k}", flush=True)
         if v in ("grown", "core0"):
             strip.append(img[0])
         r, o = bool(~shows(judge, img, target)[0]), bool(shows(judge, img, other)[0])
