@@ -757,7 +757,7 @@ class IreceStep:
         contests = [c.contest for c in concepts if c.contest is not None]
         step = irece.IreceReport(i, int(t), concepts, mask,
                                  unconditioned=self.conditioning is not None and self.conditioning.dropped,
-                                 contest=torch.stack(contests).amin(0) if contests else None)
+                                 contest=torch.stack(contests).amax(0) if contests else None)
         self.report = step if self.report is None else self.report.merge(step)
         self.seconds += time.perf_counter() - t0
         return x

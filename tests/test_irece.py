@@ -342,12 +342,13 @@ def test_keep_pixels_outside_takes_the_reference_outside_each_masked_images_cell
     assert torch.equal(out[1], images[1])  # no mask: IRECE left it alone, so nothing is taken from the input
 
 
-def test_head_contest_is_each_shown_others_lead_over_the_target_and_never_keeps_an_unshown_one():
+def test_head_contest_holds_the_target_then_each_shown_other_and_never_an_unshown_one():
     target = torch.tensor([[[0.9, 0.2], [0.1, 0.0]]])  # (1, 2, 2)
     others = torch.stack([torch.tensor([[0.1, 0.6], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.8, 0.0]])])[None]
     contest = irece.head_contest(target, others, torch.tensor([[True, False]]))
-    assert torch.allclose(contest[0, 0], others[0, 0] - target[0])
-    assert torch.equal(contest[0, 1], torch.full((2, 2), -1.0))  # not shown: its 0.8 over the target's 0.1 counts not
+    assert contest.shape == (1, 3, 2, 2)
+    assert torch.equal(contest[0, 0], target[0]) and torch.equal(contest[0, 1], others[0, 0])
+    assert torch.equal(contest[0, 2], torch.full((2, 2), -1.0))  # not shown: its 0.8 over the target's 0.1 counts not
 
 
 def test_keep_others_keeps_the_pixels_where_another_concepts_upsampled_probability_beats_the_targets():
@@ -358,20 +359,24 @@ def test_keep_others_keeps_the_pixels_where_another_concepts_upsampled_probabili
     mask = torch.zeros(2, 4, 4)
     mask[0, :, :3] = 1  # image 1: no mask, IRECE left it alone
     contest = irece.head_contest(target, other, torch.tensor([[True], [True]]))
-    out = irece.keep_pixels_outside(images, reference, mask, contest)
     up = lambda m: F.interpolate(m[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]  # noqa: E731
-    lead = up(other[:, 0]) - up(target)
-    clear = lead.abs() > 1e-6  # the anchor upsamples each map apart: a near-tie may round either way
     outside = F.interpolate(mask[:, None], size=(16, 16), mode="nearest")[:, 0] == 0
-    kept, redrawn = (outside[0] | (lead[0] > 0)) & clear[0], ~outside[0] & (lead[0] < 0) & clear[0]
-    assert 0 < int((~outside[0] & kept).sum()) and int(redrawn.sum()) > 0  # some masked pixels kept, not all
-    assert torch.equal(out[0][:, kept], reference[0][:, kept])
-    assert torch.equal(out[0][:, redrawn], images[0][:, redrawn])
-    assert torch.equal(out[1], images[1])
-    assert torch.equal(irece.keep_pixels_outside(images, reference, mask),
-                       irece.keep_pixels_outside(images, reference, mask, None))
+    inside_kept = {}
+    for floor in (0.0, 0.5):
+        out = irece.keep_pixels_outside(images, reference, mask, contest, floor)
+        o, t = up(other[:, 0])[0], up(target)[0]
+        clear = ((o - t).abs() > 1e-6) & ((o - floor).abs() > 1e-6)  # a near-tie may round either way
+        beats = (o > t) & (o >= floor)
+        kept, redrawn = (outside[0] | beats) & clear, ~outside[0] & ~beats & clear
+        assert int((~outside[0] & kept).sum()) > 0 and int(redrawn.sum()) > 0  # some masked pixels kept, not all
+        assert torch.equal(out[0][:, kept], reference[0][:, kept])
+        assert torch.equal(out[0][:, redrawn], images[0][:, redrawn])
+        assert torch.equal(out[1], images[1])
+        inside_kept[floor] = int((~outside[0] & kept).sum())
+    assert inside_kept[0.5] < inside_kept[0.0]  # the floor spares the pixels where the other is faint
     plain = irece.keep_pixels_outside(images, reference, mask)  # without a contest: every masked pixel redrawn
     assert torch.equal(plain[0][:, ~outside[0]], images[0][:, ~outside[0]])
+    assert torch.equal(plain[0][:, outside[0]], reference[0][:, outside[0]])
 
 
 def test_keep_others_needs_keep_outside_and_the_head_gate():

@@ -2,10 +2,12 @@
 head's first look saw another concept beat the target) ever keep the target itself? Single-shape renders of each of
 the ten concepts, white-box inverted on METHOD erasing it (crr.inversion: the bench gate control's renders, with
 their trajectory), null prompt, head gate aimed at the concept (right aim) and at a wrong one, recheck, keep_outside,
-negative guidance G: CRR with and without keep_others, and how many images kept any masked pixel.
+negative guidance G: how many images show the concept, with and without keep_others (OTHERTAU=F: another floor for
+the other concept's probability than irece.KEEP_OTHERS_FLOOR).
 
     PYTHONPATH=. python scripts/probes/keep_others_single.py N METHOD G     # 16 uce 3: about 6 min
 """
+import os
 import sys
 from dataclasses import replace
 
@@ -19,6 +21,9 @@ from miniworld import shapes
 from miniworld.judge import load_judge, shows
 
 MODEL = "miniworld/models/shapes10"
+if os.environ.get("OTHERTAU"):  # the product's floor for the others' probability (irece.KEEP_OTHERS_FLOOR)
+    from irece_runtime import irece
+    irece.keep_pixels_outside.__defaults__ = (None, float(os.environ["OTHERTAU"]))
 n, method, g = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 s = BenchSettings(n=n, t_star=0.5)
 judge = load_judge()

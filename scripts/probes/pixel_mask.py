@@ -12,6 +12,12 @@ recheck reads x0-hat re-noised to t*'s level, the head's training level); GROW=N
 NEGSTEPS=K (negative guidance, for K steps after each re-noising); SAVE=dir (a strip per
 scene: render | input decode | redrawn | grown composite | core0 composite).
 
+Sixteenth session: KEEP=P / KEEPREF=1 (steering towards the other concepts the t* look saw; see below); the "comp"
+variants: the grown mask less the pixels where another concept the t* look saw (score >= threshold) is more probable
+than the target, both bilinear to the image (compmD: by a margin D). KEEPO=1 runs the product's keep_others
+(IreceConfig.keep_others), and the probe then checks its "compt" composite at the product's floor
+(irece.KEEP_OTHERS_FLOOR) equals Pipeline.decode on every scene.
+
     PYTHONPATH=.:scripts/probes python scripts/probes/pixel_mask.py SEED N METHOD|standard    # 35 s for 40 scenes
 """
 import os
@@ -25,7 +31,7 @@ import torch.nn.functional as F
 from benchmarks import batch as gen
 from benchmarks.crr import BenchSettings
 from benchmarks.gate import PAIR_SEED
-from irece_runtime.irece import RECHECK, IreceConfig
+from irece_runtime.irece import KEEP_OTHERS_FLOOR, RECHECK, IreceConfig
 from irece_runtime.loading import load_pipeline
 from irece_runtime import pipeline as pipeline_module
 from irece_runtime.pipeline import Call, Pipeline
@@ -174,7 +180,7 @@ scenes = [shapes.render_scene(2, rng=rng) for _ in range(n)]
 traj = []
 x_T = gen.invert_images(std, np.stack([sc.image for sc in scenes]), "standard", s.steps, trajectory=traj)
 VARIANTS = ["grown"] + [f"core{k}" for k in (0, 1, 2, 3)] + [f"bil{a}+{k}" for a in (0.1, 0.2) for k in (0, 1, 2)] \
-    + ["comp", "compm0.1", "compm0.2"]
+    + ["comp", "compm0.1", "compm0.2", "compt0.1", "compt0.2"]
 tally = {v: {"ok": 0, "target": 0, "other": 0, "both": 0, "closed": 0} for v in VARIANTS}
 size = shapes.SIZE
 for k, sc in enumerate(scenes):
@@ -219,13 +225,15 @@ for k, sc in enumerate(scenes):
             if oth:
                 up = F.interpolate(look, size=(size, size), mode="bilinear", align_corners=False)
                 margin = float(v[5:]) if v.startswith("compm") else 0.0
-                m = m * ~(up[:, oth].amax(1) > up[:, col] + margin)
+                floor = float(v[5:]) if v.startswith("compt") else 0.0  # compt: the other's probability >= this too
+                best = up[:, oth].amax(1)
+                m = m * ~((best > up[:, col] + margin) & (best >= floor))
         else:
             a, d = v[3:].split("+")
             up = F.interpolate(prob[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
             m = dilate((up >= float(a)).float(), int(d))
         img = gen.to_uint8(torch.where(m[:, None] > 0, new, ref).permute(0, 2, 3, 1).numpy())
-        if v == ("comp" if CFG.keep_others else "grown") and not np.array_equal(img, product):
+        if v == (f"compt{KEEP_OTHERS_FLOOR}" if CFG.keep_others else "grown") and not np.array_equal(img, product):
             print(f"  !! {v} composite differs from Pipeline.decode on scene {k}", flush=True)
         if v in ("grown", "core0"):
             strip.append(img[0])
