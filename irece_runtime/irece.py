@@ -541,7 +541,8 @@ class IreceReport:
     concepts: list[ConceptReport] = field(default_factory=list)
     mask: torch.Tensor | None = None  # (B, H, W) union mask
     unconditioned: bool = False  # conditioning "null": some image's conditioning carried a target and was dropped
-    contest: torch.Tensor | None = field(default=None, repr=False)  # keep_others: the first look's head_contest
+    # keep_others: the first look's head_contest, combined over its targets (the decode's keep_pixels_outside)
+    contest: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def intervened(self) -> bool:
