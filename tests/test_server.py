@@ -209,7 +209,6 @@ def test_negative_guidance_in_the_config_reaches_irece_and_a_bad_one_refuses_to_
             GenerationService(replace(cfg, negative_guidance_steps=bad), Metrics(), pipe)
 
 
-
 def test_keep_others_in_the_config_reaches_irece_and_refuses_to_start_without_keep_outside_and_the_head(pipe, tmp_path):
     (tmp_path / "k.toml").write_text(f'model = "{MODEL.as_posix()}"\nconcepts = ["star"]\ngate = "head"\n'
                                      'keep_outside = true\nkeep_others = true\n')
