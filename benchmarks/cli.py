@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from irece_runtime.irece import GATES, PRESENCE_GATE, IreceConfig, parse_t_star
+from irece_runtime.policy import POLICIES, RECOMMENDED
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 
 GATE_PARTS = ("wrong_concept", "benign", "pairs")  # benchmarks.gate.PARTS (imported lazily)
@@ -34,6 +35,18 @@ def cmd_crr(a):
     res = crr.run(a.model, concepts or list(crr.shapes.CONCEPTS), methods or list(crr.METHODS), scenarios, s,
                   ray=a.ray, ray_cpus=a.ray_cpus, ray_threads=a.ray_threads)
     _publish(res, a, report.crr_markdown, report.crr_chart)
+
+
+def cmd_policy(a):
+    from . import policy
+    methods, concepts = a.methods or list(policy.METHODS), a.concepts or list(policy.shapes.CONCEPTS)
+    res = policy.run(a.model, a.policy, methods, concepts, n=a.n or 16, n_pairs=a.n_pairs, parts=tuple(a.parts),
+                     seed=a.seed, ray=a.ray)
+    _write(res, a.json)
+    md = policy.markdown(res)
+    print(md)
+    if a.markdown:
+        Path(a.markdown).write_text(md)
 
 
 def _publish(res: dict, a, markdown, chart) -> None:
@@ -115,7 +128,8 @@ def cmd_latency(a):
     res = latency.measure(a.model, a.erased, a.graphs, steps=steps, n=n, modality=a.modality, threshold=a.threshold,
                           classifier_timesteps=a.classifier_timesteps, classifier_pairs=a.classifier_pairs,
                           shows=a.shows, t_star=a.t_star, gate=a.gate, grow=a.grow, recheck=a.recheck,
-                          negative_guidance=a.negative_guidance, negative_guidance_steps=a.negative_guidance_steps)
+                          negative_guidance=a.negative_guidance, negative_guidance_steps=a.negative_guidance_steps,
+                          policy=a.policy)
     if a.server:
         res["server"] = latency.measure_server(a.model, a.erased, steps=steps, per_client=2 if a.quick else 4,
                                                clients=(1, 2) if a.quick else (1, 4, 8))
@@ -152,6 +166,11 @@ def cmd_presence(a):
     res = presence.run(a.model, n=a.n or (12 if a.quick else 100), steps=10 if a.quick else 25, tau=a.tau,
                        t_star=a.t_star, gate=a.gate, classifier_timesteps=a.classifier_timesteps,
                        classifier_pairs=a.classifier_pairs)
+    if a.write_calibration:  # the head gate's numbers, stored beside the head for the named policies
+        from irece_runtime.policy import write_calibration
+        if a.gate != "head":
+            raise ValueError("--write-calibration stores the concept head's calibration: it needs --gate head")
+        res["written"] = str(write_calibration(a.model, presence.calibration_block(res)))
     _write(res, a.json)
     print(json.dumps({k: v for k, v in res.items() if k != "by_concept"}, indent=1))
 
@@ -229,6 +248,20 @@ def register(sub) -> None:
                         "is reproduced with the same thread count)")
     p.set_defaults(func=cmd_crr)
 
+    p = bsub.add_parser("policy", help="one table for a named policy on the committed world: every CRR scenario x "
+                                       "concept x erasure method, the wrong-concept control, benign requests, two-shape "
+                                       "scenes; the paper's policy in every part")
+    common(p)
+    p.add_argument("--policy", choices=tuple(POLICIES), default=RECOMMENDED)
+    p.add_argument("--concepts", nargs="+")
+    p.add_argument("--methods", nargs="+", choices=("uce", "esd-x", "esd-u", "receler"))
+    p.add_argument("--parts", nargs="+", choices=("crr", "benign", "pairs"), default=["crr", "benign", "pairs"])
+    p.add_argument("--n-pairs", type=int, default=100, help="two-shape scenes per method")
+    p.add_argument("--markdown", metavar="FILE")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="the CRR cells as Ray tasks (a local Ray instance, or the cluster at ADDRESS)")
+    p.set_defaults(func=cmd_policy)
+
     p = bsub.add_parser("adaptive", help="attacks that know the defence: TI through it, PGD and query search "
                                          "against its gate (issue #12)")
     common(p)
@@ -290,6 +323,8 @@ def register(sub) -> None:
                    help="the gated setting's presence gate")
     p.add_argument("--grow", type=int, default=0, help="the gated setting's mask growth in cells")
     p.add_argument("--recheck", action="store_true", help="also the gate with its later looks (gated+recheck)")
+    p.add_argument("--policy", choices=tuple(POLICIES),
+                   help="also the named policy, exactly as the server runs it (the paper's policy is always a row)")
     p.add_argument("--negative-guidance", type=float, default=0.0, metavar="G",
                    help="also the last gated setting with re-noised regions steered away from the concept (+neg)")
     p.add_argument("--negative-guidance-steps", type=int, default=0, metavar="K",
@@ -323,6 +358,9 @@ def register(sub) -> None:
                    help="the presence score: diffusion classifier, competing cross-attention or the concept head")
     p.add_argument("--classifier-timesteps", nargs="+", type=int, metavar="T",
                    help="the classifier gate's re-noising timesteps (default: IreceConfig's)")
+    p.add_argument("--write-calibration", action="store_true",
+                   help="--gate head: store t*, tau and the threshold (with the splits and FPR budget) in the model's "
+                        "concept_head/config.json, where the named policies read them")
     p.add_argument("--classifier-pairs", action="store_true",
                    help="the classifier also weighs a prompt for each pair of concepts (K(K-1)/2 more rows)")
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)

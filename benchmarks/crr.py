@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from irece_runtime.irece import PAPER_TAU, PRESENCE_GATE, RECHECK, IreceConfig
 from irece_runtime.loading import load_pipeline
+from irece_runtime.policy import resolve
 from miniworld import shapes
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 from miniworld.judge import classify, load_judge, shows
@@ -80,11 +81,16 @@ LATER_SETTINGS = ("gate", "grow", "negative_guidance", "negative_guidance_steps"
 PAPER_IRECE = {"gate": "off", "grow": 0, "tau": PAPER_TAU, "negative_guidance": 0.0, "negative_guidance_steps": 0}
 
 
-def defence_config(defence: str, concept: str, s: BenchSettings) -> IreceConfig | None:
+def defence_config(defence: str, concept: str, s: BenchSettings, model_dir: str = str(DEFAULT_MODEL)
+                   ) -> IreceConfig | None:
+    """A defence of the table: "none", a named policy ("policy:gated", "policy:paper": exactly as the server runs it,
+    its numbers from the model's calibration block), or one of the research settings (CHOICES) built from `s`."""
     if defence == "none":
         return None
+    if defence.startswith("policy:"):
+        return resolve(defence.removeprefix("policy:"), model_dir, [concept])
     if defence not in CHOICES:
-        raise ValueError(f"defence must be one of {CHOICES}, got {defence!r}")
+        raise ValueError(f"defence must be one of {CHOICES} or policy:<name>, got {defence!r}")
     paper, full = defence == "irece-paper", defence.startswith("full")
     return IreceConfig(concepts=(concept,), t_star=s.t_star, threshold=s.threshold,
                        conditioning="null" if full else "keep",
@@ -195,7 +201,7 @@ def cell_path(model_dir: str, method: str, concept: str, scenarios, s: BenchSett
     return key("cell", model=model_fingerprint(model_dir), method=method, concept=concept,
                scenarios=list(scenarios), settings=settings_key(s),
                # the defences as configured (a changed default changes the cell)
-               configs=[config_key(defence_config(d, concept, s)) for d in s.defences]).with_suffix(".json")
+               configs=[config_key(defence_config(d, concept, s, model_dir)) for d in s.defences]).with_suffix(".json")
 
 
 def settings_key(s: BenchSettings) -> dict:
@@ -226,7 +232,7 @@ def run_cell(model_dir: str, method: str, concept: str, scenarios, s: BenchSetti
     rows, quality, preservation, controls = [], [], [], []
     erased = erased_unet(model_dir, method, concept, s)
     pipe = load_pipeline(model_dir, erased)
-    cfgs = {d: defence_config(d, concept, s) for d in s.defences}
+    cfgs = {d: defence_config(d, concept, s, model_dir) for d in s.defences}
     for scenario in tqdm(scenarios, desc=f"{method}/{concept}", leave=False):
         made = {d: scenario_images(pipe, scenario, concept, model_dir, erased, s, cfg)
                 for d, cfg in cfgs.items()}
@@ -247,7 +253,7 @@ def run_cell(model_dir: str, method: str, concept: str, scenarios, s: BenchSetti
             if d == "none":
                 continue
             imgs, m = scenario_images(pipe, "inv_white_null", concept, model_dir, erased, s,
-                                      defence_config(d, wrong, s))
+                                      defence_config(d, wrong, s, model_dir))
             k = int(shows(judge, imgs, concept).sum())
             controls.append({"method": method, "concept": concept, "scenario": "inv_white_null",
                              "defence": d, "localized": wrong, "crr": k / len(imgs), "k": k, "n": len(imgs),

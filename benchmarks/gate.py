@@ -104,12 +104,14 @@ def pair_variants(gate: str) -> dict:
                if gate == "head" else {})}
 
 
-def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None, erased_for=None) -> list[dict]:
+def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None, erased_for=None,
+          configs: dict | None = None) -> list[dict]:
     """Two-shape renders, inverted with the standard model and regenerated (null prompt) with IRECE aimed at
     one of the shapes: target removed, other kept, PSNR outside the mask; a row per variant (PAIR_VARIANTS).
     The denoising after t* runs on `pipe`'s erased UNet (the standard one for load_pipeline(model, None): the
     strictest case, nothing but IRECE keeps the target away), or with erased_for(target) -> pipeline, on a model
-    that erased the target (the product's case: IRECE, then the erased UNet)."""
+    that erased the target (the product's case: IRECE, then the erased UNet). `configs` (variant -> IreceConfig,
+    e.g. named policies): the variants instead of cfg's PAIR_VARIANTS."""
     rng = np.random.default_rng(PAIR_SEED + s.seed)
     scenes = [shapes.render_scene(2, rng=rng) for _ in range(n)]
     trajectory = []
@@ -130,12 +132,13 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None
     rows = [{"variant": "none", "gate": "none", "n": n, "target_removed": float(np.mean(~t_off)),
              "other_kept": float(np.mean(o_off)), "removed_and_kept": float(np.mean(~t_off & o_off)),
              "both_shown": float(np.mean(t_off & o_off)), "intervened": 0.0, "psnr_outside_mask_db": float("nan")}]
-    options = pair_variants(cfg.gate)
+    options = pair_variants(cfg.gate) if configs is None else configs
     for variant in variants or tuple(options):
         removed, kept, both, psnrs, intervened = [], [], [], [], 0
         for k, sc in enumerate(scenes):
             target, other = sc.shapes[0].concept, sc.shapes[1].concept
-            c = replace(cfg, concepts=(target,), **({"gate": cfg.gate} | options[variant]))
+            c = replace(configs[variant], concepts=(target,)) if configs is not None else \
+                replace(cfg, concepts=(target,), **({"gate": cfg.gate} | options[variant]))
             on, masks = gen.from_latents(pipe_of(target), x_T[k:k + 1], "", c, seed=s.seed, steps=s.steps,
                                          guidance=s.guidance,
                                          trajectory=[level[k:k + 1] for level in trajectory])
@@ -146,7 +149,8 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None
             if masks is not None and masks.any():
                 intervened += 1
                 psnrs.append(outside_mask_change(off[k:k + 1], on, masks)[0])
-        rows.append({"variant": variant, "gate": options[variant].get("gate", cfg.gate), "n": n,
+        gate = configs[variant].gate if configs is not None else options[variant].get("gate", cfg.gate)
+        rows.append({"variant": variant, "gate": gate, "n": n,
                      "target_removed": float(np.mean(removed)), "other_kept": float(np.mean(kept)),
                      "removed_and_kept": float(np.mean(both)), "intervened": intervened / n,
                      "psnr_outside_mask_db": float(np.mean(psnrs)) if psnrs else float("nan")})

@@ -70,7 +70,7 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
             threshold: float | None = None, classifier_timesteps: tuple[int, ...] | None = None,
             classifier_pairs: bool = False, shows: str | None = None, t_star: float | int | None = None,
             gate: str = PRESENCE_GATE, grow: int = 0, recheck: bool = False, negative_guidance: float = 0.0,
-            negative_guidance_steps: int = 0) -> dict:
+            negative_guidance_steps: int = 0, policy: str | None = None) -> dict:
     """p50/p95, throughput and peak memory with IRECE off, as the paper runs it ("paper": always intervening) and
     behind the presence gate ("gated"; "gated-every-t": scoring every t' even where the first settles the
     decision), interleaved per request; ratios on/off and gated/paper per backend. The requests show `concept`
@@ -94,6 +94,9 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
         if negative_guidance_steps:
             settings[f"{last}+neg{negative_guidance_steps}"] = replace(
                 settings[last + "+neg"], negative_guidance_steps=negative_guidance_steps)
+    if policy:  # the named policy exactly as the server runs it (its numbers from the model's calibration block)
+        from irece_runtime.policy import resolve
+        settings[f"policy:{policy}"] = resolve(policy, model_dir, [concept])
     if gate == "classifier":  # the early exit is the classifier's: its cost without it, in the same run
         settings["gated-every-t"] = replace(gated, classifier_early_exit=False)
     cfg = settings["paper"]
@@ -150,6 +153,8 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
                                 if "gated+recheck" in p50 else {}),
                              **{f"p50_ratio_{k.replace('+', '_').replace('-', '_')}_paper": p50[k] / p50["paper"]
                                 for k in p50 if "+neg" in k},
+                             **{f"p50_ratio_{k.replace('policy:', 'policy_')}_off": p50[k] / p50["off"]
+                                for k in p50 if k.startswith("policy:")},
                              "localizer_over_unet_step": float(np.median(loc_t) / np.median(unet_t)),
                              "floor_ratio": float(1 + floor),
                              "localization_share_of_request": float(np.mean(

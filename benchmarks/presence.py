@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
+from irece_runtime.calibration import auc, constrained_threshold  # noqa: F401 (benchmarks use them from here)
 from irece_runtime.irece import PRESENCE_GATE, IreceConfig
 from irece_runtime.pipeline import trajectory
 from miniworld import shapes
@@ -21,16 +21,6 @@ from . import batch as gen
 CALIBRATION_SEED, HELD_OUT_SEED = 7_100_000, 7_200_000  # neither is used to train the mini world
 
 
-def auc(labels, scores) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney) statistic; ties count half."""
-    y, s = np.asarray(labels, bool), np.asarray(scores, float)
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if not n1 or not n0:
-        return float("nan")
-    r = rankdata(s)
-    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 def youden_threshold(labels, scores) -> float:
     """The threshold that maximises TPR - FPR (midpoint between neighbouring scores)."""
     y, s = np.asarray(labels, bool), np.asarray(scores, float)
@@ -38,19 +28,6 @@ def youden_threshold(labels, scores) -> float:
     cuts = np.concatenate([[cands[0] - 1e-6], (cands[1:] + cands[:-1]) / 2, [cands[-1] + 1e-6]])
     j = [(s[y] >= c).mean() - (s[~y] >= c).mean() for c in cuts]
     return float(cuts[int(np.argmax(j))])
-
-
-def constrained_threshold(labels, scores, max_fpr: float) -> float:
-    """The lowest threshold whose false-positive rate stays <= max_fpr: as many present concepts caught as the
-    budget of benign requests touched allows (the service's promise is to leave benign requests untouched)."""
-    y, s = np.asarray(labels, bool), np.asarray(scores, float)
-    neg = np.sort(s[~y])
-    if not len(neg):
-        return float(s.min()) if len(s) else 0.5
-    k = int(np.floor(max_fpr * len(neg)))  # negatives allowed at or above the threshold
-    top = neg[len(neg) - k - 1]  # the highest negative that must stay below it
-    above = s[s > top]
-    return float((top + above.min()) / 2) if len(above) else float(top + 1e-6)
 
 
 def calibrate(rows: list[dict], max_fpr: float = 0.03, min_per_concept: int = 8) -> dict:
@@ -175,3 +152,17 @@ def run(model_dir, n: int = 100, steps: int = 25, guidance: float = 5.0, tau: fl
            "by_concept": {c: summarize([r for r in held if r["concept"] == c], threshold)
                           for c in pipe.contrast_set(cfg)}}
     return res
+
+
+def calibration_block(res: dict) -> dict:
+    """A head-gate run's numbers as the model's calibration block (policy.write_calibration): the threshold at the FPR
+    budget on the calibration split, t* where it was measured, tau (the head's mask cells), the splits and the held-out
+    rates."""
+    return {"t_star": res["t_star"], "tau": res["tau"], "threshold": res["threshold"],
+            "max_fpr": res["calibration"]["max_fpr"], "rule": res["calibration"]["rule"],
+            "source": "Shapes-10 renders: text prompts and inverted renders (irece bench presence --gate head)",
+            "split": {"calibration": {"scenes": res["n_scenes"], "seed": CALIBRATION_SEED},
+                      "held_out": {"scenes": res["n_scenes"], "seed": HELD_OUT_SEED}, "steps": res["steps"]},
+            "held_out_rates": {k: res["held_out"][k] for k in ("auc", "tpr", "fpr")},
+            "command": f"irece bench presence --gate head --n {res['n_scenes']} --t-star {res['t_star']} "
+                       f"--tau {res['tau']} --write-calibration"}

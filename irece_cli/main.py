@@ -24,14 +24,20 @@ def cmd_world_check(a):
 
 
 # -- generate ------------------------------------------------------------------------------------------------
+# the flags of IreceConfig fields: left unset (None) they come from the policy
+IRECE_FLAGS = ("tau", "t_star", "mode", "template", "gate", "threshold", "conditioning", "conditioning_unet", "grow",
+               "negative_guidance", "negative_guidance_steps", "keep_outside", "keep_others", "recheck")
+
+
 def irece_config_from_args(a) -> IreceConfig | None:
+    """--irece's concepts under --policy (default: the recommended one), with the flags given on top."""
     if not a.irece:
         return None
-    return IreceConfig(concepts=tuple(a.irece), tau=a.tau, t_star=a.t_star, mode=a.mode, template=a.template,
-                       gate=a.gate, threshold=a.threshold, conditioning=a.conditioning, recheck=tuple(a.recheck or ()),
-                       conditioning_unet=a.conditioning_unet, grow=a.grow, negative_guidance=a.negative_guidance,
-                       negative_guidance_steps=a.negative_guidance_steps, keep_outside=a.keep_outside or a.keep_others,
-                       keep_others=a.keep_others)
+    from irece_runtime.policy import resolve
+    overrides = {k: getattr(a, k) for k in IRECE_FLAGS if getattr(a, k) is not None}
+    if a.keep_others and a.keep_outside is None:
+        overrides["keep_outside"] = True
+    return resolve(a.policy, a.model, a.irece, overrides)
 
 
 def cmd_generate(a):
@@ -59,46 +65,58 @@ def cmd_generate(a):
           "timings_s": {k: round(v, 4) for k, v in res.timings.items()}}, a.json)
 
 
+def cmd_calibrate(a):
+    from irece_runtime.calibration import calibrate
+    from irece_runtime.loading import load_pipeline
+    from irece_runtime.policy import write_calibration
+    block = calibrate(load_pipeline(a.model), n=a.n, n_held_out=a.n_held_out, max_fpr=a.max_fpr, tau=a.tau,
+                      steps=a.steps, t_star=a.t_star)
+    path = write_calibration(a.model, block)
+    emit({"written": str(path), **block}, a.json)
+
+
 def cmd_demo(a):
     from .demo import run
     run(Path(a.out), concept=a.concept)
 
 
 def add_irece_flags(p):
+    from irece_runtime.policy import POLICIES, RECOMMENDED
     p.add_argument("--irece", action="append", metavar="CONCEPT", help="concept to suppress with IRECE (repeatable)")
-    p.add_argument("--tau", type=float, default=DEFAULTS.tau, help="localization threshold (default: %(default)s)")
-    p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star,
-                   help="intervention step: a fraction (0.3) or a step index (7) (default: %(default)s)")
-    p.add_argument("--mode", choices=PERTURB_MODES, default=DEFAULTS.mode)
-    p.add_argument("--template", default=DEFAULTS.template, help="localization prompt (default: %(default)r)")
-    p.add_argument("--gate", choices=GATES, default=DEFAULTS.gate,
-                   help="off: always intervene (the paper); classifier (a diffusion classifier on the standard UNet), "
-                        "contrastive (competing cross-attention) or head (the model folder's concept head, trained "
-                        "by `irece world head`): only where the concept is present")
-    p.add_argument("--threshold", type=float, default=DEFAULTS.threshold,
-                   help="presence gate's threshold (default: %(default)s)")
-    p.add_argument("--conditioning", choices=CONDITIONING, default=DEFAULTS.conditioning,
+    p.add_argument("--policy", choices=tuple(POLICIES),
+                   help=f"named defence (default: {RECOMMENDED!r}, the recommended one; 'paper': the seed paper's "
+                        "always-on IRECE); the flags below override its fields")
+    p.add_argument("--tau", type=float, help=f"localization threshold (paper: {DEFAULTS.tau})")
+    p.add_argument("--t-star", type=parse_t_star,
+                   help=f"intervention step: a fraction (0.3) or a step index (7) (paper: {DEFAULTS.t_star})")
+    p.add_argument("--mode", choices=PERTURB_MODES)
+    p.add_argument("--template", help=f"localization prompt (default: {DEFAULTS.template!r})")
+    p.add_argument("--gate", choices=GATES,
+                   help="off: always intervene (the paper); head (the model folder's concept head), classifier (a "
+                        "diffusion classifier on the standard UNet) or contrastive (competing cross-attention): only "
+                        "where the concept is present")
+    p.add_argument("--threshold", type=float, help="presence gate's threshold")
+    p.add_argument("--conditioning", choices=CONDITIONING,
                    help="after IRECE re-noises an image: keep its conditioning (the paper) or denoise it on the null "
                         "prompt from then on (null: a learned embedding cannot redraw the concept)")
-    p.add_argument("--conditioning-unet", choices=CONDITIONING_UNETS, default=DEFAULTS.conditioning_unet,
-                   help="which UNet reads the conditioning for --conditioning null: standard (does it name the "
-                        "concept), erased (does it steer the model that draws towards it) or both, the higher score "
-                        "(default: %(default)s)")
-    p.add_argument("--grow", type=int, default=DEFAULTS.grow,
-                   help="cells by which IRECE's mask grows before re-noising (default: %(default)s)")
-    p.add_argument("--negative-guidance", type=float, default=DEFAULTS.negative_guidance, metavar="G",
+    p.add_argument("--conditioning-unet", choices=CONDITIONING_UNETS,
+                   help="classifier gate, --conditioning null: which UNet reads the conditioning: standard (does it "
+                        "name the concept), erased (does it steer the model that draws towards it) or both")
+    p.add_argument("--grow", type=int, help="cells by which IRECE's mask grows before re-noising")
+    p.add_argument("--negative-guidance", type=float, metavar="G",
                    help="steer the regions IRECE re-noised away from their concepts with this scale (standard UNet; "
-                        "default: %(default)s, the paper's)")
-    p.add_argument("--negative-guidance-steps", type=int, default=DEFAULTS.negative_guidance_steps, metavar="K",
-                   help="steer only the K steps after each re-noising (default: %(default)s, to the end)")
-    p.add_argument("--keep-outside", action="store_true",
+                        "paper: 0)")
+    p.add_argument("--negative-guidance-steps", type=int, metavar="K",
+                   help="steer only the K steps after each re-noising (0: to the end)")
+    p.add_argument("--keep-outside", action=argparse.BooleanOptionalAction,
                    help="inverted images: once IRECE re-noised an image, only its mask is redrawn; every pixel outside "
                         "it stays the input's")
-    p.add_argument("--keep-others", action="store_true",
-                   help="with --gate head (implies --keep-outside): inside the mask too, the pixels where the concept "
-                        "head saw another concept more probable than the targets stay the input's")
-    p.add_argument("--recheck", nargs="+", type=parse_t_star, metavar="T",
-                   help="later points of the schedule where IRECE runs again (fractions or step indices)")
+    p.add_argument("--keep-others", action=argparse.BooleanOptionalAction,
+                   help="with the head gate (implies --keep-outside): inside the mask too, the pixels where the "
+                        "concept head saw another concept more probable than the targets stay the input's")
+    p.add_argument("--recheck", nargs="*", type=parse_t_star, metavar="T",
+                   help="later points of the schedule where IRECE runs again (fractions or step indices; none: no "
+                        "recheck)")
     p.add_argument("--localizer-layers", nargs="+", metavar="NAME",
                    help="cross-attention layers the localizer averages (name substrings, e.g. up_blocks); "
                         "default: all (torch backend; exported graphs fix theirs at export)")
@@ -138,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     register_erase(sub, str(DEFAULT_MODEL))
+
+    p = sub.add_parser("calibrate", help="the policy's thresholds from the model's own generations, written beside "
+                                         "its concept head (concept_head/config.json)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder with a concept head")
+    p.add_argument("--n", type=int, default=120, help="calibration prompts (default: %(default)s)")
+    p.add_argument("--n-held-out", type=int, default=120, help="held-out prompts (default: %(default)s)")
+    p.add_argument("--max-fpr", type=float, default=0.03, help="false-positive budget (default: %(default)s)")
+    p.add_argument("--tau", type=float, default=0.2, help="the head's cell probability for a mask cell")
+    p.add_argument("--t-star", type=float, help="default: where the head was trained")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="the mini world end to end: model, erasure, attack, IRECE, server")
     p.add_argument("--out", default="out/demo")

@@ -135,9 +135,9 @@ class IreceConfig:
             raise ValueError(f"conditioning must be one of {CONDITIONING}, got {self.conditioning!r}")
         if self.conditioning_unet not in CONDITIONING_UNETS:
             raise ValueError(f"conditioning_unet must be one of {CONDITIONING_UNETS}, got {self.conditioning_unet!r}")
-        if self.conditioning == "null" and self.gate != "classifier":
-            raise ValueError("conditioning 'null' scores the conditioning with the classifier gate's UNet calls: it "
-                             "needs gate='classifier'")
+        if self.conditioning == "null" and self.gate not in ("classifier", "head"):
+            raise ValueError("conditioning 'null' drops a conditioning where a presence gate saw the concept: it "
+                             "needs gate='head' or gate='classifier'")
         for name in ("conditioning_threshold", "conditioning_threshold_shown"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

@@ -743,7 +743,12 @@ class IreceStep:
         t0 = time.perf_counter()
         mask, concepts = yield from self.pipe.localize_steps(x, t, self.cfg, self.plan[i], self.conditioning)
         hit = irece.masked_images(mask)
-        if self.cfg.conditioning == "null" and self.conditioning is not None and self.renoised is not None:
+        if self.cfg.conditioning == "null" and self.cfg.gate == "head" and self.conditioning is not None:
+            # the head reads the image, not the conditioning: where it sees the target, whatever conditioning drew
+            # it (a learned embedding, a prompt naming it) would redraw it into the re-noised region
+            if hit.any():
+                self.conditioning.drop(hit)
+        elif self.cfg.conditioning == "null" and self.conditioning is not None and self.renoised is not None:
             # the concept came back where IRECE had already re-noised it: the conditioning redraws it
             back = hit & self.renoised
             if back.any():

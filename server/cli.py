@@ -5,15 +5,15 @@ import argparse
 import json
 import sys
 
-from irece_runtime.irece import CONDITIONING, CONDITIONING_UNETS, GATES, NONFINITE, IreceConfig, parse_t_star
-
-DEFAULTS = IreceConfig.defaults()
+from irece_runtime.irece import CONDITIONING, CONDITIONING_UNETS, GATES, NONFINITE, parse_t_star
+from irece_runtime.policy import POLICIES, RECOMMENDED
 
 
 SERVE_FLAGS = ("model", "erased", "backend", "graphs", "port", "metrics_port", "host", "workers", "queue_size", "tau",
                "t_star", "gate", "threshold", "device", "tls_cert", "tls_key", "auth_token_file", "max_side",
                "cost_budget", "max_request_seconds", "drain_seconds", "nonfinite", "batching", "max_batch",
-               "gather_ms", "threads", "conditioning", "conditioning_unet", "recheck", "hide_scores")
+               "gather_ms", "threads", "conditioning", "conditioning_unet", "recheck", "hide_scores", "policy", "grow",
+               "negative_guidance", "negative_guidance_steps", "keep_outside", "keep_others")
 
 
 def serve_overrides(a) -> dict:
@@ -74,19 +74,31 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, help="intra-op threads of torch and ONNX Runtime (default: theirs)")
     p.add_argument("--gather-ms", type=float, help="an idle scheduler waits this long for requests arriving "
                                                     "together (default 2)")
-    p.add_argument("--tau", type=float, help=f"localization threshold (default {DEFAULTS.tau})")
-    p.add_argument("--t-star", type=parse_t_star,
-                   help=f"intervention step: a fraction or a step index (default {DEFAULTS.t_star})")
-    p.add_argument("--gate", choices=GATES, help=f"presence gate (default {DEFAULTS.gate!r}: always intervene)")
-    p.add_argument("--threshold", type=float, help=f"presence gate's threshold (default {DEFAULTS.threshold})")
+    p.add_argument("--policy", choices=tuple(POLICIES),
+                   help=f"named defence (default with --concept: {RECOMMENDED!r}, the recommended one, its numbers from "
+                        "the model's calibration block; 'paper': the seed paper's always-on IRECE); the flags below "
+                        "override its fields")
+    p.add_argument("--tau", type=float, help="localization threshold")
+    p.add_argument("--t-star", type=parse_t_star, help="intervention step: a fraction or a step index")
+    p.add_argument("--gate", choices=GATES, help="presence gate ('off': always intervene)")
+    p.add_argument("--threshold", type=float, help="presence gate's threshold")
+    p.add_argument("--grow", type=int, help="cells by which IRECE's mask grows before re-noising")
+    p.add_argument("--negative-guidance", type=float, metavar="G",
+                   help="steer re-noised regions away from their concepts with this scale (0: off)")
+    p.add_argument("--negative-guidance-steps", type=int, metavar="K",
+                   help="steer only the K steps after each re-noising (0: to the end)")
+    p.add_argument("--keep-outside", action=argparse.BooleanOptionalAction, default=None,
+                   help="inverted images: only IRECE's mask is redrawn, the rest stays the input's")
+    p.add_argument("--keep-others", action=argparse.BooleanOptionalAction, default=None,
+                   help="with the head gate and keep_outside: other concepts' pixels inside the mask stay the input's")
     p.add_argument("--conditioning", choices=CONDITIONING,
-                   help="after IRECE re-noises an image: keep its conditioning (default, the paper) or denoise it on "
-                        "the negative/null prompt from then on (null)")
+                   help="after IRECE re-noises an image: keep its conditioning (the paper) or denoise it on the "
+                        "negative/null prompt from then on (null)")
     p.add_argument("--conditioning-unet", choices=CONDITIONING_UNETS,
-                   help=f"which UNet reads a request's conditioning for --conditioning null (default "
-                        f"{DEFAULTS.conditioning_unet!r}; both: the higher of the two scores)")
-    p.add_argument("--recheck", nargs="+", type=parse_t_star, metavar="T",
-                   help="later points of the schedule where IRECE runs again (fractions or step indices)")
+                   help="classifier gate: which UNet reads a request's conditioning for --conditioning null")
+    p.add_argument("--recheck", nargs="*", type=parse_t_star, metavar="T",
+                   help="later points of the schedule where IRECE runs again (fractions or step indices; none: no "
+                        "recheck)")
     p.add_argument("--hide-scores", action="store_true", default=None,
                    help="responses carry no presence score, threshold or attention peak (NaN): a query-based "
                         "attacker cannot read how far an image stands from the gate's threshold")

@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from irece_runtime.irece import IreceConfig, parse_t_star
+from irece_runtime.policy import IRECE_FIELDS, PAPER, has_calibration, resolve
 from miniworld.assets import MODEL_DIR
-
-IRECE = IreceConfig.defaults()  # the operator policy's defaults are IRECE's own
 
 
 @dataclass
@@ -28,36 +27,35 @@ class ServerConfig:
     device: str = "cpu"
     threads: int | None = None  # intra-op threads of torch (process-wide) and ONNX Runtime; None: their defaults
     localizer_layers: list[str] | None = None  # torch backend: attention layers the localizer averages (None = all)
-    # operator policy
+    # operator policy: a named policy (irece_runtime/policy.py; None: the recommended one where concepts are named),
+    # its model-dependent numbers from the model's calibration block; every field below left unset (None) comes from
+    # the policy, one given overrides it
     concepts: list[str] = field(default_factory=list)  # always suppressed with IRECE
-    tau: float = IRECE.tau
-    t_star: float | int = IRECE.t_star  # a fraction of the schedule (0.3) or a step index (7)
-    mode: str = IRECE.mode
-    template: str = IRECE.template
-    min_peak: float = IRECE.min_peak
-    per_concept: dict = field(default_factory=dict)  # concept -> {"tau", "t_star", "threshold"} (`irece bench tune`)
-    gate: str = IRECE.gate  # "off": always intervene (the paper); "classifier" / "contrastive": only where present
-    threshold: float = IRECE.threshold  # the presence gate's threshold (`irece bench tune --gate G`)
-    vocabulary: list[str] = field(default_factory=list)  # competing concepts beside the model's concepts.json
-    classifier_timesteps: list[int] = field(default_factory=lambda: list(IRECE.classifier_timesteps))  # gate's t'
-    classifier_pairs: bool = IRECE.classifier_pairs  # the classifier also weighs each pair of concepts (5x its rows)
-    classifier_early_exit: bool = IRECE.classifier_early_exit  # the gate stops at the t' where its decisions are taken
-    split_masks: bool = IRECE.split_masks  # a target's mask leaves the cells of the other concepts the gate sees
-    keep_outside: bool = IRECE.keep_outside  # inverted latents: outside IRECE's mask, the input's own latent (and its
-    # decode's pixels) is kept
-    keep_others: bool = IRECE.keep_others  # with keep_outside and gate "head": inside the mask too, the pixels where the
-    # head saw another concept beat the targets stay the input's (two shapes sharing 8x8 cells: the other one is kept)
-    grow: int = IRECE.grow  # cells by which IRECE's mask grows before re-noising (a concept head's core cells)
-    negative_guidance: float = IRECE.negative_guidance  # re-noised regions steered away from their concepts (standard
-    # UNet; 1 + n rows more per re-noised image and step after t*)
-    negative_guidance_steps: int = IRECE.negative_guidance_steps  # steer only this many steps after a re-noising
-    # (0: to the end; measured: 6 of 12 keep most of its effect at about half its cost)
+    policy: str | None = None  # "gated" (recommended) | "paper" (the seed paper's always-on IRECE)
+    tau: float | None = None
+    t_star: float | int | None = None  # a fraction of the schedule (0.3) or a step index (7)
+    mode: str | None = None
+    template: str | None = None
+    min_peak: float | None = None
+    per_concept: dict | None = None  # concept -> {"tau", "t_star", "threshold"} (`irece bench tune`)
+    gate: str | None = None  # "off": always intervene (the paper); "head" / "classifier" / "contrastive": where present
+    threshold: float | None = None  # the presence gate's threshold
+    vocabulary: list[str] | None = None  # competing concepts beside the model's concepts.json
+    classifier_timesteps: list[int] | None = None  # the classifier gate's t'
+    classifier_pairs: bool | None = None  # the classifier also weighs each pair of concepts (5x its rows)
+    classifier_early_exit: bool | None = None  # the classifier gate stops at the t' where its decisions are taken
+    split_masks: bool | None = None  # a target's mask leaves the cells of the other concepts the gate sees
+    keep_outside: bool | None = None  # inverted latents: outside IRECE's mask, the input's own latent and pixels
+    keep_others: bool | None = None  # with keep_outside and gate "head": the other concepts' pixels inside the mask too
+    grow: int | None = None  # cells by which IRECE's mask grows before re-noising (a concept head's core cells)
+    negative_guidance: float | None = None  # re-noised regions steered away from their concepts (standard UNet)
+    negative_guidance_steps: int | None = None  # steer only this many steps after a re-noising (0: to the end)
+    nonfinite: str | None = None  # NaN/inf latent or concept map at t*: "error" (refuse) or "full_mask"
+    conditioning: str | None = None  # "null": drop a conditioning where the gate saw a target
+    conditioning_threshold: float | None = None  # classifier gate: conditioning score from which it is dropped
+    conditioning_unet: str | None = None  # classifier gate: which UNet reads the conditioning
+    recheck: list[float | int] | None = None  # later points where IRECE runs again (like t_star)
     allowed_concepts: list[str] | None = None  # what requests may add; None = model's concepts.json + operator's
-    nonfinite: str = IRECE.nonfinite  # NaN/inf latent or concept map at t*: "error" (refuse) or "full_mask"
-    conditioning: str = IRECE.conditioning  # "null": drop a conditioning that carries a target (classifier gate)
-    conditioning_threshold: float = IRECE.conditioning_threshold  # its conditioning score from which it is dropped
-    conditioning_unet: str = IRECE.conditioning_unet  # which UNet reads the conditioning: standard, erased or both
-    recheck: list[float | int] = field(default_factory=list)  # later points where IRECE runs again (like t_star)
     hide_scores: bool = False  # responses carry no presence score, threshold or peak (NaN): less for attackers
     # serving
     host: str = "127.0.0.1"
@@ -102,6 +100,14 @@ class ServerConfig:
         if "recheck" in raw:
             raw["recheck"] = [parse_t_star(r) for r in raw["recheck"]]
         return cls(**raw)
+
+    def irece_config(self) -> IreceConfig:
+        """The operator's IRECE: the named policy on this model, with the fields this config sets on top."""
+        overrides = {name: getattr(self, name) for name in IRECE_FIELDS if getattr(self, name, None) is not None}
+        policy = self.policy
+        if policy is None and not self.concepts and not has_calibration(self.model):
+            policy = PAPER  # nothing protected by the operator and no calibrated head: requests' concepts get the paper's
+        return resolve(policy, self.model, self.concepts, overrides)
 
     def tokens(self) -> list[str]:
         """Every bearer token: auth_tokens plus auth_token_file's lines (blank lines and # comments skipped)."""

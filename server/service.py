@@ -144,20 +144,9 @@ class GenerationService(pb_grpc.GenerationServicer):
                              max_image_bytes=cfg.max_image_bytes, max_image_pixels=cfg.max_image_pixels,
                              cost_budget=cfg.cost_budget if cfg.cost_budget is not None else 2 * cfg.max_steps,
                              backend=e.limits)
-        self.operator = IreceConfig(concepts=tuple(cfg.concepts), tau=cfg.tau, t_star=cfg.t_star, mode=cfg.mode,
-                                    template=cfg.template, min_peak=cfg.min_peak, per_concept=cfg.per_concept,
-                                    gate=cfg.gate, threshold=cfg.threshold, vocabulary=tuple(cfg.vocabulary),
-                                    classifier_timesteps=tuple(cfg.classifier_timesteps), nonfinite=cfg.nonfinite,
-                                    classifier_pairs=cfg.classifier_pairs, split_masks=cfg.split_masks,
-                                    classifier_early_exit=cfg.classifier_early_exit, keep_outside=cfg.keep_outside,
-                                    keep_others=cfg.keep_others,
-                                    conditioning=cfg.conditioning, recheck=tuple(cfg.recheck),
-                                    conditioning_threshold=cfg.conditioning_threshold,
-                                    conditioning_unet=cfg.conditioning_unet, grow=cfg.grow,
-                                    negative_guidance=cfg.negative_guidance,
-                                    negative_guidance_steps=cfg.negative_guidance_steps)
+        self.operator = cfg.irece_config()
         self.allowed = concept_catalogue(cfg)
-        if cfg.gate == "head":  # the head gates only the concepts it was trained on: refuse to start otherwise
+        if self.operator.gate == "head":  # the head gates only the concepts it was trained on: refuse to start otherwise
             self.pipe.head_columns(self.operator.concepts)
             self.allowed &= set(self.pipe.head_concepts)
             warning = off_schedule_warning(self.operator, self.pipe.head_trained_at, cfg.default_steps)

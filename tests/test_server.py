@@ -78,7 +78,9 @@ class Running:
 
 @contextmanager
 def running(pipe, **overrides):
-    fields = dict(model=str(MODEL), concepts=["star"], port=0, metrics_port=0, workers=1, queue_size=2,
+    # the paper's policy: these tests are about serving, and it intervenes in every request (test_policy.py holds
+    # the recommended one, the default)
+    fields = dict(model=str(MODEL), concepts=["star"], policy="paper", port=0, metrics_port=0, workers=1, queue_size=2,
                   default_steps=STEPS)
     cfg = ServerConfig(**(fields | overrides))
     metrics = Metrics()

@@ -1,0 +1,136 @@
+"""`irece calibrate`: the policy's model-dependent numbers from the model's own generations (no renderer, no judge).
+
+Positives and negatives come from prompts: the standard model generates each prompt of one or two of the head's
+concepts (and the empty prompt), and a concept counts as present where its prompt named it. The concept head scores
+every concept at t* on two kinds of latent, as the gate meets them: the text trajectory's x_t, and the generated
+image decoded, encoded and DDIM-inverted by the standard model with the null prompt (an inverted request). The
+presence threshold is the lowest that keeps the false-positive rate of a calibration split within the FPR budget
+(the service's promise is to leave benign requests untouched); a held-out split of other seeds reports its TPR/FPR.
+t* is where the head was trained; tau is the head's own cell probability for a mask (`--tau`).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from tqdm import tqdm
+
+from . import irece
+from .images import to_tensor, to_uint8
+from .pipeline import Pipeline, guided_eps, sample, trajectory
+from .calls import drive
+
+CALIBRATION_SEED, HELD_OUT_SEED = 8_100_000, 8_200_000
+DEFAULT_TAU = 0.2  # the head's cell probability for a mask cell: best-measured IoU on world v4 (BENCHMARKS.md)
+
+
+def auc(labels, scores) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney) statistic; ties count half."""
+    y, s = np.asarray(labels, bool), np.asarray(scores, float)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if not n1 or not n0:
+        return float("nan")
+    r = rankdata(s)
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def constrained_threshold(labels, scores, max_fpr: float) -> float:
+    """The lowest threshold whose false-positive rate stays <= max_fpr: as many present concepts caught as the
+    budget of benign requests touched allows (the service's promise is to leave benign requests untouched)."""
+    y, s = np.asarray(labels, bool), np.asarray(scores, float)
+    neg = np.sort(s[~y])
+    if not len(neg):
+        return float(s.min()) if len(s) else 0.5
+    k = int(np.floor(max_fpr * len(neg)))  # negatives allowed at or above the threshold
+    top = neg[len(neg) - k - 1]  # the highest negative that must stay below it
+    above = s[s > top]
+    return float((top + above.min()) / 2) if len(above) else float(top + 1e-6)
+
+
+def rates(labels, scores, threshold: float) -> dict:
+    y, s = np.asarray(labels, bool), np.asarray(scores, float)
+    return {"auc": auc(y, s), "tpr": float((s[y] >= threshold).mean()) if y.any() else float("nan"),
+            "fpr": float((s[~y] >= threshold).mean()) if (~y).any() else float("nan"),
+            "n_pos": int(y.sum()), "n_neg": int((~y).sum())}
+
+
+def prompts(concepts: tuple[str, ...], n: int, seed: int, pair_share: float = 0.4, empty_share: float = 0.1
+            ) -> list[tuple[str, frozenset]]:
+    """n (prompt, concepts it names): one concept ("a c"), two ("a c1 and a c2") or none (the empty prompt)."""
+    rng = np.random.default_rng(seed)
+    pairs = list(itertools.combinations(concepts, 2))
+    out = []
+    for i in range(n):
+        u = rng.random()
+        if u < empty_share:
+            out.append(("", frozenset()))
+        elif u < empty_share + pair_share and pairs:
+            a, b = pairs[rng.integers(len(pairs))]
+            out.append((f"a {a} and a {b}", frozenset((a, b))))
+        else:
+            c = concepts[i % len(concepts)]
+            out.append((f"a {c}", frozenset((c,))))
+    return out
+
+
+def head_latents(pipe: Pipeline, items: list, seed: int, step: int, steps: int, guidance: float
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """x_t at schedule index `step` for each prompt: on the standard model's text trajectory, and after its image
+    was decoded, encoded and inverted (null prompt) by the standard model."""
+    e, side = pipe.backend, pipe.sample_size
+    uncond = pipe.null_hidden
+    cond = torch.cat([pipe.encode_prompt(p) for p, _ in items])
+    x_T = torch.cat([torch.randn((1, e.latent_channels, side, side), generator=torch.Generator().manual_seed(seed + k))
+                     for k in range(len(items))])
+    ((_, t, x_text),) = trajectory(pipe, x_T, cond, uncond, guidance, steps, (step,))
+    x0 = drive(sample(guided_eps("standard", cond, uncond, guidance), x_T.clone(), pipe.scheduler(steps)), e)
+    x_inv = pipe.invert(e.vae_encode(to_tensor(to_uint8(pipe.decode(x0)))), uncond, "standard", steps)
+    ((_, _, x_inverted),) = trajectory(pipe, x_inv, uncond, uncond, guidance, steps, (step,))
+    return {"text": (x_text, t), "inverted": (x_inverted, t)}
+
+
+def score(pipe: Pipeline, n: int, seed: int, t_star: float, steps: int, guidance: float, batch: int,
+          progress=None) -> list[dict]:
+    """Rows (source, concept, present, score) of the head's presence score for every head concept and prompt."""
+    concepts = pipe.head_concepts
+    items = prompts(concepts, n, seed)
+    step = irece.IreceConfig(t_star=t_star).step_index(steps)
+    rows = []
+    for s in range(0, len(items), batch):
+        chunk = items[s:s + batch]
+        for source, (x_t, t) in head_latents(pipe, chunk, seed + s, step, steps, guidance).items():
+            scores = irece.head_scores(drive(pipe.head_steps(x_t, t), pipe.backend).float()).cpu().numpy()
+            rows += [{"source": source, "concept": c, "present": c in named, "score": float(scores[k, j])}
+                     for k, (_, named) in enumerate(chunk) for j, c in enumerate(concepts)]
+        if progress:
+            progress(len(chunk))
+    return rows
+
+
+def calibrate(pipe: Pipeline, n: int = 120, n_held_out: int = 120, max_fpr: float = 0.03, tau: float = DEFAULT_TAU,
+              steps: int = 25, guidance: float = 5.0, batch: int = 40, t_star: float | None = None) -> dict:
+    """The calibration block (policy.write_calibration stores it): t_star, tau, threshold, with the splits and the
+    FPR budget they came from and the held-out split's rates."""
+    if not pipe.head_concepts:
+        raise ValueError("the model folder has no concept head: train one first (`irece world head` on the mini world)")
+    t_star = float(pipe.head_trained_at[0]) if t_star is None else float(t_star)
+    t0 = time.perf_counter()
+    with tqdm(total=n + n_held_out, desc="calibrate", unit="prompt") as bar:
+        cal = score(pipe, n, CALIBRATION_SEED, t_star, steps, guidance, batch, bar.update)
+        held = score(pipe, n_held_out, HELD_OUT_SEED, t_star, steps, guidance, batch, bar.update)
+    y, s = [r["present"] for r in cal], [r["score"] for r in cal]
+    threshold = constrained_threshold(y, s, max_fpr)
+    return {"t_star": t_star, "tau": float(tau), "threshold": threshold, "max_fpr": max_fpr,
+            "rule": f"lowest threshold with calibration FPR <= {max_fpr}",
+            "source": "the model's own generations (prompt labels), text and inverted latents",
+            "split": {"calibration": {"prompts": n, "seed": CALIBRATION_SEED},
+                      "held_out": {"prompts": n_held_out, "seed": HELD_OUT_SEED}, "steps": steps,
+                      "guidance": guidance},
+            "calibration_rates": rates(y, s, threshold),
+            "held_out_rates": {src: rates([r["present"] for r in held if r["source"] == src],
+                                          [r["score"] for r in held if r["source"] == src], threshold)
+                               for src in ("text", "inverted")},
+            "seconds": round(time.perf_counter() - t0, 1)}

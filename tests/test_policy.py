@@ -1,0 +1,112 @@
+"""Named policies: the paper's IRECE and the recommended one, its numbers from the model's calibration block, fields
+given explicitly on top; a missing head, a missing calibration or one made for other weights is refused, naming the
+command that makes it."""
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from irece_cli.main import build_parser, irece_config_from_args
+from irece_runtime.concept_head import HEAD_CONFIG, HEAD_DIR, HEAD_FILE
+from irece_runtime.irece import IreceConfig
+from irece_runtime.policy import CALIBRATION, POLICIES, RECOMMENDED, read_calibration, resolve
+from miniworld.assets import MODEL_DIR
+from server.cli import serve_overrides
+from server.config import ServerConfig
+
+
+def copy_head(tmp_path, calibrated: bool = True):
+    """A model folder holding the mini world's concept head (and its calibration block, or not)."""
+    shutil.copytree(MODEL_DIR / HEAD_DIR, tmp_path / HEAD_DIR)
+    if not calibrated:
+        config = tmp_path / HEAD_DIR / HEAD_CONFIG
+        head = json.loads(config.read_text())
+        head.pop(CALIBRATION)
+        config.write_text(json.dumps(head))
+    return tmp_path
+
+
+def test_paper_policy_is_the_seed_papers_irece_and_needs_no_head(tmp_path):
+    cfg = resolve("paper", tmp_path, ["star"])
+    assert cfg == IreceConfig(concepts=("star",))
+    assert (cfg.gate, cfg.t_star, cfg.tau, cfg.negative_guidance, cfg.recheck) == ("off", 0.3, 0.4, 0.0, ())
+
+
+def test_recommended_policy_reads_its_numbers_from_the_models_calibration_block():
+    block = read_calibration(MODEL_DIR)
+    # where the numbers came from: a FPR budget, a calibration split, a held-out split of other seeds
+    assert block["max_fpr"] > 0 and block["split"]["calibration"]["seed"] != block["split"]["held_out"]["seed"]
+    cfg = resolve(None, MODEL_DIR, ["star"])
+    assert RECOMMENDED == "gated" and cfg == resolve("gated", MODEL_DIR, ["star"])
+    assert (cfg.t_star, cfg.tau, cfg.threshold) == (block["t_star"], block["tau"], block["threshold"])
+    for name, value in POLICIES["gated"].settings.items():
+        assert getattr(cfg, name) == value, name
+    assert cfg.gate == "head" and cfg.conditioning == "null" and cfg.keep_others and cfg.recheck
+
+
+def test_a_field_given_explicitly_overrides_the_policy(tmp_path):
+    cfg = resolve(None, MODEL_DIR, ["star"], {"threshold": 0.9, "negative_guidance": 0.0, "recheck": [0.8]})
+    assert (cfg.threshold, cfg.negative_guidance, cfg.recheck) == (0.9, 0.0, (0.8,))
+    assert cfg.gate == "head" and cfg.t_star == read_calibration(MODEL_DIR)["t_star"]  # the rest stays the policy's
+    assert resolve("paper", tmp_path, ["star"], {"tau": 0.2}).tau == 0.2
+    # calibrated fields all given: no calibration needed
+    full = resolve("gated", tmp_path, ["star"], {"t_star": 0.5, "tau": 0.2, "threshold": 0.3})
+    assert (full.gate, full.threshold) == ("head", 0.3)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        resolve("strong", MODEL_DIR, ["star"])
+
+
+def test_a_missing_head_a_missing_calibration_and_a_stale_one_are_refused_with_the_command_that_fixes_them(tmp_path):
+    with pytest.raises(ValueError, match=r"no concept head.*irece calibrate --model"):
+        resolve("gated", tmp_path / "bare", ["star"])
+    bare = copy_head(tmp_path / "uncalibrated", calibrated=False)
+    with pytest.raises(ValueError, match=r"no calibration block: run `irece calibrate --model"):
+        resolve("gated", bare, ["star"])
+    stale = copy_head(tmp_path / "stale")
+    weights = stale / HEAD_DIR / HEAD_FILE
+    state = load_file(str(weights))
+    name = next(iter(state))
+    state[name] = state[name] + 1e-3  # retrained: other weights than the calibration saw
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"other head weights \(stale\): run `irece calibrate --model"):
+        resolve("gated", stale, ["star"])
+
+
+def test_the_server_runs_the_recommended_policy_where_the_operator_names_concepts_and_no_policy(tmp_path):
+    assert ServerConfig(concepts=["star"]).irece_config() == resolve("gated", MODEL_DIR, ["star"])
+    assert ServerConfig(concepts=["star"], policy="paper").irece_config() == IreceConfig(concepts=("star",))
+    over = ServerConfig(concepts=["star"], threshold=0.9, recheck=[]).irece_config()
+    assert (over.gate, over.threshold, over.recheck) == ("head", 0.9, ())
+    toml = tmp_path / "server.toml"
+    toml.write_text('concepts = ["star"]\npolicy = "paper"\ngrow = 1\n')
+    paper = ServerConfig.load(toml).irece_config()
+    assert (paper.gate, paper.grow) == ("off", 1)
+    # no concept of the operator's and no calibrated head: requests' own concepts get the paper's IRECE
+    assert ServerConfig(model=str(tmp_path)).irece_config().gate == "off"
+    with pytest.raises(ValueError, match="irece calibrate"):
+        ServerConfig(model=str(tmp_path), concepts=["star"]).irece_config()
+
+
+def test_the_deployed_config_runs_the_recommended_policy():
+    from pathlib import Path
+    deployed = ServerConfig.load(Path(__file__).parents[1] / "deploy" / "server.toml")
+    assert deployed.irece_config().gate == "head"
+
+
+@pytest.mark.parametrize("argv, gate, threshold", [
+    ([], "head", None), (["--policy", "paper"], "off", 0.5), (["--threshold", "0.9"], "head", 0.9),
+    (["--policy", "paper", "--gate", "head", "--threshold", "0.3", "--t-star", "0.5"], "head", 0.3)])
+def test_generate_and_serve_flags_select_a_policy_and_override_its_fields(argv, gate, threshold):
+    a = build_parser().parse_args(["generate", "--out", "x.png", "--irece", "star"] + argv)
+    cfg = irece_config_from_args(a)
+    assert cfg.gate == gate
+    assert cfg.threshold == (read_calibration(MODEL_DIR)["threshold"] if threshold is None else threshold)
+    s = build_parser().parse_args(["serve", "--concept", "star"] + argv)
+    served = ServerConfig(**serve_overrides(s)).irece_config()
+    assert served == cfg
+
+
+def test_no_recheck_flag_turns_the_policys_rechecks_off():
+    a = build_parser().parse_args(["generate", "--out", "x.png", "--irece", "star", "--recheck"])
+    assert irece_config_from_args(a).recheck == ()
