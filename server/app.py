@@ -32,13 +32,16 @@ class BearerAuth(grpc.ServerInterceptor):
     def __init__(self, tokens: list[str], metrics: Metrics):
         self.tokens = [f"Bearer {t}".encode() for t in tokens]
 
-        def deny(request, context):  # the request stays raw bytes: nothing is parsed for an unknown caller
-            metrics.requests.labels("unknown", grpc.StatusCode.UNAUTHENTICATED.name).inc()
-            metrics.auth_failures.inc()
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: a valid bearer token is required")
+        def denier(method: str):
+            def deny(request, context):  # the request stays raw bytes: nothing is parsed for an unknown caller
+                t0 = time.perf_counter()
+                metrics.auth_failures.inc()
+                metrics.finished("unknown", grpc.StatusCode.UNAUTHENTICATED.name, method, time.perf_counter() - t0)
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: a valid bearer token is required")
+            return deny
 
-        self.deny = grpc.unary_unary_rpc_method_handler(deny)
-        self.deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+        self.deny = grpc.unary_unary_rpc_method_handler(denier("Generate"))
+        self.deny_stream = grpc.unary_stream_rpc_method_handler(denier("GenerateStream"))
 
     def valid(self, header: str | None) -> bool:
         given = (header or "").encode()

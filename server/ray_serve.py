@@ -90,7 +90,7 @@ class _TeeChild:
         if self.sum_twin is not None and value > 0:
             self.sum_twin.inc(value, tags=self.tags)
 
-    def __getattr__(self, name):  # anything else (the service reads counters' _value) from prometheus_client
+    def __getattr__(self, name):  # anything else from prometheus_client
         return getattr(self.prom, name)
 
 
@@ -211,12 +211,12 @@ class GenerationDeployment:
         self.service.warm_up()
         log.info("replica %s ready (config %s)", self.replica, config_path)
 
-    def _context(self, request, grpc_context) -> RayContext:
+    def _context(self, request, grpc_context, method: str) -> RayContext:
         ctx = RayContext(grpc_context)
         ctx.set_trailing_metadata([(REPLICA_HEADER, self.replica)])
         if self.auth is not None and not self.auth.valid(dict(ctx.invocation_metadata()).get("authorization")):
-            self.metrics.requests.labels("unknown", grpc.StatusCode.UNAUTHENTICATED.name).inc()
             self.metrics.auth_failures.inc()
+            self.metrics.finished("unknown", grpc.StatusCode.UNAUTHENTICATED.name, method, 0.0)
             ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: a valid bearer token is required")
         if request.ByteSize() > self.cfg.max_message_bytes:  # what gRPC's own limit says on one server
             ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -231,11 +231,11 @@ class GenerationDeployment:
             raise
 
     async def Generate(self, request, grpc_context):
-        ctx = self._context(request, grpc_context)
+        ctx = self._context(request, grpc_context, "Generate")
         return await self._in_thread(ctx, self.service.Generate, request, ctx)
 
     async def GenerateStream(self, request, grpc_context):
-        ctx = self._context(request, grpc_context)
+        ctx = self._context(request, grpc_context, "GenerateStream")
         events = self.service.GenerateStream(request, ctx)
         try:
             while (event := await self._in_thread(ctx, next, events, None)) is not None:

@@ -158,6 +158,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.scheduler = Scheduler(e, self.max_batch, cfg.gather_ms / 1000, metrics) if cfg.batching else None
         workers = cfg.workers if cfg.workers is not None else (self.max_batch if cfg.batching else 1)
         self.admission = Admission(workers, cfg.queue_size, metrics)
+        metrics.workers.set(workers)
+        metrics.queue_size.set(cfg.queue_size)
+        metrics.initialise(concepts=sorted(self.allowed), histogram_concepts=self.operator.concepts)
         self.decodes = threading.BoundedSemaphore(cfg.max_decodes)
         self.draining = threading.Event()
         self.drain_deadline = math.inf
@@ -182,12 +185,12 @@ class GenerationService(pb_grpc.GenerationServicer):
     # -- handlers ----------------------------------------------------------------------------------------------
     def Generate(self, request, context):
         result = None
-        for event in self._run(request, context, progress=False):
+        for event in self._run(request, context, progress=False, method="Generate"):
             result = event
         return result.result
 
     def GenerateStream(self, request, context):
-        yield from self._run(request, context, progress=True)
+        yield from self._run(request, context, progress=True, method="GenerateStream")
 
     # -- the one path every request takes ------------------------------------------------------------------
     def _validate(self, request) -> tuple[Request, object, IreceConfig | None]:
@@ -199,7 +202,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 raise invalid("embedding.prompt", "a placeholder falls past the text encoder's 77-token limit")
         return req, image, irece_config(request, self.operator, self.allowed)
 
-    def _run(self, request, context, progress: bool):
+    def _run(self, request, context, progress: bool, method: str):
         t_arrive = time.perf_counter()
         rid = uuid.uuid4().hex[:12]
         modality = {"text": "text", "embedding": "embedding", "inverted_latent": "inverted_latent"}.get(
@@ -207,7 +210,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             req, image, cfg = self._validate(request)
         except RequestError as exc:
-            self._finish(modality, exc.code, t_arrive)
+            self._finish(modality, exc.code, method, t_arrive)
             context.abort(exc.code, str(exc))
 
         guard = Guard(self, context)
@@ -274,21 +277,19 @@ class GenerationService(pb_grpc.GenerationServicer):
                 break
             yield event
         if error is not None:
-            self._finish(modality, error.code, t_arrive)
+            self._finish(modality, error.code, method, t_arrive)
             context.abort(error.code, str(error))
         res = outcome["result"]
         if res.irece is not None:
             self.metrics.observe_irece(res.irece)
         self.metrics.observe_timings(res.timings)
-        if torch.cuda.is_available():
+        if self.metrics.gpu_memory is not None:
             self.metrics.gpu_memory.set(torch.cuda.memory_allocated())
-        self._finish(modality, grpc.StatusCode.OK, t_arrive)
+        self._finish(modality, grpc.StatusCode.OK, method, t_arrive)
         yield pb.GenerateEvent(result=self._response(req, res))
 
-    def _finish(self, modality: str, code: grpc.StatusCode, t_arrive: float) -> None:
-        self.metrics.requests.labels(modality, code.name).inc()
-        if code == grpc.StatusCode.OK:
-            self.metrics.request_seconds.labels(modality).observe(time.perf_counter() - t_arrive)
+    def _finish(self, modality: str, code: grpc.StatusCode, method: str, t_arrive: float) -> None:
+        self.metrics.finished(modality, code.name, method, time.perf_counter() - t_arrive)
 
     def _response(self, req: Request, res) -> pb.GenerateResponse:
         return pb.GenerateResponse(png=png_bytes(res.uint8()[0]), seed=req.seed, modality=req.modality,

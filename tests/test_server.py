@@ -240,7 +240,7 @@ def test_one_request_per_modality_and_metrics(served, pipe):
     assert r3.irece.intervened and 0 < r3.irece.mask_area < 1
     assert s.metric("irece_interventions_total", concept="star") >= before + 1
     assert s.metric("irece_requests_total", modality="inverted_latent", code="OK") >= 1
-    assert s.metric("irece_suppression_ratio", concept="star") > 0
+    assert s.metric("irece_localizations_total", concept="star") >= s.metric("irece_interventions_total", concept="star")
     assert s.metric("irece_stage_duration_seconds_count", stage="inversion") >= 1
 
 
