@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,6 +43,9 @@ from .validation import Limits, RequestError, invalid, irece_config, parse_reque
 
 log = logging.getLogger("irece.server")
 POLL_SECONDS = 0.1  # how often a waiting handler looks at its request's guard
+# a call that ends this close to its deadline ended by the deadline (the client's timer fires first); an explicit
+# cancel inside this window is counted DEADLINE_EXCEEDED too
+DEADLINE_SLACK_SECONDS = 0.2
 
 
 class Aborted(Exception):
@@ -53,40 +57,50 @@ class Aborted(Exception):
 
 
 class Admission:
-    """workers generating + queue_size waiting; past that, RESOURCE_EXHAUSTED at once."""
+    """workers generating + queue_size waiting; past that, RESOURCE_EXHAUSTED at once. Waiting requests take a free
+    worker slot in their order of arrival (a FIFO of tickets under one condition), in both serving modes."""
 
     def __init__(self, workers: int, queue_size: int, metrics: Metrics):
-        self.capacity = workers + queue_size
-        self.slots = threading.BoundedSemaphore(workers)
-        self.lock = threading.Lock()
-        self.admitted = 0
+        self.workers, self.capacity = workers, workers + queue_size
+        self.cv = threading.Condition()
+        self.waiting: deque[object] = deque()  # tickets of the admitted requests not yet generating, oldest first
+        self.busy = 0
         self.metrics = metrics
 
     @contextmanager
     def enter(self, guard):
         guard()  # a draining server admits nothing, even with a slot free
-        with self.lock:
-            if self.admitted >= self.capacity:
+        ticket = object()
+        with self.cv:
+            if self.busy + len(self.waiting) >= self.capacity:
                 raise Aborted(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: retry later")
-            self.admitted += 1
+            self.waiting.append(ticket)
         self.metrics.queue_depth.inc()
-        queued = True
         try:
-            while not self.slots.acquire(timeout=0.05):
+            while True:
+                with self.cv:
+                    if self.waiting[0] is ticket and self.busy < self.workers:
+                        self.waiting.popleft()
+                        self.busy += 1
+                        self.cv.notify_all()  # the next in line may find a slot free too
+                        break
+                    self.cv.wait(POLL_SECONDS / 2)
                 guard()  # a cancelled or expired request, or any during a drain, leaves the queue at once
+        except BaseException:
+            with self.cv:
+                self.waiting.remove(ticket)
+                self.cv.notify_all()
             self.metrics.queue_depth.dec()
-            queued = False
-            self.metrics.inflight.inc()
-            try:
-                yield
-            finally:
-                self.metrics.inflight.dec()
-                self.slots.release()
+            raise
+        self.metrics.queue_depth.dec()
+        self.metrics.inflight.inc()
+        try:
+            yield
         finally:
-            if queued:
-                self.metrics.queue_depth.dec()
-            with self.lock:
-                self.admitted -= 1
+            self.metrics.inflight.dec()
+            with self.cv:
+                self.busy -= 1
+                self.cv.notify_all()
 
 
 class Guard:
@@ -109,6 +123,10 @@ class Guard:
         if remaining is not None and remaining <= 0:
             raise Aborted(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         if not self.context.is_active():
+            # the client's own timer ends its call a little before the server's clock reaches the deadline (the
+            # deadline travels as a timeout and arrives late by the transit time): that client saw DEADLINE_EXCEEDED
+            if remaining is not None and remaining <= DEADLINE_SLACK_SECONDS:
+                raise Aborted(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
             raise Aborted(grpc.StatusCode.CANCELLED, "client cancelled")
 
 
