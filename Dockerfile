@@ -3,15 +3,20 @@
 # Run:    docker run --gpus all -p 50051:50051 -p 9464:9464 -v /models/sd14:/models/sd14:ro \
 #           -v /models/erased:/models/erased:ro -v irece-engines:/engines irece \
 #           --model /models/sd14 --erased /models/erased --concept "cat" --backend tensorrt --graphs /engines
-# Engines are built at start when /engines has none for this GPU and TensorRT version (docker/entrypoint.sh),
-# or mounted prebuilt.
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+#         or the same from a config file: ... irece --config /config/server.toml (model, erased, backend, graphs,
+#         port, TLS: docker/entrypoint.py reads it as `irece serve` does)
+# Engines are built at start when /engines has none for this GPU and TensorRT version (docker/entrypoint.py), or
+# mounted prebuilt. Kubernetes: deploy/k8s/. Lint: hadolint Dockerfile (clean).
+# CUDA 13: PyPI's torch 2.13.0, onnxruntime-gpu 1.31.1 and the pinned tensorrt-cu13 are CUDA 13 builds.
+FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
-ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
+ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# python3-venv of Ubuntu 24.04's Python 3.12.3, any of its security revisions
+RUN apt-get update && apt-get install -y --no-install-recommends python3-venv=3.12.3-* \
     && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --create-home --uid 10001 irece
+# a numeric user and group (runAsNonRoot can verify them): 10001
+RUN groupadd --gid 10001 irece && useradd --uid 10001 --gid 10001 --create-home irece
 WORKDIR /app
 COPY pyproject.toml setup.py README.md ./
 COPY irece_runtime irece_runtime
@@ -22,19 +27,17 @@ COPY export export
 COPY server server
 COPY benchmarks benchmarks
 COPY protos protos
-COPY docker/entrypoint.sh /entrypoint.sh
+COPY docker docker
 
-# torch==2.13.0 from PyPI is the CUDA build; the gpu extra adds onnxruntime-gpu, tensorrt and nvidia-ml-py
-RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --upgrade pip \
-    && /opt/venv/bin/pip install '.[gpu]' \
-    && mkdir -p /engines && chown irece /engines && chmod +x /entrypoint.sh
-ENV PATH=/opt/venv/bin:$PATH
+# the gpu extra: onnxruntime-gpu (the only ONNX Runtime wheel in the image), tensorrt-cu13, nvidia-ml-py, pinned
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir '.[gpu]' \
+    && mkdir -p /engines /tmp/irece && chown 10001:10001 /engines /tmp/irece
+ENV PATH=/opt/venv/bin:$PATH IRECE_RUN_DIR=/tmp/irece
 
-USER irece
+USER 10001:10001
 EXPOSE 50051 9464
-HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-    CMD python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
-ch=grpc.insecure_channel('127.0.0.1:50051'); \
-sys.exit(0 if g.HealthStub(ch).Check(h.HealthCheckRequest(service='irece.v1.Generation'), timeout=4).status==1 else 1)"
-ENTRYPOINT ["/entrypoint.sh"]
+# grpc.health.v1 on the port and TLS of the config the server was started with (docker/entrypoint.py wrote them)
+HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
+    CMD ["python", "/app/docker/healthcheck.py"]
+ENTRYPOINT ["python", "/app/docker/entrypoint.py"]
 CMD ["--help"]

@@ -14,7 +14,7 @@ setup: $(STAMP) protos
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev,ray]'
+	$(VENV)/bin/pip install -q -e '.[dev,ray,cpu]'
 	touch $@
 
 # gRPC stubs are generated at set-up (not committed) from protos/irece/v1/*.proto

@@ -85,6 +85,13 @@ class Server:
             self.port = self.grpc.add_insecure_port(addr)
         if self.port == 0:
             raise RuntimeError(f"cannot bind {addr}")
+        self.health_grpc, self.health_port = None, None
+        if cfg.health_port is not None:  # the same health statuses, plaintext, nothing else on that port
+            self.health_grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-health"))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+            self.health_port = self.health_grpc.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+            if self.health_port == 0:
+                raise RuntimeError(f"cannot bind {cfg.host}:{cfg.health_port}")
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics_server = None
         self.stopped = False
@@ -98,6 +105,8 @@ class Server:
             self.metrics_server, _ = start_http_server(self.cfg.metrics_port, addr=self.cfg.host,
                                                        registry=self.metrics.registry)
         self.grpc.start()  # health answers NOT_SERVING while warming up
+        if self.health_grpc is not None:
+            self.health_grpc.start()
         if warm:
             self.service.warm_up()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -116,6 +125,8 @@ class Server:
         # the service answers every call by `grace` (its handlers poll); gRPC's own cutoff, which would tell
         # clients CANCELLED, comes later and is only a backstop
         self.grpc.stop(grace + 2).wait()
+        if self.health_grpc is not None:
+            self.health_grpc.stop(0)
         self.service.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.metrics_server is not None:

@@ -80,12 +80,16 @@ class ServerConfig:
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_decodes: int = 1  # images decoded at once (a 4096x4096 decode holds ~50 MB); decoding starts once admitted
-    drain_seconds: float = 30.0  # on SIGTERM: queued work refused at once, running work gets this long
+    # on SIGTERM: queued work refused at once, running work gets this long; the process is gone within it + ~2 s, inside
+    # Kubernetes' default 30 s grace (deploy/k8s/: 45 s grace, a 5 s preStop first)
+    drain_seconds: float = 20.0
     tls_cert: str | None = None
     tls_key: str | None = None
     auth_tokens: list[str] = field(default_factory=list)  # bearer tokens; empty = no auth
     auth_token_file: str | None = None  # bearer tokens, one a line (added to auth_tokens)
     insecure: bool = False  # allow bearer tokens without TLS on a non-loopback host (they travel in clear)
+    health_port: int | None = None  # plaintext grpc.health.v1 alone on this port (no Generation, no reflection): for
+    # Kubernetes' grpc probes and the image's HEALTHCHECK when the main port serves TLS
 
     @classmethod
     def load(cls, path: str | Path) -> "ServerConfig":
