@@ -16,7 +16,8 @@ from irece_runtime.calls import KINDS
 MODALITIES = ("text", "embedding", "inverted_latent")  # a parsed request's input
 # what a parsed request can end with; before parsing: ("none", INVALID_ARGUMENT) for a request without input and
 # ("unknown", UNAUTHENTICATED) for a caller without a valid token
-CODES = ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", "UNAVAILABLE", "INTERNAL")
+CODES = ("OK", "INVALID_ARGUMENT", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED",
+         "UNAVAILABLE", "INTERNAL")
 UNPARSED = (("none", "INVALID_ARGUMENT"), ("unknown", "UNAUTHENTICATED"))
 METHODS = ("Generate", "GenerateStream")
 STAGES = ("queue", "text_encoding", "inversion", "localization", "denoising", "decoding")  # Result.timings' keys

@@ -212,7 +212,7 @@ def registry_buckets(registry, name: str, **labels) -> list[tuple[float, float]]
 @pytest.mark.skipif(not (PROMETHEUS and PROMTOOL), reason=NO_PROMETHEUS)
 def test_recording_rules_see_the_first_request_of_every_series(pipe, tmp_path):
     """One request of each modality and of each code a running server can give (OK, INVALID_ARGUMENT,
-    RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED, INTERNAL), each the first of its series: Prometheus, which
+    PERMISSION_DENIED, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED, INTERNAL), each the first of its series: Prometheus, which
     scraped the server before them, evaluates rules.yml to the values the server's own counts give."""
     check = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -237,6 +237,11 @@ def test_recording_rules_see_the_first_request_of_every_series(pipe, tmp_path):
                 with pytest.raises(grpc.RpcError) as err:
                     s.stub.Generate(bad)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            weaker = text_req()
+            weaker.irece.disable = True  # the operator's concept cannot be switched off
+            with pytest.raises(grpc.RpcError) as err:
+                s.stub.Generate(weaker)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
             held = s.stub.Generate.future(text_req(prompt="hold"), timeout=30)
             wait_until(lambda: gauge(s, "irece_inflight_requests") == 1, "the held request to run")
             with pytest.raises(grpc.RpcError) as err:
@@ -255,7 +260,7 @@ def test_recording_rules_see_the_first_request_of_every_series(pipe, tmp_path):
             assert err.value.code() == grpc.StatusCode.INTERNAL
 
             counts = {(m, c): requests_ended(s, c, m) for m in server_metrics.MODALITIES for c in server_metrics.CODES}
-            assert sum(v > 0 for v in counts.values()) == 10 and set(counts.values()) == {0.0, 1.0}
+            assert sum(v > 0 for v in counts.values()) == 11 and set(counts.values()) == {0.0, 1.0}
             total = sum(counts.values()) + 1  # and the request without input
             errors = sum(v for (m, c), v in counts.items() if c in ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED",
                                                                     "INTERNAL"))
@@ -266,7 +271,7 @@ def test_recording_rules_see_the_first_request_of_every_series(pipe, tmp_path):
             def scraped_all() -> bool:
                 got = prom.query('sum(job_modality_code:irece_requests:rate5m > 0) by (job)')
                 rates = prom.query("job_modality_code:irece_requests:rate5m > 0")
-                return bool(got) and len(rates) == 11
+                return bool(got) and len(rates) == 12
             wait_until(scraped_all, "the rules to see every request", 30)
             time.sleep(2)  # and one more evaluation after the last scrape
             rates = {(m["modality"], m["code"]): v for m, v in prom.query("job_modality_code:irece_requests:rate5m")}
@@ -277,7 +282,7 @@ def test_recording_rules_see_the_first_request_of_every_series(pipe, tmp_path):
             ratio = prom.query("job:irece_request_errors:ratio_rate5m")[0][1]
             assert ratio == pytest.approx(errors / total, rel=1e-9)
             by_modality = {m["modality"]: v for m, v in prom.query("job_modality:irece_request_errors:ratio_rate5m")}
-            assert by_modality["embedding"] == 0 and by_modality["text"] == pytest.approx(3 / 6, rel=1e-9)
+            assert by_modality["embedding"] == 0 and by_modality["text"] == pytest.approx(3 / 7, rel=1e-9)
             shed = prom.query("job:irece_requests_shed:ratio_rate5m")[0][1]
             assert shed == pytest.approx(1 / total, rel=1e-9)
             suppression = dict((m["concept"], v) for m, v in prom.query("job_concept:irece_suppression:ratio_rate5m"))
