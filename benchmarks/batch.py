@@ -27,7 +27,8 @@ def from_prompts(pipe: Pipeline, prompts: list[str], seeds: list[int], cfg: Irec
     images, masks = [], []
     for s in range(0, len(prompts), batch):
         cond = torch.cat([pipe.encode_prompt(p, learned) for p in prompts[s:s + batch]])
-        x, rep = pipe.denoise(noise(pipe, seeds[s:s + batch]), cond, uncond, guidance, steps, cfg, seeds[s])
+        x, rep = pipe.denoise(noise(pipe, seeds[s:s + batch]), cond, uncond, guidance, steps, cfg, seeds[s],
+                              learned=bool(learned))
         images.append(decode(pipe, x))
         masks.append(rep.mask if rep is not None else None)
     return np.concatenate(images), (torch.cat(masks).cpu().numpy() if masks[0] is not None else None)

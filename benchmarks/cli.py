@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from irece_runtime.irece import GATES, PRESENCE_GATE, IreceConfig, parse_t_star
+from irece_runtime.irece import GATES, PRESENCE_GATE, RECHECK, IreceConfig, parse_t_star
 from irece_runtime.policy import POLICIES, RECOMMENDED
 from miniworld.assets import MODEL_DIR as DEFAULT_MODEL
 
@@ -126,7 +126,7 @@ def cmd_latency(a):
     if a.quick:
         n = min(n, 4)
     res = latency.measure(a.model, a.erased, a.graphs, steps=steps, n=n, modality=a.modality, threshold=a.threshold,
-                          classifier_timesteps=a.classifier_timesteps, classifier_pairs=a.classifier_pairs,
+                          classifier_timesteps=a.classifier_timesteps,
                           shows=a.shows, t_star=a.t_star, gate=a.gate, grow=a.grow, recheck=a.recheck,
                           negative_guidance=a.negative_guidance, negative_guidance_steps=a.negative_guidance_steps,
                           policy=a.policy)
@@ -164,13 +164,15 @@ def cmd_localization(a):
 def cmd_presence(a):
     from . import presence
     res = presence.run(a.model, n=a.n or (12 if a.quick else 100), steps=10 if a.quick else 25, tau=a.tau,
-                       t_star=a.t_star, gate=a.gate, classifier_timesteps=a.classifier_timesteps,
-                       classifier_pairs=a.classifier_pairs)
+                       t_star=a.t_star, gate=a.gate, classifier_timesteps=a.classifier_timesteps)
     if a.write_calibration:  # the head gate's numbers, stored beside the head for the named policies
         from irece_runtime.policy import write_calibration
         if a.gate != "head":
             raise ValueError("--write-calibration stores the concept head's calibration: it needs --gate head")
-        res["written"] = str(write_calibration(a.model, presence.calibration_block(res)))
+        looks = [presence.run(a.model, n=a.n or 100, steps=25, tau=a.tau, t_star=when, gate="head")
+                 for when in a.looks]
+        res["looks"] = looks
+        res["written"] = str(write_calibration(a.model, presence.calibration_block(res, looks)))
     _write(res, a.json)
     print(json.dumps({k: v for k, v in res.items() if k != "by_concept"}, indent=1))
 
@@ -183,7 +185,7 @@ def cmd_gate(a):
         s.steps, s.erase_steps = 10, 20
     res = gate.run(a.model, concept=a.concept, wrong=a.wrong, methods=a.methods,
                    n_pairs=a.n_pairs or (4 if a.quick else 20),
-                   threshold=a.threshold, s=s, classifier_pairs=a.classifier_pairs, parts=a.parts, gate=a.gate,
+                   threshold=a.threshold, s=s, parts=a.parts, gate=a.gate,
                    grow=a.grow, pairs_erased=a.pairs_erased, negative_guidance=a.negative_guidance,
                    negative_guidance_steps=a.negative_guidance_steps)
     _write(res, a.json)
@@ -297,7 +299,7 @@ def register(sub) -> None:
     p.add_argument("--concepts", nargs="+")
     p.add_argument("--config-out", metavar="TOML", help="write the choice in the server's config format")
     p.add_argument("--gate", choices=GATES, default="off",
-                   help="classifier or contrastive: calibrate that gate's presence threshold first, and tune with it on")
+                   help="classifier or head: calibrate that gate's presence threshold first, and tune with it on")
     p.add_argument("--n-calibration", type=int, default=100, help="calibration scenes for the presence threshold")
     p.add_argument("--max-fpr", type=float, default=0.03,
                    help="presence threshold rule: most concepts caught with at most this share of absent ones")
@@ -317,8 +319,6 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, help="the gated setting's presence threshold (default: IreceConfig's)")
     p.add_argument("--classifier-timesteps", nargs="+", type=int, metavar="T",
                    help="the gated setting's re-noising timesteps (default: IreceConfig's)")
-    p.add_argument("--classifier-pairs", action="store_true",
-                   help="the gated setting's classifier also weighs a prompt per pair of concepts")
     p.add_argument("--gate", choices=[g for g in GATES if g != "off"], default=PRESENCE_GATE,
                    help="the gated setting's presence gate")
     p.add_argument("--grow", type=int, default=0, help="the gated setting's mask growth in cells")
@@ -347,7 +347,7 @@ def register(sub) -> None:
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--localizer-layers", nargs="+", metavar="NAME")
-    p.add_argument("--gate", choices=GATES, default=DEFAULTS.gate, help="masks of the paper (off), contrastive, the paper's behind the classifier gate, or the concept head's (head)")
+    p.add_argument("--gate", choices=GATES, default=DEFAULTS.gate, help="masks of the paper (off), the paper's behind the classifier gate, or the concept head's (head)")
     p.add_argument("--threshold", type=float, default=DEFAULTS.threshold)
     p.add_argument("--grow", type=int, default=0, help="grow IRECE's mask by this many cells (the paper's rows: 0)")
     p.set_defaults(func=cmd_localization)
@@ -361,8 +361,9 @@ def register(sub) -> None:
     p.add_argument("--write-calibration", action="store_true",
                    help="--gate head: store t*, tau and the threshold (with the splits and FPR budget) in the model's "
                         "concept_head/config.json, where the named policies read them")
-    p.add_argument("--classifier-pairs", action="store_true",
-                   help="the classifier also weighs a prompt for each pair of concepts (K(K-1)/2 more rows)")
+    p.add_argument("--looks", nargs="*", type=float, default=list(RECHECK), metavar="T",
+                   help="with --write-calibration: the recheck looks, each calibrated at its own point (default: "
+                        "%(default)s)")
     p.add_argument("--tau", type=float, default=DEFAULTS.tau)
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.set_defaults(func=cmd_presence)
@@ -398,12 +399,10 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, help="presence threshold (default: IreceConfig's)")
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--tau", type=float, default=DEFAULTS.tau, help="every setting's mask threshold (the paper's too)")
-    p.add_argument("--classifier-pairs", action="store_true",
-                   help="the classifier also weighs a prompt for each pair of concepts (K(K-1)/2 more rows)")
     p.add_argument("--n-pairs", type=int, help="two-shape scenes (default 20; --quick 4)")
     p.add_argument("--parts", nargs="+", choices=GATE_PARTS, default=GATE_PARTS, help="which parts to run")
     p.add_argument("--gate", choices=[g for g in GATES if g != "off"], default=PRESENCE_GATE,
-                   help="the presence gate on trial (head: no full defence or split masks, which need the classifier)")
+                   help="the presence gate on trial (head: no full defence, which needs the classifier)")
     p.add_argument("--grow", type=int, default=0, help="grow IRECE's mask by this many cells (the paper's rows: 0)")
     p.add_argument("--negative-guidance", type=float, default=0.0, metavar="G",
                    help="the gated settings steer re-noised regions away from the concept (the paper's rows: 0)")

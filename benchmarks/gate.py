@@ -1,4 +1,4 @@
-"""`irece bench gate`: what the contrastive gate changes, on Shapes-10 (issue: concept-aware IRECE).
+"""`irece bench gate`: what a presence gate changes, on Shapes-10 (issue: concept-aware IRECE).
 
 - wrong-concept control: white-box DDIM inversion of renders of the erased concept, null prompt, on every
   erasure method: IRECE aimed at the right concept should remove it; aimed at a wrong one, leave it;
@@ -84,20 +84,10 @@ def benign(pipe, concept: str, others: list[str], s: BenchSettings, cfg: IreceCo
     return rows
 
 
-# two-shape scenes: the paper's IRECE, the gate, and the gate's options that make a mask concept-specific
-# (split_masks) and look again later in the schedule (recheck, the full defence's)
-PAIR_VARIANTS = {"off": PAPER_IRECE, PRESENCE_GATE: {},
-                 "split": {"split_masks": True}, "recheck": {"recheck": RECHECK},
-                 "split+recheck": {"split_masks": True, "recheck": RECHECK},
-                 "keep": {"keep_outside": True}, "split+recheck+keep": {"split_masks": True, "recheck": RECHECK,
-                                                                         "keep_outside": True}}
-
-
+# two-shape scenes: the paper's IRECE, the gate, and the gate's options that look again later in the schedule
+# (recheck) and keep what lies outside the mask (keep_outside; with the head, keep_others too)
 def pair_variants(gate: str) -> dict:
-    """PAIR_VARIANTS with `gate` as the presence gate; split_masks only where it is the classifier (whose scores
-    say which other concepts an image shows), keep_others only where it is the concept head."""
-    if gate == PRESENCE_GATE:
-        return PAIR_VARIANTS
+    """The two-shape scenes' variants of `gate`; keep_others only where it is the concept head."""
     return {"off": PAPER_IRECE, gate: {}, "recheck": {"recheck": RECHECK},
             "keep": {"keep_outside": True}, "recheck+keep": {"recheck": RECHECK, "keep_outside": True},
             **({"recheck+keep+others": {"recheck": RECHECK, "keep_outside": True, "keep_others": True}}
@@ -107,11 +97,11 @@ def pair_variants(gate: str) -> dict:
 def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None, erased_for=None,
           configs: dict | None = None) -> list[dict]:
     """Two-shape renders, inverted with the standard model and regenerated (null prompt) with IRECE aimed at
-    one of the shapes: target removed, other kept, PSNR outside the mask; a row per variant (PAIR_VARIANTS).
+    one of the shapes: target removed, other kept, PSNR outside the mask; a row per variant (pair_variants).
     The denoising after t* runs on `pipe`'s erased UNet (the standard one for load_pipeline(model, None): the
     strictest case, nothing but IRECE keeps the target away), or with erased_for(target) -> pipeline, on a model
     that erased the target (the product's case: IRECE, then the erased UNet). `configs` (variant -> IreceConfig,
-    e.g. named policies): the variants instead of cfg's PAIR_VARIANTS."""
+    e.g. named policies): the variants instead of pair_variants(cfg.gate)."""
     rng = np.random.default_rng(PAIR_SEED + s.seed)
     scenes = [shapes.render_scene(2, rng=rng) for _ in range(n)]
     trajectory = []
@@ -158,7 +148,7 @@ def pairs(pipe, judge, n: int, s: BenchSettings, cfg: IreceConfig, variants=None
 
 
 def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",), n: int = 16, n_pairs: int = 20,
-        threshold: float | None = None, s: BenchSettings | None = None, classifier_pairs: bool = False,
+        threshold: float | None = None, s: BenchSettings | None = None,
         parts=PARTS, gate: str = PRESENCE_GATE, grow: int = 0, pairs_erased: str | None = None,
         negative_guidance: float = 0.0, negative_guidance_steps: int = 0) -> dict:
     """pairs_erased: an erasure method; the two-shape scenes then continue after t* on a model that erased their
@@ -168,7 +158,7 @@ def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",),
     judge = load_judge()
     d = IreceConfig.defaults()
     cfg = IreceConfig(tau=s.tau, t_star=s.t_star, threshold=d.threshold if threshold is None else threshold,
-                      classifier_pairs=classifier_pairs, gate=gate, grow=grow, negative_guidance=negative_guidance,
+                      gate=gate, grow=grow, negative_guidance=negative_guidance,
                       negative_guidance_steps=negative_guidance_steps)
     cache: dict = {}
 
@@ -178,7 +168,7 @@ def run(model_dir, concept: str = "star", wrong: str = "moon", methods=("uce",),
         return cache[erased]
     others = [c for c in shapes.CONCEPTS if c != concept][:3]
     return {"settings": {"n": s.n, "steps": s.steps, "tau": cfg.tau, "t_star": cfg.t_star,
-                         "threshold": cfg.threshold, "classifier_pairs": classifier_pairs, "gate": gate, "grow": grow,
+                         "threshold": cfg.threshold, "gate": gate, "grow": grow,
                          "negative_guidance": negative_guidance, "negative_guidance_steps": negative_guidance_steps,
                          "concept": concept, "wrong": wrong, "pairs_erased": pairs_erased},
             **({"wrong_concept": wrong_concept(pipe_for, judge, model_dir, concept, wrong, methods, s, cfg)}

@@ -68,7 +68,7 @@ def _pipe(model_dir, erased, backend, kw):
 def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, graphs_dir: str | None = None,
             concept: str = "star", steps: int = 25, n: int = 10, warmup: int = 2, modality: str = "text",
             threshold: float | None = None, classifier_timesteps: tuple[int, ...] | None = None,
-            classifier_pairs: bool = False, shows: str | None = None, t_star: float | int | None = None,
+            shows: str | None = None, t_star: float | int | None = None,
             gate: str = PRESENCE_GATE, grow: int = 0, recheck: bool = False, negative_guidance: float = 0.0,
             negative_guidance_steps: int = 0, policy: str | None = None) -> dict:
     """p50/p95, throughput and peak memory with IRECE off, as the paper runs it ("paper": always intervening) and
@@ -84,7 +84,7 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
     gated = IreceConfig(concepts=(concept,), t_star=t_star, gate=gate,
                         threshold=d.threshold if threshold is None else threshold,
                         classifier_timesteps=tuple(classifier_timesteps or d.classifier_timesteps),
-                        classifier_pairs=classifier_pairs, grow=grow)
+                        grow=grow)
     settings = {"off": None, "paper": IreceConfig(concepts=(concept,), t_star=t_star), "gated": gated}
     if recheck:
         settings["gated+recheck"] = replace(gated, recheck=RECHECK)
@@ -164,7 +164,7 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
             "gated": {"gate": gated.gate, "threshold": gated.threshold, "shows": shown, "target": concept,
                       "t_star": t_star,
                       "classifier_timesteps": list(gated.classifier_timesteps),
-                      "classifier_pairs": gated.classifier_pairs, "grow": grow, "recheck": recheck,
+                      "grow": grow, "recheck": recheck,
                       "negative_guidance": negative_guidance, "negative_guidance_steps": negative_guidance_steps}}
 
 

@@ -2,7 +2,7 @@
 
 At t*, on the standard model's own trajectory (text prompts, and renders inverted with the null prompt), the gate
 scores every concept of the vocabulary (`Pipeline.presence`: the diffusion classifier, irece.classifier_scores,
-or competing cross-attention, irece.presence_scores). Scores of concepts a scene shows are
+or the concept head, gates.head_look). Scores of concepts a scene shows are
 positives, of the others negatives. Reported: ROC AUC (all, per source, per concept) on held-out seeds, and the
 threshold calibrated on a separate calibration split (Youden's J), with its held-out true/false positive rates.
 """
@@ -124,21 +124,20 @@ def score_splits(pipe, n: int, steps: int, guidance: float, cfg: IreceConfig,
 
 def run(model_dir, n: int = 100, steps: int = 25, guidance: float = 5.0, tau: float | None = None,
         t_star=None, layers=None, max_fpr: float = 0.03, gate: str = PRESENCE_GATE,
-        classifier_timesteps: tuple[int, ...] | None = None, classifier_pairs: bool = False) -> dict:
+        classifier_timesteps: tuple[int, ...] | None = None) -> dict:
     from irece_runtime.loading import load_pipeline
 
     pipe = load_pipeline(model_dir, layers=layers)
     d = IreceConfig.defaults()
     cfg = IreceConfig(concepts=(), gate=gate, tau=d.tau if tau is None else tau,
                       classifier_timesteps=tuple(classifier_timesteps or d.classifier_timesteps),
-                      classifier_pairs=classifier_pairs,
                       t_star=d.t_star if t_star is None else t_star)
     split = score_splits(pipe, n, steps, guidance, cfg)
     cal = calibrate(split["calibration"], max_fpr)
     threshold = cal["threshold"]
     held = split["held_out"]
     res = {"gate": gate, "classifier_timesteps": list(cfg.classifier_timesteps),
-           "classifier_pairs": cfg.classifier_pairs, "n_scenes": n, "steps": steps, "tau": cfg.tau,
+           "n_scenes": n, "steps": steps, "tau": cfg.tau,
            "t_star": cfg.t_star, "threshold": threshold,
            "calibration": cal,
            "held_out": summarize(held, threshold),
@@ -154,15 +153,19 @@ def run(model_dir, n: int = 100, steps: int = 25, guidance: float = 5.0, tau: fl
     return res
 
 
-def calibration_block(res: dict) -> dict:
-    """A head-gate run's numbers as the model's calibration block (policy.write_calibration): the threshold at the FPR
-    budget on the calibration split, t* where it was measured, tau (the head's mask cells), the splits and the held-out
-    rates."""
+def calibration_block(res: dict, looks: list[dict]) -> dict:
+    """Head-gate runs as the model's calibration block (policy.write_calibration): the threshold at the FPR budget on
+    the calibration split at t* (`res`) and at each recheck look (`looks`, one run each), tau (the head's mask cells),
+    the splits and the held-out rates of each look."""
+    def rates(r):
+        return {"t": r["t_star"], **{k: r["held_out"][k] for k in ("auc", "tpr", "fpr")}}
     return {"t_star": res["t_star"], "tau": res["tau"], "threshold": res["threshold"],
-            "max_fpr": res["calibration"]["max_fpr"], "rule": res["calibration"]["rule"],
+            "recheck": [r["t_star"] for r in looks], "recheck_threshold": [r["threshold"] for r in looks],
+            "max_fpr": res["calibration"]["max_fpr"], "rule": res["calibration"]["rule"] + ", at each look",
             "source": "Shapes-10 renders: text prompts and inverted renders (irece bench presence --gate head)",
             "split": {"calibration": {"scenes": res["n_scenes"], "seed": CALIBRATION_SEED},
                       "held_out": {"scenes": res["n_scenes"], "seed": HELD_OUT_SEED}, "steps": res["steps"]},
-            "held_out_rates": {k: res["held_out"][k] for k in ("auc", "tpr", "fpr")},
+            "held_out_rates": [rates(r) for r in [res] + looks],
             "command": f"irece bench presence --gate head --n {res['n_scenes']} --t-star {res['t_star']} "
-                       f"--tau {res['tau']} --write-calibration"}
+                       f"--tau {res['tau']} --write-calibration"
+                       + (" --looks " + " ".join(str(r["t_star"]) for r in looks) if looks else "")}

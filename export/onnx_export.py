@@ -72,7 +72,7 @@ def export_onnx(model_dir: str | Path, erased: str | Path | None, out: str | Pat
         "source_sha256": model_hashes(model_dir, Path(erased) if erased else None),
         "shapes": {"latent": [cfg["latent_channels"], cfg["latent_h"], cfg["latent_w"]], "tokens": 77,
                    "embed_dim": cfg["embed_dim"], "batch": [1, max_batch]},
-        "config": cfg, "localizer_layers": modules["localizer"].localizer.layer_names, "components": components,
+        "config": cfg, "localizer_layers": modules["localizer"].layer_names, "components": components,
         "graph_stats": stats,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": _ort_version(),
                      "python": platform.python_version()},

@@ -70,7 +70,7 @@ def cmd_calibrate(a):
     from irece_runtime.loading import load_pipeline
     from irece_runtime.policy import write_calibration
     block = calibrate(load_pipeline(a.model), n=a.n, n_held_out=a.n_held_out, max_fpr=a.max_fpr, tau=a.tau,
-                      steps=a.steps, t_star=a.t_star)
+                      steps=a.steps, t_star=a.t_star, looks=tuple(a.looks))
     path = write_calibration(a.model, block)
     emit({"written": str(path), **block}, a.json)
 
@@ -92,9 +92,8 @@ def add_irece_flags(p):
     p.add_argument("--mode", choices=PERTURB_MODES)
     p.add_argument("--template", help=f"localization prompt (default: {DEFAULTS.template!r})")
     p.add_argument("--gate", choices=GATES,
-                   help="off: always intervene (the paper); head (the model folder's concept head), classifier (a "
-                        "diffusion classifier on the standard UNet) or contrastive (competing cross-attention): only "
-                        "where the concept is present")
+                   help="off: always intervene (the paper); head (the model folder's concept head) or classifier (a "
+                        "diffusion classifier on the standard UNet): only where the concept is present")
     p.add_argument("--threshold", type=float, help="presence gate's threshold")
     p.add_argument("--conditioning", choices=CONDITIONING,
                    help="after IRECE re-noises an image: keep its conditioning (the paper) or denoise it on the null "
@@ -165,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-fpr", type=float, default=0.03, help="false-positive budget (default: %(default)s)")
     p.add_argument("--tau", type=float, default=0.2, help="the head's cell probability for a mask cell")
     p.add_argument("--t-star", type=float, help="default: where the head was trained")
+    p.add_argument("--looks", nargs="*", type=float, default=[0.7, 0.9], metavar="T",
+                   help="the recheck looks, each calibrated apart (default: %(default)s)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)

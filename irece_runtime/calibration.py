@@ -5,8 +5,9 @@ concepts (and the empty prompt), and a concept counts as present where its promp
 every concept at t* on two kinds of latent, as the gate meets them: the text trajectory's x_t, and the generated
 image decoded, encoded and DDIM-inverted by the standard model with the null prompt (an inverted request). The
 presence threshold is the lowest that keeps the false-positive rate of a calibration split within the FPR budget
-(the service's promise is to leave benign requests untouched); a held-out split of other seeds reports its TPR/FPR.
-t* is where the head was trained; tau is the head's own cell probability for a mask (`--tau`).
+(the service's promise is to leave benign requests untouched), at t* and at each recheck look apart (the head's
+scores at 0.7 are not those at 0.5); a held-out split of other seeds reports each look's TPR/FPR. t* is where the
+head was trained; tau is the head's own cell probability for a mask (`--tau`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from scipy.stats import rankdata
 from tqdm import tqdm
 
 from . import irece
+from .irece import RECHECK
 from .images import to_tensor, to_uint8
 from .pipeline import Pipeline, guided_eps, sample, trajectory
 from .calls import drive
@@ -76,61 +78,69 @@ def prompts(concepts: tuple[str, ...], n: int, seed: int, pair_share: float = 0.
     return out
 
 
-def head_latents(pipe: Pipeline, items: list, seed: int, step: int, steps: int, guidance: float
-                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """x_t at schedule index `step` for each prompt: on the standard model's text trajectory, and after its image
-    was decoded, encoded and inverted (null prompt) by the standard model."""
+def head_latents(pipe: Pipeline, items: list, seed: int, at: list[int], steps: int, guidance: float
+                 ) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """(i, t, x_t) at each schedule index in `at` for each prompt: on the standard model's text trajectory, and after
+    its image was decoded, encoded and inverted (null prompt) by the standard model."""
     e, side = pipe.backend, pipe.sample_size
     uncond = pipe.null_hidden
     cond = torch.cat([pipe.encode_prompt(p) for p, _ in items])
     x_T = torch.cat([torch.randn((1, e.latent_channels, side, side), generator=torch.Generator().manual_seed(seed + k))
                      for k in range(len(items))])
-    ((_, t, x_text),) = trajectory(pipe, x_T, cond, uncond, guidance, steps, (step,))
+    text = trajectory(pipe, x_T, cond, uncond, guidance, steps, at)
     x0 = drive(sample(guided_eps("standard", cond, uncond, guidance), x_T.clone(), pipe.scheduler(steps)), e)
     x_inv = pipe.invert(e.vae_encode(to_tensor(to_uint8(pipe.decode(x0)))), uncond, "standard", steps)
-    ((_, _, x_inverted),) = trajectory(pipe, x_inv, uncond, uncond, guidance, steps, (step,))
-    return {"text": (x_text, t), "inverted": (x_inverted, t)}
+    return {"text": text, "inverted": trajectory(pipe, x_inv, uncond, uncond, guidance, steps, at)}
 
 
-def score(pipe: Pipeline, n: int, seed: int, t_star: float, steps: int, guidance: float, batch: int,
+def score(pipe: Pipeline, n: int, seed: int, looks: list[float], steps: int, guidance: float, batch: int,
           progress=None) -> list[dict]:
-    """Rows (source, concept, present, score) of the head's presence score for every head concept and prompt."""
+    """Rows (look, source, concept, present, score) of the head's presence score for every head concept, prompt and
+    look (a fraction of the schedule)."""
     concepts = pipe.head_concepts
     items = prompts(concepts, n, seed)
-    step = irece.IreceConfig(t_star=t_star).step_index(steps)
+    at = {irece.IreceConfig(t_star=when).step_index(steps): when for when in looks}
     rows = []
     for s in range(0, len(items), batch):
         chunk = items[s:s + batch]
-        for source, (x_t, t) in head_latents(pipe, chunk, seed + s, step, steps, guidance).items():
-            scores = irece.head_scores(drive(pipe.head_steps(x_t, t), pipe.backend).float()).cpu().numpy()
-            rows += [{"source": source, "concept": c, "present": c in named, "score": float(scores[k, j])}
-                     for k, (_, named) in enumerate(chunk) for j, c in enumerate(concepts)]
+        for source, seen in head_latents(pipe, chunk, seed + s, sorted(at), steps, guidance).items():
+            for i, t, x_t in seen:
+                scores = irece.head_scores(drive(pipe.head_steps(x_t, t), pipe.backend).float()).cpu().numpy()
+                rows += [{"look": at[i], "source": source, "concept": c, "present": c in named,
+                          "score": float(scores[k, j])}
+                         for k, (_, named) in enumerate(chunk) for j, c in enumerate(concepts)]
         if progress:
             progress(len(chunk))
     return rows
 
 
 def calibrate(pipe: Pipeline, n: int = 120, n_held_out: int = 120, max_fpr: float = 0.03, tau: float = DEFAULT_TAU,
-              steps: int = 25, guidance: float = 5.0, batch: int = 40, t_star: float | None = None) -> dict:
-    """The calibration block (policy.write_calibration stores it): t_star, tau, threshold, with the splits and the
-    FPR budget they came from and the held-out split's rates."""
+              steps: int = 25, guidance: float = 5.0, batch: int = 40, t_star: float | None = None,
+              looks: tuple[float, ...] = RECHECK) -> dict:
+    """The calibration block (policy.write_calibration stores it): t_star and the recheck looks, each with its own
+    threshold, and tau, with the splits and the FPR budget they came from and the held-out split's rates."""
     if not pipe.head_concepts:
         raise ValueError("the model folder has no concept head: train one first (`irece world head` on the mini world)")
     t_star = float(pipe.head_trained_at[0]) if t_star is None else float(t_star)
+    points = [t_star] + [float(w) for w in looks]
     t0 = time.perf_counter()
     with tqdm(total=n + n_held_out, desc="calibrate", unit="prompt") as bar:
-        cal = score(pipe, n, CALIBRATION_SEED, t_star, steps, guidance, batch, bar.update)
-        held = score(pipe, n_held_out, HELD_OUT_SEED, t_star, steps, guidance, batch, bar.update)
-    y, s = [r["present"] for r in cal], [r["score"] for r in cal]
-    threshold = constrained_threshold(y, s, max_fpr)
-    return {"t_star": t_star, "tau": float(tau), "threshold": threshold, "max_fpr": max_fpr,
-            "rule": f"lowest threshold with calibration FPR <= {max_fpr}",
+        cal = score(pipe, n, CALIBRATION_SEED, points, steps, guidance, batch, bar.update)
+        held = score(pipe, n_held_out, HELD_OUT_SEED, points, steps, guidance, batch, bar.update)
+
+    def of(rows, when, source=None):
+        sel = [r for r in rows if r["look"] == when and source in (None, r["source"])]
+        return [r["present"] for r in sel], [r["score"] for r in sel]
+    thresholds = [constrained_threshold(*of(cal, when), max_fpr) for when in points]
+    return {"t_star": t_star, "tau": float(tau), "threshold": thresholds[0], "recheck": points[1:],
+            "recheck_threshold": thresholds[1:], "max_fpr": max_fpr,
+            "rule": f"lowest threshold with calibration FPR <= {max_fpr}, at each look",
             "source": "the model's own generations (prompt labels), text and inverted latents",
             "split": {"calibration": {"prompts": n, "seed": CALIBRATION_SEED},
                       "held_out": {"prompts": n_held_out, "seed": HELD_OUT_SEED}, "steps": steps,
                       "guidance": guidance},
-            "calibration_rates": rates(y, s, threshold),
-            "held_out_rates": {src: rates([r["present"] for r in held if r["source"] == src],
-                                          [r["score"] for r in held if r["source"] == src], threshold)
-                               for src in ("text", "inverted")},
+            "held_out_rates": [{"t": when, **{src: rates(*of(held, when, src), thr) for src in ("text", "inverted")}}
+                               for when, thr in zip(points, thresholds)],
+            "command": f"irece calibrate --model <model> --n {n} --n-held-out {n_held_out} --max-fpr {max_fpr} "
+                       f"--tau {tau}",
             "seconds": round(time.perf_counter() - t0, 1)}

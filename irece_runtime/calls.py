@@ -4,8 +4,8 @@ A request is a generator (`Pipeline.machine`) that yields `Call`s and receives e
 machine alone, each call as it comes (the CLI, benchmarks, the unbatched server). `run_merged` runs the calls of
 several machines that share a `Call.key` as one batched backend call and splits the result back, row for row
 (the batched server's scheduler, `server/scheduler.py`). Calls merge only when every input but the batch axis has
-the same shape (same latent size, same number of concept token sets) and their per-call inputs (the gate's tau and
-threshold) are equal; the timestep becomes a per-sample vector, so requests at different steps share a UNet call.
+the same shape (same latent size, same number of concept token sets); the timestep becomes a per-sample vector, so
+requests at different steps share a UNet call.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 from .backends import Backend, check_model
 
-KINDS = ("encode_text", "vae_encode", "vae_decode", "eps", "concept_map", "gate", "concept_head")
+KINDS = ("encode_text", "vae_encode", "vae_decode", "eps", "concept_map", "concept_head")
 # a request's state machine: yields calls, receives their results, returns its value (the Result)
 Machine = Generator["Call", Any, Any]
 
@@ -25,9 +25,8 @@ Machine = Generator["Call", Any, Any]
 class Call:
     kind: str  # one of KINDS: the backend method it stands for
     inputs: tuple[torch.Tensor, ...]  # batch-first tensors, in the backend method's order (timestep apart)
-    timestep: torch.Tensor | None = None  # eps / concept_map / gate / concept_head: a scalar (all rows) or one per row
+    timestep: torch.Tensor | None = None  # eps / concept_map / concept_head: a scalar (all rows) or one per row
     model: str | None = None  # eps: "erased" or "standard"
-    shared: tuple[torch.Tensor, ...] = ()  # per-call inputs (the gate's tau, threshold): merged only when equal
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -41,12 +40,11 @@ class Call:
 
     def key(self) -> tuple:
         """Calls with equal keys can run as one backend call."""
-        return (self.kind, self.model, tuple((tuple(t.shape[1:]), t.dtype) for t in self.inputs),
-                tuple(tuple(s.flatten().tolist()) for s in self.shared))
+        return self.kind, self.model, tuple((tuple(t.shape[1:]), t.dtype) for t in self.inputs)
 
     def run(self, backend: Backend):
         """This call alone: exactly the backend call the loop made before calls were values."""
-        return _invoke(backend, self.kind, self.model, self.inputs, self.timestep, self.shared)
+        return _invoke(backend, self.kind, self.model, self.inputs, self.timestep)
 
 
 def row_limit(kind: str, max_batch: int) -> int:
@@ -55,7 +53,7 @@ def row_limit(kind: str, max_batch: int) -> int:
     return max_batch * (2 if kind == "eps" else 1)
 
 
-def _invoke(backend: Backend, kind: str, model, inputs, timestep, shared):
+def _invoke(backend: Backend, kind: str, model, inputs, timestep):
     if kind == "encode_text":
         return backend.encode_text(*inputs)
     if kind == "vae_encode":
@@ -68,11 +66,8 @@ def _invoke(backend: Backend, kind: str, model, inputs, timestep, shared):
     if kind == "concept_map":
         x, hidden, weights = inputs
         return backend.concept_map(x, timestep, hidden, weights)
-    if kind == "concept_head":
-        x, hidden = inputs
-        return backend.concept_head(x, timestep, hidden)
-    x, hidden, weights = inputs  # gate
-    return backend.gate(x, timestep, hidden, weights, *shared)
+    x, hidden = inputs  # concept_head
+    return backend.concept_head(x, timestep, hidden)
 
 
 def drive(machine: Machine, backend: Backend):
@@ -102,7 +97,7 @@ def run_merged(backend: Backend, calls: list[Call]) -> list:
     first = calls[0]
     inputs = tuple(torch.cat([c.inputs[i] for c in calls]) for i in range(len(first.inputs)))
     timestep = per_row_timesteps(calls) if first.timestep is not None else None
-    out = _invoke(backend, first.kind, first.model, inputs, timestep, first.shared)
+    out = _invoke(backend, first.kind, first.model, inputs, timestep)
     sizes = [c.rows for c in calls]
     if isinstance(out, tuple):
         parts = [o.split(sizes) for o in out]

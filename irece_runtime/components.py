@@ -100,20 +100,6 @@ class UNetEps(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states).sample
 
 
-class GatedLocalizer(nn.Module):
-    """The localizer graph: concept maps of K token sets, then the contrastive presence gate on them (per-concept
-    tau and threshold as inputs), so an exported folder gates exactly as the torch backend does."""
-
-    def __init__(self, localizer: Localizer):
-        super().__init__()
-        self.localizer = localizer
-
-    def forward(self, sample, timestep, encoder_hidden_states, token_weights, tau, threshold):
-        maps = self.localizer(sample, timestep, encoder_hidden_states, token_weights)
-        scores, masks = irece.gate(maps, tau, threshold)
-        return maps, scores, masks
-
-
 def component_io(name: str, b: int, cfg: dict) -> tuple[tuple, list[str], list[str], dict]:
     D, C, h, w = cfg["embed_dim"], cfg["latent_channels"], cfg["latent_h"], cfg["latent_w"]
     f = cfg["vae_scale_factor"]
@@ -132,14 +118,9 @@ def component_io(name: str, b: int, cfg: dict) -> tuple[tuple, list[str], list[s
     if name == "localizer":
         tw = torch.zeros(b, 2, 77)  # K = 2 token sets at export; K is a dynamic axis
         tw[:, 0, 5] = tw[:, 1, 7] = 1.0
-        tau, threshold = torch.full((2,), 0.4), torch.full((2,), 0.5)
-        return ((lat, t, hid, tw, tau, threshold),
-                ["sample", "timestep", "encoder_hidden_states", "token_weights", "tau", "threshold"],
-                ["concept_map", "presence", "masks"],
+        return ((lat, t, hid, tw), ["sample", "timestep", "encoder_hidden_states", "token_weights"], ["concept_map"],
                 {"sample": {0: "B"}, "timestep": {0: "B"}, "encoder_hidden_states": {0: "B"},
-                 "token_weights": {0: "B", 1: "K"},
-                 "tau": {0: "K"}, "threshold": {0: "K"}, "concept_map": {0: "B", 1: "K"}, "presence": {0: "B", 1: "K"},
-                 "masks": {0: "B", 1: "K"}})
+                 "token_weights": {0: "B", 1: "K"}, "concept_map": {0: "B", 1: "K"}})
     if name == "concept_head":  # the standard UNet with the null prompt -> per-cell concept probabilities
         return ((lat, t, hid), ["sample", "timestep", "encoder_hidden_states"], ["concept_probs"],
                 {"sample": {0: "B"}, "timestep": {0: "B"}, "encoder_hidden_states": {0: "B"},
@@ -163,7 +144,7 @@ def build_components(model_dir: str | Path, erased: str | Path | None = None, la
     loc_unet = load_unet(model_dir, dtype=dtype) if separate_localizer else standard
     modules = {"text_encoder": TextEncoder(te), "vae_encoder": VaeEncoder(vae), "vae_decoder": VaeDecoder(vae),
                "unet_erased": UNetEps(erased_unet), "unet_standard": UNetEps(standard),
-               "localizer": GatedLocalizer(Localizer(loc_unet, layers))}
+               "localizer": Localizer(loc_unet, layers)}
     head = load_head(model_dir)
     if head is not None:  # its own UNet copy for export, like the localizer (its hooks only record in its pass)
         head_unet = load_unet(model_dir, dtype=dtype) if separate_localizer else standard

@@ -10,7 +10,6 @@ the denoising loop calls these at step t*.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -18,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 PERTURB_MODES = ("replace", "add")
-# off: the paper's always-intervene; contrastive: concept tokens compete in one cross-attention softmax;
-# classifier: a diffusion classifier (the standard UNet's noise-prediction error under each concept prompt);
-# head: the model's concept head (concept_head.py) on the standard UNet's features at x_t: its per-cell
-# probabilities are the presence score (the highest cell) and the concept's own mask (cells >= tau), one UNet row
-GATES = ("off", "contrastive", "classifier", "head")
+# off: the paper's always-intervene; classifier: a diffusion classifier (the standard UNet's noise-prediction error
+# under each concept prompt); head: the model's concept head (concept_head.py) on the standard UNet's features at
+# x_t: its per-cell probabilities are the presence score (the highest cell) and the concept's own mask (cells >= tau),
+# one UNet row (gates.py)
+GATES = ("off", "classifier", "head")
 # the diffusion classifier's re-noising timesteps t' and softmax temperature (BENCHMARKS.md, committed world,
 # t* = 0.5: three t' hold an erased concept's CRR at 0-13% with the gate calibrated at 3% false positives, t' = 300
 # alone lets 6-44% through at its calibrated threshold (same AUC, 0.90 and 0.91, noisier scores), at a third of
@@ -32,11 +31,6 @@ CLASSIFIER_TIMESTEPS = (100, 300, 500)
 # single-shape scenes 0.99 on both worlds, against 0.49-0.57 for competing cross-attention; BENCHMARKS.md)
 PRESENCE_GATE = "classifier"
 CLASSIFIER_TEMPERATURE = 50.0
-# classifier_pairs: beside each concept's prompt, one prompt per pair of concepts ("a A and a B"), so a scene of two
-# shapes has a hypothesis of its own instead of splitting one concept's mass between its shapes. World v4, held out
-# (`irece bench presence --classifier-pairs`, BENCHMARKS.md "World v4 committed"): two-shape AUC 0.75 -> 0.91, all
-# scenes 0.93 -> 0.97; cost K(K-1)/2 more UNet rows per image and t' (K = 10: 56 rows instead of 11; p50 2.65x the
-# paper's IRECE against 1.32x, torch). Off by default for that cost.
 # IRECE fails closed where x_t or the concept map at t* is not finite (an overflowing input): a NaN map min-max
 # normalizes to NaN, NaN >= tau is False, and the mask would come out empty - the latent let through unprotected.
 NONFINITE = ("error", "full_mask")  # error: refuse the request; full_mask: re-noise the whole latent
@@ -91,17 +85,14 @@ class IreceConfig:
     t_star: float | int = 0.3  # a fraction of the schedule (float) or a step index (int)
     mode: str = "replace"
     template: str = "a photo of a {concept}"  # the localization prompt c_tgt
-    min_peak: float = 0.0  # presence gate on the raw map's peak; 0 = always intervene (the paper)
     per_concept: dict = field(default_factory=dict)  # concept -> {"tau", "t_star", "threshold"} (`irece bench tune`)
-    gate: str = "off"  # "contrastive": intervene only where a concept is present (scores from competing tokens)
-    threshold: float = 0.5  # presence-score threshold of the contrastive gate (calibrated by `irece bench tune`)
-    vocabulary: tuple[str, ...] = ()  # competing concepts in the localization prompt, beside the model's own
+    gate: str = "off"  # "head" / "classifier": intervene only where a concept is present (GATES)
+    threshold: float = 0.5  # the presence gate's threshold (the model's calibration block: `irece calibrate`)
+    vocabulary: tuple[str, ...] = ()  # the classifier gate's competing concepts, beside the model's own
     classifier_timesteps: tuple[int, ...] = CLASSIFIER_TIMESTEPS  # the classifier gate's re-noising t' (cost: K+1
     # UNet rows per image and t')
-    classifier_pairs: bool = False  # the classifier also weighs every pair of concepts (classifier_pairs note)
     classifier_early_exit: bool = True  # stop scoring once every decision is taken (ScoreBounds; reports then give
     # the mean over the t' that ran)
-    split_masks: bool = False  # a target's mask leaves the cells of other concepts the gate sees (split_among_shown)
     keep_outside: bool = False  # inverted latents: once IRECE re-noised an image, outside its mask the latent follows
     # the inversion's trajectory and ends on the input's latent (blended latent diffusion), and the pixels outside it
     # are the input latent's decode (keep_pixels_outside): only the mask is redrawn
@@ -109,7 +100,8 @@ class IreceConfig:
     # head saw another concept (its score >= threshold) more probable than the targets stay the input's (contest):
     # at 8x8 a target's cells share pixels with a shape beside it, and those pixels are the other shape's
     nonfinite: str = "error"  # non-finite x_t or concept map at t*: "error" or "full_mask" (never an empty mask)
-    conditioning: str = "keep"  # "null": an image whose conditioning carries a target loses it (classifier gate)
+    conditioning: str = "keep"  # "null": an image whose conditioning carries a target (classifier) or in which the
+    # target was seen (head) loses it
     conditioning_threshold: float = CONDITIONING_THRESHOLD  # conditioning score from which it counts as carried
     conditioning_threshold_shown: float = CONDITIONING_THRESHOLD_SHOWN  # the same, in images the gate says show it
     conditioning_unet: str = "both"  # which UNet reads the conditioning (CONDITIONING_UNETS; erased/both: one
@@ -118,6 +110,9 @@ class IreceConfig:
     # shape's core, and the edge cells it leaves out carry enough of the shape to redraw it (grow_mask)
     recheck: tuple[float | int, ...] = ()  # later points of the schedule (like t_star) where IRECE runs again: a
     # conditioning that redraws the concept after t* is caught there (behind a gate, only images that show it)
+    recheck_threshold: tuple[float, ...] = ()  # the presence threshold of each recheck look (empty: `threshold`): a
+    # gate's scores at 0.7 or 0.9 of the schedule are not those at t* (the head, fitted at 0.5, read 11 of 32 benign
+    # inverted renders as the target at 0.7 under t*'s threshold, 2 at t*), so each look is calibrated apart
     negative_guidance: float = 0.0  # once IRECE re-noised an image, inside its mask the rest of the loop is steered
     # away from the concepts it re-noised, by the standard UNet's direction towards them (steer_away); 0: the paper
     negative_guidance_steps: int = 0  # steer only this many steps after each step IRECE re-noised an image at (its
@@ -141,9 +136,6 @@ class IreceConfig:
         for name in ("conditioning_threshold", "conditioning_threshold_shown"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.split_masks and self.gate != "classifier":
-            raise ValueError("split_masks splits a mask among the concepts the classifier gate sees: it needs "
-                             "gate='classifier'")
         if self.keep_others and not (self.keep_outside and self.gate == "head"):
             raise ValueError("keep_others keeps pixels of keep_outside's composite where the concept head sees another "
                              "concept: it needs keep_outside=True and gate='head'")
@@ -163,6 +155,12 @@ class IreceConfig:
         k = self.negative_guidance_steps
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"negative_guidance_steps must be a whole number of steps >= 0, got {k!r}")
+        if self.recheck_threshold and len(self.recheck_threshold) != len(self.recheck):
+            raise ValueError(f"recheck_threshold must give one threshold per recheck look ({len(self.recheck)}), got "
+                             f"{len(self.recheck_threshold)}")
+        for thr in self.recheck_threshold:
+            if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr):
+                raise ValueError(f"recheck_threshold must hold finite numbers, got {thr!r}")
         for when in self.recheck:
             if isinstance(when, bool) or not isinstance(when, (int, float)) or (
                     isinstance(when, float) and not 0.0 <= when < 1.0) or (isinstance(when, int) and when < 0):
@@ -183,15 +181,19 @@ class IreceConfig:
 
     def plan(self, num_steps: int) -> dict[int, list[tuple[str, float, float]]]:
         """step index -> [(concept, tau, threshold)]: where each concept is localized, with its own settings if
-        tuned."""
+        tuned; a recheck look with its own threshold where recheck_threshold gives one. A concept is localized once
+        per step (the earlier point's settings where two points fall on one step)."""
         out: dict[int, list[tuple[str, float, float]]] = {}
         for c in self.concepts:
             o = self.per_concept.get(c, {})
-            for when in (o.get("t_star", self.t_star),) + tuple(self.recheck):
-                step = replace(self, t_star=when, per_concept={}, recheck=()).step_index(num_steps)
-                target = (c, float(o.get("tau", self.tau)), float(o.get("threshold", self.threshold)))
-                if target not in out.get(step, []):
-                    out.setdefault(step, []).append(target)
+            threshold = float(o.get("threshold", self.threshold))
+            looks = [(o.get("t_star", self.t_star), threshold)]
+            looks += list(zip(self.recheck, self.recheck_threshold or [threshold] * len(self.recheck)))
+            for when, thr in looks:
+                at = replace(self, t_star=when, per_concept={}, recheck=(), recheck_threshold=())
+                step = at.step_index(num_steps)
+                if all(name != c for name, _, _ in out.get(step, [])):
+                    out.setdefault(step, []).append((c, float(o.get("tau", self.tau)), float(thr)))
         return dict(sorted(out.items()))
 
 
@@ -201,7 +203,7 @@ def off_schedule(cfg: IreceConfig, trained_at, num_steps: int, slack: float = 0.
     The later looks (recheck) are not held to it: they only add interventions the first look missed."""
     if not trained_at:
         return []
-    points = [step / num_steps for step in replace(cfg, recheck=()).plan(num_steps)]
+    points = [step / num_steps for step in replace(cfg, recheck=(), recheck_threshold=()).plan(num_steps)]
     return [p for p in points if min(abs(p - float(q)) for q in trained_at) > slack]
 
 
@@ -249,69 +251,9 @@ def minmax(concept_map: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return ((flat - lo[:, None]) / (hi - lo + eps)[:, None]).view_as(concept_map)
 
 
-def concept_mask(concept_map: torch.Tensor, tau: float, min_peak: float = 0.0) -> torch.Tensor:
-    """(B, H, W) raw concept map -> binary float mask M: minmax(map) >= tau, empty where the peak < min_peak."""
-    m = (minmax(concept_map) >= tau).to(concept_map.dtype)
-    present = concept_map.flatten(1).max(1).values >= min_peak
-    return m * present[:, None, None].to(m.dtype)
-
-
-def object_region(maps: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
-    """(B, K, H, W) competing-concept maps -> bool (B, 1 or K, H, W): where the concept tokens together draw
-    attention, min-max of their summed map >= tau (the paper's rule on the union). tau: one value, or one per
-    concept as a (K,) tensor (tuned per-concept settings; an input of the exported localizer graph)."""
-    tau = torch.as_tensor(tau, dtype=maps.dtype, device=maps.device).reshape(1, -1, 1, 1)
-    return minmax(maps.sum(1))[:, None] >= tau
-
-
-def contrastive_masks(maps: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
-    """(B, K, H, W) maps of K competing concepts from one localization prompt -> binary masks (B, K, H, W).
-
-    A cell belongs to concept k where it lies in the object region and k draws the most of the concept tokens'
-    attention there: concepts split the object region between them instead of each claiming min-max's ~40% of
-    the latent.
-    """
-    owner = F.one_hot(maps.argmax(1), maps.shape[1]).permute(0, 3, 1, 2).bool()  # (B, K, H, W)
-    return (owner & object_region(maps, tau)).to(maps.dtype)
-
-
-def presence_scores(maps: torch.Tensor, tau: float | torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """(B, K, H, W) competing-concept maps -> (B, K) presence scores in [0, 1].
-
-    The score is concept k's peak local share of the concept tokens' attention inside the object region: the
-    share map maps_k / sum_j maps_j, averaged over the object cells of each 3x3 neighbourhood (one noisy cell is
-    not a shape), at its maximum over object cells. A concept that is drawn owns some region (score near 1); an
-    absent one only ever shares (score near 1/K)."""
-    share = maps / maps.sum(1, keepdim=True).clamp_min(eps)
-    objects = object_region(maps, tau).to(maps.dtype).expand_as(share)
-    # mean share over the object cells of each 3x3 neighbourhood (background cells do not vote)
-    local = F.avg_pool2d(share * objects, 3, stride=1, padding=1) / F.avg_pool2d(objects, 3, stride=1,
-                                                                                 padding=1).clamp_min(eps)
-    return (local * objects).flatten(2).max(2).values
-
-
-def gate(maps: torch.Tensor, tau: float | torch.Tensor,
-         threshold: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The contrastive presence gate: (B, K, H, W) maps -> presence scores (B, K) and gated masks (B, K, H, W),
-    concept k's contrastive mask where its score reaches its threshold (a value or a (K,) tensor), else empty.
-    The exported localizer graph ends with this function, so every backend gates alike."""
-    scores = presence_scores(maps, tau)
-    threshold = torch.as_tensor(threshold, dtype=maps.dtype, device=maps.device).reshape(1, -1)
-    present = (scores >= threshold).to(maps.dtype)
-    return scores, contrastive_masks(maps, tau) * present[:, :, None, None]
-
-
-def split_among_shown(maps: torch.Tensor, masks: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
-    """Concept-specific masks for scenes that show several concepts. maps (n, B, H, W): the raw maps of n concepts,
-    each from its own localization prompt; masks (n, B, H, W): their masks; shown (n, B) bool: the concepts each
-    image shows (the gate's verdict). A concept keeps a cell of its mask only where its min-max map is the highest
-    of the shown concepts' maps (ties to the first: targets come first, so a tie is removed, not kept). An image
-    that shows one concept keeps its masks as they were."""
-    norm = minmax(maps.flatten(0, 1)).view_as(maps)
-    norm = torch.where(shown[..., None, None], norm, torch.full_like(norm, -1.0))  # below every shown map
-    owner = norm.argmax(0)  # (B, H, W)
-    own = owner[None] == torch.arange(maps.shape[0], device=maps.device)[:, None, None, None]
-    return masks * own.to(masks.dtype)
+def concept_mask(concept_map: torch.Tensor, tau: float) -> torch.Tensor:
+    """(B, H, W) raw concept map -> binary float mask M: minmax(map) >= tau (the paper's)."""
+    return (minmax(concept_map) >= tau).to(concept_map.dtype)
 
 
 def head_scores(probs: torch.Tensor) -> torch.Tensor:
@@ -351,33 +293,17 @@ def renoise(x0: torch.Tensor, xi: torch.Tensor, alpha_bar: torch.Tensor | float)
     return a.sqrt() * x0 + (1 - a).sqrt() * xi
 
 
-def classifier_hypotheses(k: int, pairs: bool = False) -> list[tuple[int, ...]]:
-    """What the diffusion classifier's prompts name, as indices into K concepts: each concept alone, then (pairs)
-    each pair of concepts, in itertools.combinations order."""
-    return [(i,) for i in range(k)] + (list(itertools.combinations(range(k), 2)) if pairs else [])
-
-
-def classifier_scores(errors: torch.Tensor, temperature: float = CLASSIFIER_TEMPERATURE,
-                      hypotheses: list[tuple[int, ...]] | None = None) -> torch.Tensor:
+def classifier_scores(errors: torch.Tensor, temperature: float = CLASSIFIER_TEMPERATURE) -> torch.Tensor:
     """A diffusion classifier's presence scores (Li et al., "Your Diffusion Model is Secretly a Zero-Shot
     Classifier", ICCV 2023), as IRECE's gate reads them.
 
-    errors (B, T', H + 1): the standard UNet's mean squared noise-prediction error on x0 re-noised at each of T'
-    timesteps, under each of H prompts and, last, the null prompt. Each prompt's error is taken relative to the null
-    prompt's (so images and timesteps that are simply easier or harder to denoise compare alike), the prompts compete
-    in a softmax, and the shares are averaged over T'. `hypotheses`: the concepts each prompt names
-    (classifier_hypotheses; default: one concept each, H = K). Returns (B, K) scores in [0, 1]: each concept's
-    marginal, the share of the prompts that name it. With single prompts only, a concept an image shows takes most
-    of the mass and two shown concepts share it; with pair prompts, a two-shape scene's pair takes it, and both
-    its concepts score high."""
+    errors (B, T', K + 1): the standard UNet's mean squared noise-prediction error on x0 re-noised at each of T'
+    timesteps, under each of K concept prompts and, last, the null prompt. Each prompt's error is taken relative to
+    the null prompt's (so images and timesteps that are simply easier or harder to denoise compare alike), the
+    prompts compete in a softmax, and the shares are averaged over T'. Returns (B, K) scores in [0, 1]: a concept an
+    image shows takes most of the mass, and two shown concepts share it."""
     rel = errors[..., :-1] / errors[..., -1:].clamp_min(1e-12)
-    share = torch.softmax(-temperature * rel, dim=-1).mean(1)  # (B, H)
-    if hypotheses is None:
-        return share
-    member = torch.zeros(len(hypotheses), max(max(h) for h in hypotheses) + 1, dtype=share.dtype)
-    for j, named in enumerate(hypotheses):
-        member[j, list(named)] = 1.0
-    return share @ member.to(share.device)
+    return torch.softmax(-temperature * rel, dim=-1).mean(1)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ the command that makes it.
     paper   the seed paper's IRECE: at t* = 0.3 the concept's cross-attention mask (min-max >= tau 0.4) is re-noised
             in every request, whether the concept is there or not
     gated   re-noise only where the model's concept head sees the concept, and make the re-noising stick: the head's
-            own cells grown by one, looked at again at 0.7 and 0.9 of the schedule, the region steered away from the
-            concept, the conditioning that drew it dropped, and on inverted images everything outside the mask (and
-            the other concepts' pixels inside it) kept as the input had it
+            own cells grown by one, looked at again later in the schedule (the calibrated rechecks, each with its own
+            threshold), the region steered away from the concept, a learned embedding that drew it dropped, and on
+            inverted images everything outside the mask (and the other concepts' pixels inside it) kept as the input
+            had it
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .concept_head import HEAD_CONFIG, HEAD_DIR, HEAD_FILE
-from .irece import RECHECK, IreceConfig
+from .irece import IreceConfig
 
 CALIBRATION = "calibration"  # the block's key in the head's config.json
 CALIBRATE_COMMAND = "irece calibrate --model {model}"
@@ -40,9 +41,10 @@ POLICIES = {p.name: p for p in (
            {"gate": "off"}),
     Policy("gated", "re-noise only where the concept head sees the concept; rechecks, negative guidance, dropped "
                     "conditioning, and on inverted images the rest of the image kept",
-           {"gate": "head", "grow": 1, "recheck": RECHECK, "negative_guidance": 3.0, "conditioning": "null",
-            "keep_outside": True, "keep_others": True},
-           ("t_star", "tau", "threshold")),
+           {"gate": "head", "grow": 1, "negative_guidance": 3.0, "conditioning": "null", "keep_outside": True,
+            "keep_others": True},
+           # the looks (t* and the rechecks) and each one's threshold: where the head's scores were calibrated
+           ("t_star", "tau", "threshold", "recheck", "recheck_threshold")),
 )}
 PAPER, RECOMMENDED = "paper", "gated"
 IRECE_FIELDS = tuple(f.name for f in fields(IreceConfig) if f.name != "concepts")
@@ -100,9 +102,16 @@ def resolve(name: str | None, model_dir: str | Path, concepts=(), overrides: dic
     if unknown:
         raise ValueError(f"unknown IRECE field(s) {sorted(unknown)}")
     values = dict(policy.settings)
+    if "recheck" in overrides and "recheck_threshold" not in overrides:
+        overrides["recheck_threshold"] = ()  # other looks than the calibrated ones: t*'s threshold at each
     open_fields = [f for f in policy.calibrated if f not in overrides]
     if open_fields:
         block = read_calibration(model_dir)
+        missing = [f for f in open_fields if f not in block]
+        if missing:
+            raise ValueError(f"{Path(model_dir) / HEAD_DIR / HEAD_CONFIG}: the calibration block has no {missing} "
+                             f"(made by an older calibration): run `{CALIBRATE_COMMAND.format(model=model_dir)}` again")
         values.update({f: block[f] for f in open_fields})
-    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
-    return IreceConfig(concepts=tuple(concepts), **values)
+    values.update(overrides)
+    return IreceConfig(concepts=tuple(concepts), **{k: tuple(v) if isinstance(v, list) else v
+                                                     for k, v in values.items()})

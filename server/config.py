@@ -36,15 +36,12 @@ class ServerConfig:
     t_star: float | int | None = None  # a fraction of the schedule (0.3) or a step index (7)
     mode: str | None = None
     template: str | None = None
-    min_peak: float | None = None
     per_concept: dict | None = None  # concept -> {"tau", "t_star", "threshold"} (`irece bench tune`)
-    gate: str | None = None  # "off": always intervene (the paper); "head" / "classifier" / "contrastive": where present
+    gate: str | None = None  # "off": always intervene (the paper); "head" / "classifier": only where present
     threshold: float | None = None  # the presence gate's threshold
     vocabulary: list[str] | None = None  # competing concepts beside the model's concepts.json
     classifier_timesteps: list[int] | None = None  # the classifier gate's t'
-    classifier_pairs: bool | None = None  # the classifier also weighs each pair of concepts (5x its rows)
     classifier_early_exit: bool | None = None  # the classifier gate stops at the t' where its decisions are taken
-    split_masks: bool | None = None  # a target's mask leaves the cells of the other concepts the gate sees
     keep_outside: bool | None = None  # inverted latents: outside IRECE's mask, the input's own latent and pixels
     keep_others: bool | None = None  # with keep_outside and gate "head": the other concepts' pixels inside the mask too
     grow: int | None = None  # cells by which IRECE's mask grows before re-noising (a concept head's core cells)
@@ -55,6 +52,7 @@ class ServerConfig:
     conditioning_threshold: float | None = None  # classifier gate: conditioning score from which it is dropped
     conditioning_unet: str | None = None  # classifier gate: which UNet reads the conditioning
     recheck: list[float | int] | None = None  # later points where IRECE runs again (like t_star)
+    recheck_threshold: list[float] | None = None  # each recheck look's presence threshold (the calibration's)
     allowed_concepts: list[str] | None = None  # what requests may add; None = model's concepts.json + operator's
     hide_scores: bool = False  # responses carry no presence score, threshold or peak (NaN): less for attackers
     # serving

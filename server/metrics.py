@@ -50,7 +50,7 @@ class Metrics:
         self.mask_area = Histogram("irece_mask_area_ratio", "Fraction of latent cells IRECE masked, per concept",
                                    ["concept"], buckets=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r)
         self.presence = Histogram("irece_presence_score", "Presence score of each localized concept at t* "
-                                  "(classifier or contrastive gate); compare with the gate's threshold", ["concept"],
+                                  "(head or classifier gate); compare with the gate's threshold", ["concept"],
                                   buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
         self.stage_seconds = Histogram("irece_stage_duration_seconds", "Time per stage of a request that completed "
                                        "(queue: arrival to a worker)", ["stage"],

@@ -11,7 +11,7 @@ from benchmarks import adaptive
 from benchmarks import batch as gen
 from benchmarks.crr import references
 from irece_runtime.irece import IreceConfig
-from irece_runtime.pipeline import IreceStep
+from irece_runtime.stages import Look
 
 pytestmark = pytest.mark.shapes10_only
 S = adaptive.AdaptiveSettings(n=2, steps=10, t_star=0.5)
@@ -37,12 +37,12 @@ def test_checks_see_the_latents_the_defence_sees(pipe, monkeypatch):
     seen = adaptive.checks(pipe, pipe.backend, x_T, cond, null, S.guidance, S.steps, CFG)
     assert [i for i, _, _ in seen] == sorted(CFG.plan(S.steps)) == [5, 7]
     recorded = {}
-    real = IreceStep._intervene
+    real = Look._look
 
-    def spy(self, i, t, x):
+    def spy(self, state, i, t, x):
         recorded[i] = x.clone()
-        return (yield from real(self, i, t, x))
-    monkeypatch.setattr(IreceStep, "_intervene", spy)
+        return (yield from real(self, state, i, t, x))
+    monkeypatch.setattr(Look, "_look", spy)
     # a gate that never fires: the defended loop follows the undefended trajectory the attack optimises on
     pipe.denoise(x_T, cond, null, S.guidance, S.steps, IreceConfig(concepts=("star",), gate="classifier",
                                                                     t_star=0.5, threshold=1.01, recheck=(0.7,)))

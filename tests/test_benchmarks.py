@@ -42,6 +42,10 @@ def test_a_cells_key_changes_with_a_later_field_only_when_it_is_set():
             kept = replace(cfg, gate="head", keep_outside=True)
             assert crr.config_key(replace(kept, keep_others=True)) != crr.config_key(kept)
             continue
+        if name == "recheck_threshold":  # one a recheck look
+            looked = replace(cfg, recheck=(0.7,))
+            assert crr.config_key(replace(looked, recheck_threshold=(0.5,))) != crr.config_key(looked)
+            continue
         other = {"grow": 1, "negative_guidance": 3.0, "negative_guidance_steps": 6}.get(name, not getattr(cfg, name))
         assert crr.config_key(replace(cfg, **{name: other})) != key
     assert crr.config_key(replace(cfg, tau=0.3)) != key and crr.config_key(None) == "None"
@@ -64,8 +68,10 @@ def test_crr_gated_defences_take_the_benchs_gate_and_grow_and_the_paper_neither(
     assert gated.negative_guidance == recheck.negative_guidance == 3.0
     assert gated.negative_guidance_steps == recheck.negative_guidance_steps == 6
     assert recheck.recheck == irece.RECHECK and recheck.conditioning == "keep" and recheck.gate == "head"
-    with pytest.raises(ValueError, match="classifier"):  # the full defence scores the conditioning with it
-        crr.defence_config("full", "star", s)
+    full = crr.defence_config("full", "star", s)  # the head drops a learned embedding where it saw the target
+    assert (full.gate, full.conditioning, full.recheck) == ("head", "null", irece.RECHECK)
+    with pytest.raises(ValueError, match="conditioning 'null'"):  # a gate is needed to say where
+        crr.defence_config("full", "star", replace(s, gate="off"))
 
 
 def test_wilson_interval_known_values():
@@ -268,9 +274,6 @@ class InterfaceOnly:
 
     def concept_map(self, sample, timestep, hidden, token_weights):
         return self._b.concept_map(sample, timestep, hidden, token_weights)
-
-    def gate(self, sample, timestep, hidden, token_weights, tau, threshold):
-        return self._b.gate(sample, timestep, hidden, token_weights, tau, threshold)
 
     def vae_encode(self, images):
         return self._b.vae_encode(images)

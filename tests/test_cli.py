@@ -65,7 +65,8 @@ def test_generate_keep_others_takes_the_head_gate_and_says_so_without_it(tmp_pat
     argv = ["generate", "--model", str(MODEL), "--image", str(tmp_path / "s.png"), "--irece", "star", "--steps", "10",
             "--t-star", "0.5", "--tau", "0.2", "--threshold", "0.217", "--grow", "1", "--keep-others",
             "--out", str(tmp_path / "o.png"), "--json"]
-    assert main(argv) == 2 and "keep_others" in capsys.readouterr().err  # the default gate has no head to ask
-    res = run_json(capsys, argv + ["--gate", "head"])  # --keep-others brings keep_outside with it
+    # the paper's policy has no head to ask
+    assert main(argv + ["--policy", "paper"]) == 2 and "keep_others" in capsys.readouterr().err
+    res = run_json(capsys, argv + ["--policy", "paper", "--gate", "head"])  # --keep-others brings keep_outside
     assert res["modality"] == "inverted_latent" and res["irece"]["concepts"][0]["concept"] == "star"
     assert np.asarray(Image.open(tmp_path / "o.png")).shape == (image_side(pipe), image_side(pipe), 3)

@@ -24,9 +24,9 @@ TEST_SEED = 7_600_000  # calibration uses 7_100_000, the benchmarks' held-out fi
 T_STAR = 0.5  # the classifier reads x0 as predicted at t*; at 0.5 it is sharp enough (BENCHMARKS.md)
 # measured on world v4 (n = 16-48 per figure): AUC 0.93, single shapes 1.00 (pair prompts: 0.97, two shapes 0.91),
 # right aim 0-19%, wrong aim survives 94-100%, benign identical 100% (text) / 98% (inverted)
-FLOORS = {"auc_single": 0.93, "auc": 0.80, "auc_pairs": 0.85, "auc_two_shapes_pairs": 0.70, "right_crr": 0.25,
+FLOORS = {"auc_single": 0.93, "auc": 0.80, "right_crr": 0.25,
           "wrong_survives": 0.80, "benign_text": 0.90, "benign_inverted": 0.66, "full_ti_crr": 0.25,
-          "benign_embedding_identical": 0.75, "two_shapes_split": 0.50,
+          "benign_embedding_identical": 0.75,
           "head_grown_crr": 0.25, "head_pairs": 0.65, "head_pairs_psnr": 24.0,
           "head_pairs_keep": 0.8, "head_pairs_keep_psnr": 35.0, "head_neg_crr": 0.1}
 
@@ -38,13 +38,6 @@ def cfg(**kw) -> IreceConfig:
 @pytest.fixture(scope="module")
 def threshold(pipe):
     rows = presence.score_splits(pipe, 30, 25, 5.0, cfg(), splits=(("calibration", presence.CALIBRATION_SEED),))
-    return presence.calibrate(rows["calibration"], 0.03)["threshold"]
-
-
-@pytest.fixture(scope="module")
-def pair_threshold(pipe):
-    rows = presence.score_splits(pipe, 30, 25, 5.0, cfg(classifier_pairs=True),
-                                 splits=(("calibration", presence.CALIBRATION_SEED),))
     return presence.calibrate(rows["calibration"], 0.03)["threshold"]
 
 
@@ -62,35 +55,6 @@ def test_presence_score_tells_present_from_absent_concepts(pipe):
     single = presence.summarize([r for r in rows if r["shapes"] == 1])
     assert single["auc"] >= FLOORS["auc_single"], single
     assert presence.summarize(rows)["auc"] >= FLOORS["auc"]
-
-
-def test_pair_prompts_tell_the_concepts_of_two_shape_scenes(pipe):
-    """classifier_pairs: a prompt per pair of concepts gives a two-shape scene a hypothesis of its own. Measured on
-    the held-out split (40 scenes): two-shape AUC 0.75 -> 0.91, all 0.93 -> 0.97 (BENCHMARKS.md, "World v4"); on
-    this test's 30 scenes (about 12 of two shapes) 0.67 -> 0.78 and 0.88 -> 0.90."""
-    auc = {}
-    for pairs in (False, True):
-        rows = presence.score_splits(pipe, 30, 25, 5.0, cfg(classifier_pairs=pairs),
-                                     splits=(("test", TEST_SEED),))["test"]
-        auc[pairs] = (presence.summarize(rows)["auc"], presence.summarize([r for r in rows if r["shapes"] == 2])["auc"])
-    assert auc[True][0] >= FLOORS["auc_pairs"] and auc[True][1] >= FLOORS["auc_two_shapes_pairs"], auc
-    assert auc[True][1] > auc[False][1], auc
-
-
-def test_split_masks_keep_the_other_shape_of_two_shape_scenes(pipe, judge, pair_threshold):
-    """IRECE aimed at one shape of a two-shape render (inverted, null prompt, pair prompts, looking again at
-    RECHECK): with split_masks the other shape keeps the cells its map wins. Measured on 40 held-out scenes
-    (`irece bench gate --parts pairs --n-pairs 40`): target removed and other kept 30 -> 42% (the paper's IRECE 25%),
-    other kept 42 -> 62%; on this test's 20 scenes 45 -> 65% and 45 -> 65%, so the floor (50%) is above what the
-    gate reaches without the split."""
-    s = BenchSettings(seed=TEST_SEED, t_star=T_STAR)
-    rows = {r["variant"]: r for r in gate_bench.pairs(pipe, judge, 20, s, cfg(threshold=pair_threshold,
-                                                                               classifier_pairs=True),
-                                                       variants=("recheck", "split+recheck"))}
-    split, whole = rows["split+recheck"], rows["recheck"]
-    print(f"\ntwo-shape scenes, pair threshold {pair_threshold:.3f}: {rows}")
-    assert split["other_kept"] > whole["other_kept"], rows
-    assert split["removed_and_kept"] >= FLOORS["two_shapes_split"], rows
 
 
 @pytest.mark.parametrize("defence", ["gated", "full"])
@@ -275,16 +239,16 @@ def test_keep_others_keeps_only_the_pixels_the_heads_first_look_gives_another_co
 
     import torch
     import torch.nn.functional as F
-    from irece_runtime.pipeline import Pipeline
+    from irece_runtime import gates
     from miniworld import shapes
     looks = []
-    head_steps = Pipeline.head_steps
+    head_steps = gates.head_steps
 
-    def capture(self, x, t):
-        out = yield from head_steps(self, x, t)
+    def capture(ctx, x, t):
+        out = yield from head_steps(ctx, x, t)
         looks.append(out.float().clone())
         return out
-    monkeypatch.setattr(Pipeline, "head_steps", capture)
+    monkeypatch.setattr(gates, "head_steps", capture)
     rng = np.random.default_rng(gate_bench.PAIR_SEED + TEST_SEED)
     scenes = [shapes.render_scene(2, rng=rng) for _ in range(6)]
     trajectory = []

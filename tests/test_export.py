@@ -68,16 +68,11 @@ def test_each_component_matches_torch(both, pipe):
     for name, (a, b) in pairs.items():
         assert a.shape == b.shape, name
         assert (a - b).abs().max() <= 1e-4, (name, float((a - b).abs().max()))
-    # the localizer graph ends with the presence gate: K token sets, per-concept tau and threshold (inputs)
+    # the localizer graph takes K token sets at once (K is a dynamic axis): (B, K, 77) -> (B, K, h, w)
     tw = torch.zeros(2, 3, n_tok)
     tw[:, 0, 2] = tw[:, 1, 4] = tw[:, 2, 6] = 1.0
-    tau, threshold = torch.tensor([0.3, 0.4, 0.5]), torch.tensor([0.0, 0.5, 0.9])
-    (ma, sa, ka), (mb, sb, kb) = te.gate(x, t, h, tw, tau, threshold), oe.gate(x, t, h, tw, tau, threshold)
-    assert (ma - mb).abs().max() <= 1e-4 and (sa - sb).abs().max() <= 1e-4
-    assert ka.shape == kb.shape == ma.shape and (ka == kb).float().mean() >= 0.99
-    assert ka[:, 0].any()  # threshold 0: the first concept's contrastive mask passes the gate
-    s_ref, k_ref = irece.gate(mb, tau, threshold)  # the graph's gate is irece.gate, on its own maps
-    assert (s_ref - sb).abs().max() <= 1e-5 and (k_ref == kb).float().mean() >= 0.99
+    ma, mb = te.concept_map(x, t, h, tw), oe.concept_map(x, t, h, tw)
+    assert ma.shape == mb.shape == (2, 3, side, side) and (ma - mb).abs().max() <= 1e-4
     # batch is dynamic
     assert oe.eps("erased", x[:1], t, h[:1]).shape == (1, te.latent_channels, side, side)
     assert not torch.allclose(oe.eps("erased", x, t, h), oe.eps("standard", x, t, h))
@@ -104,7 +99,7 @@ def test_whole_pipeline_with_irece_on_onnx_runtime_matches_torch(pipelines, pipe
     pt, po = pipelines
     learned = {"<x>": torch.randn(1, pipe.backend.embed_dim)}
     requests = [Request(prompt="a red star on a black background"), Request(prompt="a <x>", learned=learned)]
-    for gate in ("off", "contrastive", "classifier"):  # threshold 0: the gate passes, so the masks are compared
+    for gate in ("off", "classifier"):  # threshold 0: the gate passes, so the masks are compared
         cfg = IreceConfig(concepts=("star", "moon"), gate=gate, threshold=0.0)
         agree, diffs = _agreement(pt, po, requests, cfg)
         assert min(agree) >= 0.99 and max(diffs) <= 2 / 255, (gate, agree, diffs)
@@ -234,7 +229,7 @@ def test_tensorrt_profiles_cover_the_batched_server(engine_dir):
     c, lh, lw = m["shapes"]["latent"]
     n = 16
     assert engine_batch("unet_erased", n) == row_limit("eps", n) == 2 * n
-    assert engine_batch("localizer", n) == row_limit("gate", n) == n
+    assert engine_batch("localizer", n) == row_limit("concept_map", n) == n
     unet = profile_shapes(engine_dir / m["components"]["unet_erased"]["file"], engine_batch("unet_erased", n))
     assert unet["timestep"] == ((1,), (2 * n,), (2 * n,))
     assert unet["sample"] == ((1, c, lh, lw), (2 * n, c, lh, lw), (2 * n, c, lh, lw))
@@ -242,22 +237,23 @@ def test_tensorrt_profiles_cover_the_batched_server(engine_dir):
     loc = profile_shapes(engine_dir / m["components"]["localizer"]["file"], engine_batch("localizer", n))
     assert loc["timestep"] == ((1,), (n,), (n,))
     assert loc["token_weights"] == ((1, 1, 77), (n, MAX_CONCEPTS, 77), (n, MAX_CONCEPTS, 77))
-    assert loc["tau"] == ((1,), (MAX_CONCEPTS,), (MAX_CONCEPTS,))
+    assert set(loc) == {"sample", "timestep", "encoder_hidden_states", "token_weights"}  # no per-call inputs
 
 
 def test_tensorrt_calls_over_the_engine_profile_run_in_chunks():
     """An engine takes at most its profile's rows: a bigger call (the classifier gate's K + 1 prompts per image)
-    runs in chunks, per-call inputs (tau, threshold) whole in each, and the outputs join to what one call gives."""
+    runs in chunks, and the outputs (one or several) join to what one call gives."""
     from irece_runtime.backends.tensorrt_backend import in_chunks
     seen = []
 
-    def engine(sample, timestep, tau):  # like the localizer's gate: several outputs, a per-call input
-        assert sample.shape[0] <= 4 and timestep.shape[0] == sample.shape[0] and tau.shape == (3,)
+    def engine(sample, timestep):  # several outputs
+        assert sample.shape[0] <= 4 and timestep.shape[0] == sample.shape[0]
         seen.append(sample.shape[0])
-        return sample * 2 + tau.sum(), timestep + 1
-    x, t, tau = torch.randn(11, 2), torch.arange(11.0), torch.ones(3)
-    out = in_chunks(engine, 4, sample=x, timestep=t, tau=tau)
+        return sample * 2, timestep + 1
+    x, t = torch.randn(11, 2), torch.arange(11.0)
+    out = in_chunks(engine, 4, sample=x, timestep=t)
     assert seen == [4, 4, 3]
-    assert torch.equal(out[0], x * 2 + 3) and torch.equal(out[1], t + 1)
+    assert torch.equal(out[0], x * 2) and torch.equal(out[1], t + 1)
+    assert torch.equal(in_chunks(lambda sample: sample - 1, 4, sample=x), x - 1)  # one output
     seen.clear()
     assert torch.equal(in_chunks(lambda sample: sample + 1, 16, sample=x), x + 1)

@@ -41,8 +41,6 @@ def test_minmax_and_threshold():
     assert torch.allclose(irece.minmax(cm), torch.tensor([[[0.0, 0.25], [0.5, 1.0]]]))
     assert torch.equal(irece.concept_mask(cm, 0.4), torch.tensor([[[0.0, 0.0], [1.0, 1.0]]]))
     assert torch.equal(irece.concept_mask(cm, 0.2), torch.tensor([[[0.0, 1.0], [1.0, 1.0]]]))
-    # the presence gate: a weak peak means the concept is absent, no intervention
-    assert irece.concept_mask(cm, 0.4, min_peak=5.0).sum() == 0
     # min-max is scale-free: the mask depends only on the map's shape
     assert torch.equal(irece.concept_mask(cm * 7 + 3, 0.4), irece.concept_mask(cm, 0.4))
 
@@ -104,49 +102,10 @@ def test_plan_groups_concepts_by_their_tuned_step():
     assert cfg.plan(25) == {5: [("star", 0.4, 0.5), ("ring", 0.5, 0.5)], 10: [("moon", 0.3, 0.5)]}
 
 
-def _two_concept_maps():
-    """Batch of 1, K = 3 concepts on a 6x6 latent: concept 0 owns the top-left blob, concept 1 the bottom-right
-    one, concept 2 only ever shares (a diffuse 0.2 everywhere); the background draws little attention."""
-    maps = torch.full((1, 3, 6, 6), 0.02)
-    maps[0, 2] = 0.05
-    maps[0, 0, :2, :2] = 0.8
-    maps[0, 1, 4:, 4:] = 0.7
-    maps[0, 2, :2, :2] = maps[0, 2, 4:, 4:] = 0.2
-    return maps
-
-
-def test_contrastive_masks_split_the_object_region_between_concepts():
-    m = irece.contrastive_masks(_two_concept_maps(), 0.4)
-    assert m.shape == (1, 3, 6, 6)
-    assert m[0, 0].nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
-    assert m[0, 1].nonzero().tolist() == [[4, 4], [4, 5], [5, 4], [5, 5]]
-    assert m[0, 2].sum() == 0  # never the largest share: no region of its own
-    assert (m.sum(1) <= 1).all()  # a cell belongs to one concept at most
-
-
-def test_presence_scores_tell_owners_from_sharers():
-    s = irece.presence_scores(_two_concept_maps(), 0.4)[0]
-    assert s[0] > 0.7 and s[1] > 0.7  # each owns a region
-    assert s[2] < 0.25  # present in every cell but owns none
-    # scale-free: multiplying the maps (stronger attention overall) leaves the scores unchanged
-    assert torch.allclose(irece.presence_scores(_two_concept_maps() * 5, 0.4)[0], s)
-
-
-def test_gate_masks_only_concepts_over_their_threshold_with_their_own_tau():
-    maps = _two_concept_maps()
-    scores, masks = irece.gate(maps, 0.4, torch.tensor([0.0, 2.0, 0.0]))
-    assert torch.equal(scores, irece.presence_scores(maps, 0.4))
-    assert torch.equal(masks[:, 0], irece.contrastive_masks(maps, 0.4)[:, 0])
-    assert masks[:, 1].sum() == 0  # owns a region, but its threshold is out of reach
-    # per-concept tau: the bottom-right blob's summed map is 0.89 of the top-left's, so tau 0.9 drops it
-    _, masks = irece.gate(maps, torch.tensor([0.4, 0.9, 0.4]), 0.0)
-    assert masks[0, 0].sum() == 4 and masks[0, 1].sum() == 0
-    assert torch.equal(masks[:, 1], irece.contrastive_masks(maps, 0.9)[:, 1])
-
-
-def test_contrastive_gate_is_validated():
-    with pytest.raises(ValueError, match="gate must be one of"):
-        irece.IreceConfig(gate="sometimes")
+def test_gate_is_validated_and_per_concept_thresholds_enter_the_plan():
+    for gone in ("sometimes", "contrastive"):  # the contrastive gate left the product
+        with pytest.raises(ValueError, match="gate must be one of"):
+            irece.IreceConfig(gate=gone)
     plan = irece.IreceConfig(concepts=("star", "moon"), threshold=0.6,
                              per_concept={"moon": {"threshold": 0.8, "t_star": 2}}).plan(10)
     assert plan == {3: [("star", 0.4, 0.6)], 2: [("moon", 0.4, 0.8)]}
@@ -182,23 +141,6 @@ def test_classifier_scores_favour_the_concept_that_denoises_best():
     assert torch.allclose(irece.classifier_scores(torch.ones(1, 3, 5)), torch.full((1, 4), 0.25))
 
 
-def test_pair_hypotheses_give_both_concepts_of_a_two_shape_scene_their_own_mass():
-    """K = 3 concepts: singles 0, 1, 2, pairs (0,1), (0,2), (1,2), then null. The scene shows 0 and 2: the pair
-    prompt "a c0 and a c2" denoises best, each single a little. With singles only the two share the mass (about
-    half each); with pairs both take nearly all of it, and concept 1 stays low either way."""
-    assert irece.classifier_hypotheses(3) == [(0,), (1,), (2,)]
-    hyp = irece.classifier_hypotheses(3, pairs=True)
-    assert hyp == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2)]
-    err = torch.tensor([[[0.9, 1.0, 0.9, 0.95, 0.8, 0.95, 1.0]]])  # (B=1, T'=1, 6 prompts + null)
-    singles_only = irece.classifier_scores(err[..., [0, 1, 2, 6]])
-    paired = irece.classifier_scores(err, hypotheses=hyp)
-    assert singles_only[0, 0] < 0.51 and singles_only[0, 2] < 0.51
-    assert paired[0, 0] > 0.95 and paired[0, 2] > 0.95 and paired[0, 1] < 0.05
-    # one concept per prompt: the same scores as without hypotheses
-    assert torch.allclose(irece.classifier_scores(err[..., [0, 1, 2, 6]], hypotheses=irece.classifier_hypotheses(3)),
-                          singles_only)
-
-
 def test_classifier_gate_is_a_gate():
     assert "classifier" in irece.GATES and irece.PRESENCE_GATE in irece.GATES
     assert irece.IreceConfig(gate="classifier").gate == "classifier"
@@ -218,6 +160,20 @@ def test_recheck_adds_later_intervention_steps_for_every_concept():
     assert plan[12] == [("cat", 0.4, 0.5)] and plan[8] == [("dog", 0.6, 0.5)]
     assert plan[18] == plan[20] == [("cat", 0.4, 0.5), ("dog", 0.6, 0.5)]
     assert irece.IreceConfig(concepts=("cat",), t_star=0.5, recheck=(0.5,)).plan(25) == {12: [("cat", 0.4, 0.5)]}
+
+
+def test_each_recheck_look_can_have_its_own_threshold():
+    cfg = irece.IreceConfig(concepts=("cat",), t_star=0.5, threshold=0.2, recheck=(0.7, 0.9),
+                            recheck_threshold=(0.4, 0.6))
+    assert cfg.plan(25) == {12: [("cat", 0.4, 0.2)], 18: [("cat", 0.4, 0.4)], 22: [("cat", 0.4, 0.6)]}
+    # without them every look takes t*'s threshold; two points on one step: the earlier one's settings
+    assert irece.IreceConfig(concepts=("cat",), t_star=0.5, threshold=0.2, recheck=(0.7,)).plan(25)[18] == \
+        [("cat", 0.4, 0.2)]
+    assert irece.IreceConfig(concepts=("cat",), t_star=0.5, threshold=0.2, recheck=(0.5,),
+                             recheck_threshold=(0.9,)).plan(25) == {12: [("cat", 0.4, 0.2)]}
+    for bad in ((0.4,), (0.4, float("nan")), (0.4, True)):
+        with pytest.raises(ValueError, match="recheck_threshold"):
+            irece.IreceConfig(recheck=(0.7, 0.9), recheck_threshold=bad)
 
 
 @pytest.mark.parametrize("kw", [dict(conditioning="drop"), dict(conditioning="null"), dict(recheck=(1.5,)),
@@ -244,28 +200,6 @@ def test_conditioning_scores_name_the_reference_a_conditioning_reproduces():
     assert s.shape == (2, 3)
     assert s[0].argmax() == 1 and s[0, 1] > 0.9  # reproduces concept 1's prediction
     assert s[1].max() < 0.05  # reproduces the null prompt's: carries no concept
-
-
-def test_split_among_shown_gives_each_cell_to_the_shown_concept_whose_map_is_highest():
-    # two concepts' maps on a 1x4 strip: the target peaks left, the other right; both masks cover all four cells
-    maps = torch.tensor([[[[4.0, 3.0, 1.0, 0.0]]], [[[0.0, 1.0, 3.0, 4.0]]]])  # (n=2, B=1, 1, 4)
-    masks = torch.ones_like(maps)
-    both = torch.tensor([[True], [True]])
-    split = irece.split_among_shown(maps, masks, both)
-    assert split[0].tolist() == [[[1.0, 1.0, 0.0, 0.0]]] and split[1].tolist() == [[[0.0, 0.0, 1.0, 1.0]]]
-    # the other concept not shown in the image: the target keeps its whole mask
-    alone = irece.split_among_shown(maps, masks, torch.tensor([[True], [False]]))
-    assert torch.equal(alone[0], masks[0])
-    # a tie goes to the first concept (the target: removed rather than kept), and a cell outside a mask stays out
-    tie = irece.split_among_shown(torch.ones(2, 1, 1, 2) * torch.tensor([1.0, 2.0]),
-                                  torch.tensor([[[[0.0, 1.0]]], [[[1.0, 1.0]]]]), both)
-    assert tie[0].tolist() == [[[0.0, 1.0]]] and tie[1].tolist() == [[[0.0, 0.0]]]
-
-
-def test_split_masks_needs_the_classifier_gate():
-    with pytest.raises(ValueError, match="split_masks"):
-        irece.IreceConfig(split_masks=True, gate="off")
-    assert irece.IreceConfig(split_masks=True, gate="classifier").split_masks
 
 
 def test_score_bounds_settle_a_decision_only_where_the_remaining_t_prime_cannot_change_it():

@@ -9,7 +9,8 @@ import torch
 from irece_runtime import irece
 from irece_runtime.calls import drive
 from irece_runtime.irece import ConceptReport, IreceConfig, IreceReport
-from irece_runtime.pipeline import IreceStep, Request
+from irece_runtime.pipeline import Request
+from irece_runtime.stages import DefenceState, Steer
 
 from .conftest import random_latent
 
@@ -58,12 +59,12 @@ def test_negative_guidance_steps_steers_only_the_k_steps_after_each_re_noising(p
     t = torch.tensor(450)
     loop, eps = loop_prediction(x, 12)
 
-    step = IreceStep(pipe, cfg, 20, seed=0)
+    step = DefenceState(pipe, cfg, 20, seed=0)
     step.report = IreceReport(0, 450, [ConceptReport(concept, 1.0, 1.0, True)], torch.ones(2, *x.shape[2:]))
     steered = {}
     for i, at in ((5, [5, -1]), (6, [5, 6]), (7, [5, 6]), (8, [5, 6]), (9, [9, 6]), (10, [9, 6]), (11, [9, 6])):
         step.step, step.renoised_at = i, torch.tensor(at)
-        out = drive(step.steer(eps)(x, t), pipe.backend)
+        out = drive(Steer().wrap_eps(step, eps)(x, t), pipe.backend)
         steered[i] = [not torch.equal(out[r], loop[r]) for r in range(2)]
     assert steered == {5: [True, False], 6: [True, True], 7: [False, True], 8: [False, False],
                        9: [True, False], 10: [True, False], 11: [False, False]}, steered
@@ -79,13 +80,13 @@ def test_the_step_steers_only_the_images_irece_re_noised_with_the_standard_unets
     t = torch.tensor(500)
     loop, eps = loop_prediction(x, 6)
 
-    step = IreceStep(pipe, cfg, 10, seed=0)
-    assert drive(step.steer(eps)(x, t), pipe.backend).equal(loop)  # nothing re-noised yet: untouched
+    step = DefenceState(pipe, cfg, 10, seed=0)
+    assert drive(Steer().wrap_eps(step, eps)(x, t), pipe.backend).equal(loop)  # nothing re-noised yet: untouched
     mask = torch.zeros(2, *x.shape[2:])
     mask[0, : x.shape[2] // 2] = 1.0
     step.renoised_at = torch.tensor([0, -1])  # re-noised at step 0: the first image only
     step.report = IreceReport(0, 500, [ConceptReport(concept, 0.5, 1.0, True)], mask)
-    out = drive(step.steer(eps)(x, t), pipe.backend)
+    out = drive(Steer().wrap_eps(step, eps)(x, t), pipe.backend)
     hidden, _ = pipe.localization(concept, cfg.template)
     e_c = pipe.backend.eps("standard", x[:1], t, hidden)
     e_0 = pipe.backend.eps("standard", x[:1], t, pipe.null_hidden)
@@ -106,13 +107,13 @@ def test_each_image_is_steered_away_from_the_concepts_re_noised_in_it_only(pipe)
     t = torch.tensor(400)
     loop, eps = loop_prediction(x, 10)
 
-    step = IreceStep(pipe, cfg, 10, seed=0)
+    step = DefenceState(pipe, cfg, 10, seed=0)
     mask = torch.ones(2, *x.shape[2:])
     step.renoised_at = torch.tensor([0, 0])
     step.report = IreceReport(0, 400, [ConceptReport(vocab[0], 0.5, 1.0, True, images=torch.tensor([True, False])),
                                        ConceptReport(vocab[1], 0.5, 1.0, True, images=torch.tensor([False, True]))],
                               mask)
-    out = drive(step.steer(eps)(x, t), pipe.backend)
+    out = drive(Steer().wrap_eps(step, eps)(x, t), pipe.backend)
     e_0 = pipe.backend.eps("standard", x, t, pipe.null_hidden.expand(2, -1, -1))
     for row, concept in enumerate(vocab):
         hidden, _ = pipe.localization(concept, cfg.template)

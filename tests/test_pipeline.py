@@ -36,7 +36,8 @@ def test_irece_off_reproduces_diffusers(pipe, reference, prompt, guidance, negat
 def test_empty_mask_is_bit_identical_to_irece_off(pipe):
     req = Request(prompt="a blue heart on a white background", seed=3, steps=20)
     off = pipe.generate(req)
-    gated = pipe.generate(req, IreceConfig(concepts=("heart",), min_peak=1e9))  # presence gate: nothing masked
+    # a presence gate whose threshold no score reaches: nothing masked
+    gated = pipe.generate(req, IreceConfig(concepts=("heart",), gate="classifier", threshold=1.01, t_star=0.3))
     assert not gated.irece.intervened and gated.irece.mask_area == 0.0
     assert np.array_equal(off.images, gated.images)
     on = pipe.generate(req, IreceConfig(concepts=("heart",)))
@@ -54,14 +55,13 @@ def test_irece_fails_closed_on_non_finite_values(pipe, monkeypatch):
     full = pipe.generate(Request(init_latent=latent, steps=4), IreceConfig(concepts=("star",), nonfinite="full_mask"))
     assert full.irece.intervened and full.irece.mask_area == 1.0 and np.isfinite(full.images).all()
     # a finite latent whose concept map is not (an engine overflowing, fp16): both gates fail closed too
-    real, real_gate = pipe.backend.concept_map, pipe.backend.gate
+    real = pipe.backend.concept_map
     monkeypatch.setattr(pipe.backend, "concept_map", lambda *a: real(*a) * float("nan"))
-    monkeypatch.setattr(pipe.backend, "gate", lambda *a: tuple(o * float("nan") for o in real_gate(*a)))
     req = Request(prompt="a star", seed=1, steps=4)
-    for gate in ("off", "contrastive"):
+    for gate in ("off", "classifier"):  # the classifier's threshold 0: it takes the paper's maps
         with pytest.raises(NonFiniteError, match="concept map"):
-            pipe.generate(req, IreceConfig(concepts=("star",), gate=gate))
-        res = pipe.generate(req, IreceConfig(concepts=("star",), gate=gate, nonfinite="full_mask"))
+            pipe.generate(req, IreceConfig(concepts=("star",), gate=gate, threshold=0.0))
+        res = pipe.generate(req, IreceConfig(concepts=("star",), gate=gate, threshold=0.0, nonfinite="full_mask"))
         assert res.irece.concepts[0].intervened and res.irece.mask_area == 1.0
 
 

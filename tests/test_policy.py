@@ -40,6 +40,9 @@ def test_recommended_policy_reads_its_numbers_from_the_models_calibration_block(
     cfg = resolve(None, MODEL_DIR, ["star"])
     assert RECOMMENDED == "gated" and cfg == resolve("gated", MODEL_DIR, ["star"])
     assert (cfg.t_star, cfg.tau, cfg.threshold) == (block["t_star"], block["tau"], block["threshold"])
+    # the looks and each one's threshold, calibrated apart
+    assert cfg.recheck == tuple(block["recheck"]) and cfg.recheck_threshold == tuple(block["recheck_threshold"])
+    assert len(cfg.recheck) == len(cfg.recheck_threshold) >= 1
     for name, value in POLICIES["gated"].settings.items():
         assert getattr(cfg, name) == value, name
     assert cfg.gate == "head" and cfg.conditioning == "null" and cfg.keep_others and cfg.recheck
@@ -48,10 +51,11 @@ def test_recommended_policy_reads_its_numbers_from_the_models_calibration_block(
 def test_a_field_given_explicitly_overrides_the_policy(tmp_path):
     cfg = resolve(None, MODEL_DIR, ["star"], {"threshold": 0.9, "negative_guidance": 0.0, "recheck": [0.8]})
     assert (cfg.threshold, cfg.negative_guidance, cfg.recheck) == (0.9, 0.0, (0.8,))
+    assert cfg.recheck_threshold == ()  # a look the calibration never saw takes t*'s threshold
     assert cfg.gate == "head" and cfg.t_star == read_calibration(MODEL_DIR)["t_star"]  # the rest stays the policy's
     assert resolve("paper", tmp_path, ["star"], {"tau": 0.2}).tau == 0.2
     # calibrated fields all given: no calibration needed
-    full = resolve("gated", tmp_path, ["star"], {"t_star": 0.5, "tau": 0.2, "threshold": 0.3})
+    full = resolve("gated", tmp_path, ["star"], {"t_star": 0.5, "tau": 0.2, "threshold": 0.3, "recheck": []})
     assert (full.gate, full.threshold) == ("head", 0.3)
     with pytest.raises(ValueError, match="policy must be one of"):
         resolve("strong", MODEL_DIR, ["star"])

@@ -64,9 +64,9 @@ def test_bench_gate_quick_reports_both_gates_for_every_study(tmp_path):
     for study in ("wrong_concept", "benign"):
         assert {r["gate"] for r in res[study]} == {"off", PRESENCE_GATE}
     assert {r["gate"] for r in res["pairs"]} == {"none", "off", PRESENCE_GATE}
-    from benchmarks.gate import PAIR_VARIANTS
+    from benchmarks.gate import pair_variants
     # IRECE off first (the ceiling: what the inversion alone keeps), then the gate's options, each a row
-    assert [r["variant"] for r in res["pairs"]] == ["none"] + list(PAIR_VARIANTS)
+    assert [r["variant"] for r in res["pairs"]] == ["none"] + list(pair_variants(PRESENCE_GATE))
     assert res["pairs"][0]["intervened"] == 0.0 and res["pairs"][0]["removed_and_kept"] <= res["pairs"][0]["other_kept"]
     # the paper's always-intervene re-noises every benign request: none comes back bit-identical
     off = next(r for r in res["benign"] if r["gate"] == "off")

@@ -48,10 +48,6 @@ class Backend(Protocol):
         """The standard UNet's aggregated cross-attention maps on weighted token sets, one pass:
         token_weights (B, 77) -> (B, H, W), or (B, K, 77) -> (B, K, H, W)."""
 
-    def gate(self, sample, timestep, hidden, token_weights, tau, threshold) -> tuple[torch.Tensor, ...]:
-        """The localizer and the contrastive presence gate in one pass (irece.gate): token_weights (B, K, 77),
-        tau and threshold (K,) -> concept maps (B, K, H, W), presence scores (B, K), gated masks (B, K, H, W)."""
-
     def concept_head(self, sample, timestep, hidden) -> torch.Tensor:
         """The concept head on the standard UNet's features (hidden: the null prompt's) -> (B, K, H, W)
         probabilities, K the head's concepts (concept_head.py); a model folder without a head refuses."""

@@ -8,7 +8,8 @@ from pathlib import Path
 from . import BackendLimits, check_model
 
 MANIFEST = "manifest.json"
-FORMAT = "irece-engines/3"  # 2: the localizer graph ends with the presence gate; 3: one timestep per sample (B,)
+FORMAT = "irece-engines/4"  # 2: the localizer graph ends with the presence gate; 3: one timestep per sample (B,);
+# 4: the localizer graph gives the concept maps only (the contrastive gate left the product)
 
 
 class GraphMismatch(RuntimeError):
@@ -57,14 +58,9 @@ class GraphBackend:
         import torch
         single = token_weights.dim() == 2  # the graph takes K token sets: (B, K, 77) -> (B, K, H, W)
         tw = token_weights[:, None] if single else token_weights
-        unused = torch.zeros(tw.shape[1])  # the gate's tau and threshold: its outputs are not read here
-        maps = self.gate(sample, timestep, hidden, tw, unused, unused)[0]
+        maps = self._run("localizer", sample=sample, timestep=_timestep(timestep, sample.shape[0]),
+                         encoder_hidden_states=hidden, token_weights=tw)
         return maps[:, 0] if single else maps
-
-    def gate(self, sample, timestep, hidden, token_weights, tau, threshold):
-        return self._run("localizer", sample=sample, timestep=_timestep(timestep, sample.shape[0]),
-                         encoder_hidden_states=hidden,
-                         token_weights=token_weights, tau=tau, threshold=threshold)
 
     def concept_head(self, sample, timestep, hidden):
         if "concept_head" not in self.components:

@@ -13,9 +13,6 @@ from ..calls import row_limit
 from . import BackendLimits
 from .graph import GraphBackend, GraphMismatch, read_manifest
 
-PER_CALL_INPUTS = ("tau", "threshold")  # the gate's per-concept inputs: no batch axis
-
-
 def tensorrt_module():
     try:
         import tensorrt as trt
@@ -58,12 +55,10 @@ def in_chunks(module, max_rows: int, **inputs: torch.Tensor):
     """`module` on at most max_rows rows at a time (an engine's batch profile), outputs joined along the batch: a
     caller may ask for more rows than the engines were built for (the classifier gate's K + 1 prompts per image and
     re-noising timestep)."""
-    batched = [k for k in inputs if k not in PER_CALL_INPUTS]
-    n = int(inputs[batched[0]].shape[0])
+    n = int(next(iter(inputs.values())).shape[0])
     if n <= max_rows:
         return module(**inputs)
-    parts = [module(**{k: v[s:s + max_rows] if k in batched else v for k, v in inputs.items()})
-             for s in range(0, n, max_rows)]
+    parts = [module(**{k: v[s:s + max_rows] for k, v in inputs.items()}) for s in range(0, n, max_rows)]
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(p) for p in zip(*parts))
     return torch.cat(parts)

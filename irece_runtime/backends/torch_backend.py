@@ -18,8 +18,7 @@ class TorchBackend:
         self.device, self.dtype = torch.device(device), dtype
         self.text_encoder = self.modules["text_encoder"].te
         self.vae = self.modules["vae_decoder"].vae
-        self.gated_localizer = self.modules["localizer"]
-        self.localizer = self.gated_localizer.localizer
+        self.localizer = self.modules["localizer"]
         self.unets = {"standard": self.modules["unet_standard"].unet, "erased": self.modules["unet_erased"].unet}
         self.embed_dim, self.latent_channels = cfg["embed_dim"], cfg["latent_channels"]
         self.vae_scale_factor, self.scaling_factor = cfg["vae_scale_factor"], cfg["scaling_factor"]
@@ -42,11 +41,6 @@ class TorchBackend:
     @torch.no_grad()
     def concept_map(self, sample, timestep, hidden, token_weights):
         return self.localizer(sample, timestep, hidden, token_weights.to(sample.device, sample.dtype))
-
-    @torch.no_grad()
-    def gate(self, sample, timestep, hidden, token_weights, tau, threshold):
-        return self.gated_localizer(sample, timestep, hidden, token_weights.to(sample.device, sample.dtype),
-                                    tau.to(sample.device, sample.dtype), threshold.to(sample.device, sample.dtype))
 
     @torch.no_grad()
     def concept_head(self, sample, timestep, hidden):
