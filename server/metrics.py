@@ -67,7 +67,7 @@ class Metrics:
                                 "workers + queue_size it answers RESOURCE_EXHAUSTED", registry=r)
         self.batch_size = Histogram("irece_batch_size", "Requests whose calls ran as one engine call (batched "
                                     "server; 1 = alone), by call: eps (UNet noise prediction, inversion steps "
-                                    "included), concept_map / gate / concept_head (IRECE's localizer), encode_text, "
+                                    "included), concept_map / concept_head (IRECE's looks), encode_text, "
                                     "vae_encode, vae_decode; buckets centred on whole numbers",
                                     ["call"], buckets=BATCH_BUCKETS, registry=r)
         if gpu is None:
