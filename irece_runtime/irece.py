@@ -469,6 +469,8 @@ class IreceReport:
     unconditioned: bool = False  # conditioning "null": some image's conditioning carried a target and was dropped
     # keep_others: the first look's head_contest, combined over its targets (the decode's keep_pixels_outside)
     contest: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # keep_outside: (B,) the images whose pixels outside the mask the decode takes from the input (stages.Keep)
+    kept: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def intervened(self) -> bool:

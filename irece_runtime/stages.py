@@ -4,7 +4,8 @@ ignorant of every one.
 
     Keep      keep_outside: once an image was re-noised, outside its mask the latent follows the inversion's own
               trajectory and ends on the input's latent; the decode keeps the input's pixels there (and, keep_others,
-              inside it where the head saw another concept beat the targets)
+              inside it where the head saw another concept beat the targets). Only where the request asks for its
+              input back (no prompt of its own): a prompt asks for a change, and keeping the input undid it
     Look      at each planned step (t*, the rechecks): the gate's look (gates.look) gives the mask and the reports
     Perturb   the paper's re-noising of the mask: x*_t = (1 - M) x_t + M xi, xi seeded per request and step
     Steer     negative_guidance: the noise prediction steered away, inside the mask, from the concepts re-noised
@@ -100,19 +101,37 @@ class Stage:
 
 
 class Keep(Stage):
-    """keep_outside (and keep_others): only IRECE's mask is redrawn in the images it re-noised."""
+    """keep_outside (and keep_others): only IRECE's mask is redrawn in the images it re-noised, where the request
+    regenerates its input without a prompt of its own. With a prompt (an edit) the erased model redraws the whole
+    image; keeping the input outside the mask kept the erased concept's edge cells there too (UCE, inverted star
+    renders regenerated with "an image of a star": 0 of 16 show star alone, 2 and 5 of 16 with keep, white / black
+    box)."""
     needs_trajectory = True
+
+    @staticmethod
+    def kept(state) -> torch.Tensor | None:
+        """(B,) bool: the images re-noised whose conditioning is the null one (they ask for their input back)."""
+        if state.trajectory is None or state.renoised is None or not state.renoised.any():
+            return None
+        c = state.conditioning
+        b = state.renoised.shape[0]
+        plain = (c.cond.expand(b, -1, -1) == c.null.to(c.cond).expand(b, -1, -1)).flatten(1).all(1) \
+            if c is not None else torch.ones(b, dtype=torch.bool)
+        return state.renoised & plain.to(state.renoised.device)
 
     def on_step(self, state, i, t, x):
         """The latent outside the union mask so far becomes the inversion's at the level of step i (step n: the
         input's latent)."""
-        if state.trajectory is None or state.renoised is None or not state.renoised.any():
+        rows = self.kept(state)
+        if rows is None or not rows.any():
             return x
         level = state.trajectory[len(state.trajectory) - 1 - i].to(x)
         m = state.report.mask.to(x)[:, None]
-        return torch.where(state.renoised[:, None, None, None].to(x.device), m * x + (1 - m) * level, x)
+        return torch.where(rows[:, None, None, None].to(x.device), m * x + (1 - m) * level, x)
 
     def after_loop(self, state, x):
+        if state.report is not None:  # the decode keeps these images' pixels (keep_pixels)
+            state.report.kept = self.kept(state)
         return self.on_step(state, len(state.trajectory) - 1, None, x) if state.trajectory is not None else x
 
 
@@ -120,9 +139,11 @@ def keep_pixels(decoded: torch.Tensor, report: irece.IreceReport | None, traject
     """keep_outside in pixels: where the report has a mask, the pixels outside it (and, with its contest, the other
     concepts' inside it) are the input latent's own decode (irece.keep_pixels_outside): the decoder reads
     neighbouring latent cells, so kept cells beside a redrawn region would otherwise decode differently."""
-    if trajectory and report is not None and report.mask is not None and report.intervened:
+    if trajectory and report is not None and report.mask is not None and report.kept is not None \
+            and bool(report.kept.any()):
         reference = yield Call("vae_decode", (trajectory[0].to(decoded),))  # the input's own latent
-        decoded = irece.keep_pixels_outside(decoded, reference, report.mask, report.contest)
+        mask = report.mask * report.kept.to(report.mask.device)[:, None, None]  # an image not kept: as decoded
+        decoded = irece.keep_pixels_outside(decoded, reference, mask, report.contest)
     return decoded
 
 

@@ -65,3 +65,18 @@ def test_outside_the_mask_the_image_ends_on_the_input_latent_and_only_where_irec
     for r, c in ((req, gated), (text, gated), (text, paper)):
         a, b = pipe.generate(r, c), pipe.generate(r, replace(c, keep_outside=True))
         assert np.array_equal(a.uint8(), b.uint8())
+
+
+def test_an_inverted_request_with_a_prompt_of_its_own_is_redrawn_whole(pipe, latent):
+    """A prompt asks for a change: keep_outside keeps nothing of the input (the erased model redraws the whole image,
+    as without it); regenerated without one, the same latent keeps its input outside the mask."""
+    concept = pipe.vocabulary[0] if pipe.vocabulary else "cat"
+    paper = IreceConfig(concepts=(concept,), t_star=0.5)
+    edit = Request(init_latent=latent[0], prompt=f"a photo of a {concept}", steps=STEPS, seed=4)
+    a, b = pipe.generate(edit, paper), pipe.generate(edit, replace(paper, keep_outside=True))
+    assert a.irece.intervened and np.array_equal(a.uint8(), b.uint8()) and torch.equal(a.latents, b.latents)
+    assert b.irece.kept is not None and not b.irece.kept.any()
+    plain = pipe.generate(replace(edit, prompt=""), replace(paper, keep_outside=True))
+    assert bool(plain.irece.kept.all())
+    m = plain.irece.mask[:, None]
+    assert torch.equal((1 - m) * plain.latents, (1 - m) * latent)
