@@ -71,6 +71,8 @@ class _TeeChild:
             if isinstance(self.twin, ray_metrics.Counter):
                 if amount > 0:
                     self.twin.inc(amount, tags=self.tags)
+                elif amount == 0:  # created at zero (Metrics.initialise): Ray's inc refuses 0, a 0 recorded exports it
+                    self.twin._record(0.0, tags=self.tags)
             else:  # a gauge: Ray's only sets
                 self.twin.set(self.prom._value.get(), tags=self.tags)
 
