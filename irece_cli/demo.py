@@ -169,7 +169,7 @@ def serve_and_call(erased: Path, concept: str, out: Path, reference: np.ndarray,
         for fam in text_string_to_metric_families(body):
             if fam.name in ("irece_requests", "irece_interventions", "irece_localizations", "irece_unconditioned"):
                 for smp in fam.samples:
-                    if smp.name.endswith("_created"):
+                    if smp.name.endswith("_created") or not smp.value:  # every series starts at zero
                         continue
                     label = ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items()))
                     shown[f"{smp.name}{{{label}}}"] = smp.value

@@ -53,6 +53,9 @@ def cmd_generate(a):
                   init_image=load_png(a.image) if a.image else None, invert_with=a.invert_with,
                   steps=a.steps, guidance=a.guidance, seed=a.seed)
     cfg = irece_config_from_args(a)
+    if cfg is not None:
+        from irece_runtime import gates
+        gates.check(pipe, cfg)  # a gate that cannot tell presence refuses, naming the fix
     if cfg is not None and cfg.gate == "head":
         from irece_runtime.irece import off_schedule_warning
         warning = off_schedule_warning(cfg, pipe.head_trained_at, req.steps)

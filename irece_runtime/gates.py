@@ -74,6 +74,21 @@ def look(ctx: Prompts, x, t, cfg: irece.IreceConfig, targets, cond: torch.Tensor
     return found
 
 
+def check(ctx: Prompts, cfg: irece.IreceConfig) -> None:
+    """Refuse a gate that cannot tell presence on this model, naming the fix, instead of a silent always-on: the
+    classifier's softmax over a single concept scores 1.0 for every image; the head gate needs a head that knows
+    every target."""
+    if cfg.gate == "classifier" and len(contrast_set(ctx, cfg)) < 2:
+        raise ValueError("gate 'classifier': its softmax over one concept scores 1.0 for every image (always on); give "
+                         "it competing concepts (the model folder's concepts.json or the `vocabulary` setting), or use "
+                         "the concept head (`irece calibrate` after training one)")
+    if cfg.gate == "head":
+        if not ctx.head_concepts:
+            raise ValueError("gate 'head': this model folder has no concept_head/ (the mini world: `irece world head`; "
+                             "then `irece calibrate --model M`)")
+        head_columns(ctx, cfg.concepts)
+
+
 def fail_closed(x: torch.Tensor, cfg: irece.IreceConfig, targets: list, what: str) -> Look:
     """A NaN/inf latent or map cannot be localized: refuse the request (nonfinite="error"), or mask the whole latent
     (nonfinite="full_mask"; in "replace" mode x_t* becomes fresh noise). Never an empty mask."""

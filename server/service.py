@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from irece_runtime import checkpoints
+from irece_runtime import checkpoints, gates
 from irece_runtime.irece import IreceConfig, NonFiniteError, off_schedule_warning
 from irece_runtime.loading import load_pipeline
 from irece_runtime.pipeline import Pipeline, Request
@@ -164,8 +164,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                              backend=e.limits)
         self.operator = cfg.irece_config()
         self.allowed = concept_catalogue(cfg)
-        if self.operator.gate == "head":  # the head gates only the concepts it was trained on: refuse to start otherwise
-            self.pipe.head_columns(self.operator.concepts)
+        gates.check(self.pipe, self.operator)  # a gate that cannot tell presence refuses to start, naming the fix
+        if self.operator.gate == "head":  # the head gates only the concepts it was trained on
             self.allowed &= set(self.pipe.head_concepts)
             warning = off_schedule_warning(self.operator, self.pipe.head_trained_at, cfg.default_steps)
             if warning:

@@ -114,3 +114,22 @@ def test_generate_and_serve_flags_select_a_policy_and_override_its_fields(argv, 
 def test_no_recheck_flag_turns_the_policys_rechecks_off():
     a = build_parser().parse_args(["generate", "--out", "x.png", "--irece", "star", "--recheck"])
     assert irece_config_from_args(a).recheck == ()
+
+
+def test_a_gate_that_cannot_tell_presence_refuses_naming_the_fix():
+    """No silent always-on: the classifier's softmax over one concept scores 1.0 for every image; a head gate needs
+    a head. Each refuses with the command or setting that fixes it."""
+    from types import SimpleNamespace
+
+    from irece_runtime import gates
+    bare = SimpleNamespace(vocabulary=(), head_concepts=())
+    with pytest.raises(ValueError, match="always on.*vocabulary"):
+        gates.check(bare, IreceConfig(concepts=("cat",), gate="classifier"))
+    gates.check(bare, IreceConfig(concepts=("cat",), gate="classifier", vocabulary=("dog",)))  # two concepts: fine
+    gates.check(SimpleNamespace(vocabulary=("dog",), head_concepts=()), IreceConfig(concepts=("cat",),
+                                                                                   gate="classifier"))
+    with pytest.raises(ValueError, match=r"no concept_head/.*irece calibrate"):
+        gates.check(bare, IreceConfig(concepts=("cat",), gate="head"))
+    with pytest.raises(ValueError, match="no output for 'cat'"):
+        gates.check(SimpleNamespace(vocabulary=(), head_concepts=("dog",)), IreceConfig(concepts=("cat",), gate="head"))
+    gates.check(bare, IreceConfig(concepts=("cat",)))  # the paper's IRECE asks no gate
