@@ -226,10 +226,11 @@ def register(sub) -> None:
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--threshold", type=float, help="the gated defence's presence threshold (default: IreceConfig's)")
     p.add_argument("--defences", nargs="+",
-                   choices=("none", "irece-paper", "irece-gated", "full", "full-keep", "gated+recheck"),
+                   choices=("none", "irece-paper", "irece-gated", "full", "full-keep", "gated+recheck")
+                   + tuple(f"policy:{name}" for name in POLICIES),
                    help="defences to compare (default: none irece-paper irece-gated; full adds the conditioning "
                         "defence and a recheck to irece-gated; full-keep adds keep_outside to full; gated+recheck "
-                        "adds the recheck alone)")
+                        "adds the recheck alone; policy:NAME: a named policy exactly as the server runs it)")
     p.add_argument("--gate", choices=[g for g in GATES if g != "off"], default=PRESENCE_GATE,
                    help="the gated defences' presence gate (full and full-keep need the classifier)")
     p.add_argument("--grow", type=int, default=0, help="cells the gated defences' masks grow by")
