@@ -691,7 +691,7 @@ class StuckPipe:  # a request that enters one engine call and never comes back, 
         self.generate(req, cfg, callback)
         yield
 
-cfg = ServerConfig(port=0, metrics_port=None, drain_seconds=float(sys.argv[1]))
+cfg = ServerConfig(port=0, metrics_port=None, drain_seconds=float(sys.argv[1]), policy="paper")  # no gate to ask
 serve(cfg, GenerationService(cfg, Metrics(), StuckPipe()))
 """
 
