@@ -55,6 +55,12 @@ def report(concept: str, mask: torch.Tensor | None, peak: float = float("nan"), 
                                conditioning_score, images=irece.masked_images(mask), contest=contest)
 
 
+def reads_conditioning(cfg: irece.IreceConfig) -> bool:
+    """Whether cfg's look reads the request's conditioning (the classifier with conditioning "null"; the head reads
+    the image only)."""
+    return cfg.conditioning == "null" and cfg.gate == "classifier"
+
+
 def look(ctx: Prompts, x, t, cfg: irece.IreceConfig, targets, cond: torch.Tensor | None = None) -> Machine:
     """The union mask and reports of `targets` [(concept, tau, threshold)] at x_t under cfg's gate; `cond` (1 or B,
     77, D): the request's conditioning, which the classifier gate reads with cfg.conditioning "null". A non-finite

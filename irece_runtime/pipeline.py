@@ -185,8 +185,8 @@ class Pipeline:
                  ) -> tuple[torch.Tensor, list]:
         """Union mask (B, h, w) over the (concept, tau, threshold) targets and per-concept reports under cfg's gate
         (gates.look), from the standard UNet."""
-        reads = conditioning is not None and cfg.conditioning == "null" and cfg.gate == "classifier"
-        found = drive(gates.look(self, x, t, cfg, targets, conditioning.cond if reads else None), self.backend)
+        cond = conditioning.cond if conditioning is not None and gates.reads_conditioning(cfg) else None
+        found = drive(gates.look(self, x, t, cfg, targets, cond), self.backend)
         return found.mask, found.concepts
 
     def presence_steps(self, x, t, cfg: irece.IreceConfig, cond: torch.Tensor | None = None,

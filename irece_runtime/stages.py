@@ -159,8 +159,8 @@ class Look(Stage):
     def _look(self, state, i, t, x) -> Machine:
         t0 = time.perf_counter()
         c = state.conditioning
-        reads = state.cfg.conditioning == "null" and state.cfg.gate == "classifier" and c is not None
-        found = yield from gates.look(state.ctx, x, t, state.cfg, state.plan[i], c.cond if reads else None)
+        cond = c.cond if c is not None and gates.reads_conditioning(state.cfg) else None
+        found = yield from gates.look(state.ctx, x, t, state.cfg, state.plan[i], cond)
         state.record(i, t, found)
         state.seconds += time.perf_counter() - t0
         return x
