@@ -141,14 +141,13 @@ class Pipeline:
 
     def localization(self, concept: str, template: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states of the localization prompt and the token weights of the concept in it (cached)."""
-        key = (concept, template)
-        if key not in self._loc_cache:
+        def make():
             prompt = template.format(concept=concept)
             ids, _ = self.token_ids(prompt)
             concept_ids = self.tokenizer(concept, add_special_tokens=False).input_ids
             w = irece.token_weights(ids, concept_ids, self.tokenizer.model_max_length)
-            self._loc_cache[key] = (self.encode_prompt(prompt), w[None])
-        return self._loc_cache[key]
+            return self.encode_prompt(prompt), w[None]
+        return self.memo((concept, template), make)
 
     # -- schedules -------------------------------------------------------------------------------------------
     def scheduler(self, steps: int, inverse: bool = False) -> DDIMScheduler | DDIMInverseScheduler:
