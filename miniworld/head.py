@@ -33,7 +33,7 @@ HEAD_SEED = 6_000_000
 T_POINTS = (0.3, 0.5, 0.7)  # collected: the default t*, the benchmarks' t* and the first recheck
 # fitted: t* = 0.5 alone, 300 epochs. On 320 validation scenes at t = 0.5 this gives inverted AUC 0.954 and
 # single-shape IoU 0.55 (cut 0.4) against 0.921 / 0.476 for all three points at 80 epochs (the first head), and
-# it does as well at 0.7 (0.959 / 0.50); at 0.3 every head is weaker (scripts/probes/head_variants.py, BENCHMARKS.md)
+# it does as well at 0.7 (0.959 / 0.50); at 0.3 every head is weaker (BENCHMARKS.md)
 FIT_AT, EPOCHS = (0.5,), 300
 # one 3x3 layer (head v3): on the same validation at t = 0.5, inverted AUC 0.983 and IoU 0.606 (cut 0.4) against
 # 0.954 / 0.550 for the per-cell head; two 3x3 layers fit 2.5x slower (not measured to the end). Head v4 (DATA below)
