@@ -312,7 +312,8 @@ def register(sub) -> None:
     p.add_argument("--erased")
     p.add_argument("--graphs", help="exported graph folder (adds the onnx / tensorrt backends)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--modality", choices=("text", "inverted_latent"), default="text")
+    p.add_argument("--modality", choices=("text", "embedding", "inverted_latent"), default="text",
+                   help="embedding: a learned embedding of the shown concept (textual inversion, cached)")
     p.add_argument("--t-star", type=parse_t_star, help="IRECE's t* (default: IreceConfig's)")
     p.add_argument("--shows", help="the concept the requests show (default: star, IRECE's target; another concept: "
                                    "benign traffic)")

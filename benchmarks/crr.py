@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from irece_runtime import stages
 from irece_runtime.irece import PAPER_TAU, PRESENCE_GATE, RECHECK, IreceConfig
 from irece_runtime.loading import load_pipeline
 from irece_runtime.policy import resolve
@@ -217,11 +218,14 @@ LATER_FIELDS = ("classifier_early_exit", "keep_outside", "grow", "recheck_thresh
 
 
 def config_key(cfg: IreceConfig | None) -> str:
-    """A defence's configuration as it enters a cell's key: the dataclass repr, less LATER_FIELDS at default."""
+    """A defence's configuration as it enters a cell's key: the dataclass repr, less LATER_FIELDS at default, and
+    the stages' revision where it is past the first (what a configuration does changed, not its fields)."""
     if cfg is None:
         return repr(cfg)
     shown = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
              if f.repr and not (f.name in LATER_FIELDS and getattr(cfg, f.name) == getattr(DEFAULTS, f.name))]
+    if stages.REVISION > 1:
+        shown.append(f"revision={stages.REVISION}")
     return f"{type(cfg).__qualname__}({', '.join(shown)})"
 
 

@@ -102,7 +102,14 @@ def measure(model_dir: str = str(DEFAULT_MODEL), erased: str | None = None, grap
     cfg = settings["paper"]
     rows, overhead = [], {}
     shown = shows or concept
+    learned = None
+    if modality == "embedding":  # a learned embedding of the shown concept (textual inversion on the standard model)
+        from . import attacks, crr
+        learned = {"<c>": crr.ti_embedding(load_pipeline(model_dir), model_dir, None, "standard", shown,
+                                           crr.BenchSettings(n=16))}
+        template = attacks.TI_TEMPLATES[0].format("<c>")
     req_of = {"text": lambda s: Request(prompt=f"a red {shown} on a black background", steps=steps, seed=s),
+              "embedding": lambda s: Request(prompt=template, learned=learned, steps=steps, seed=s),
               "inverted_latent": lambda s: Request(init_image=render(shown, seed=s).image, steps=steps, seed=s)}
     for backend, kw in available_backends(graphs_dir):
         pipe = _pipe(model_dir, erased, backend, kw)

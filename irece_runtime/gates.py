@@ -55,20 +55,22 @@ def report(concept: str, mask: torch.Tensor | None, peak: float = float("nan"), 
                                conditioning_score, images=irece.masked_images(mask), contest=contest)
 
 
-def reads_conditioning(cfg: irece.IreceConfig) -> bool:
-    """Whether cfg's look reads the request's conditioning (the classifier with conditioning "null"; the head reads
-    the image only)."""
-    return cfg.conditioning == "null" and cfg.gate == "classifier"
+def reads_conditioning(cfg: irece.IreceConfig, learned: bool = False) -> bool:
+    """Whether cfg's look reads the request's conditioning (conditioning "null": the classifier's always; the head's
+    only a learned embedding's - a text prompt is what the erasure was trained against)."""
+    return cfg.conditioning == "null" and (cfg.gate == "classifier" or (cfg.gate == "head" and learned))
 
 
-def look(ctx: Prompts, x, t, cfg: irece.IreceConfig, targets, cond: torch.Tensor | None = None) -> Machine:
+def look(ctx: Prompts, x, t, cfg: irece.IreceConfig, targets, cond: torch.Tensor | None = None,
+         learned: bool = False) -> Machine:
     """The union mask and reports of `targets` [(concept, tau, threshold)] at x_t under cfg's gate; `cond` (1 or B,
-    77, D): the request's conditioning, which the classifier gate reads with cfg.conditioning "null". A non-finite
-    x_t or map fails closed (fail_closed)."""
+    77, D): the request's conditioning, which the gate reads with cfg.conditioning "null" (reads_conditioning);
+    `learned`: it is a learned embedding's, whose images the head takes whole (head_look). A non-finite x_t or map
+    fails closed (fail_closed)."""
     if not torch.isfinite(x).all():
         return fail_closed(x, cfg, targets, "latent")
     if cfg.gate == "head":
-        return (yield from head_look(ctx, x, t, cfg, targets))
+        return (yield from head_look(ctx, x, t, cfg, targets, cond, learned))
     if cfg.gate == "classifier":
         found = yield from classifier_look(ctx, x, t, cfg, targets, cond)
     else:
@@ -135,12 +137,20 @@ def head_steps(ctx: Prompts, x, t) -> Machine:
     return (yield Call("concept_head", (x, ctx.null_hidden.expand(x.shape[0], -1, -1)), t))
 
 
-def head_look(ctx: Prompts, x, t, cfg: irece.IreceConfig, targets) -> Machine:
+def head_look(ctx: Prompts, x, t, cfg: irece.IreceConfig, targets, cond: torch.Tensor | None = None,
+              learned: bool = False) -> Machine:
     """Each target's presence score is its most confident cell; where it reaches the target's threshold, the
     target's own cells (probability >= its tau) are its mask. Where no target passes, x_t is left exactly as it was.
     The union mask grows by cfg.grow cells, but not into cells where the head sees a concept that is not a target
     (probability >= cfg.tau): a neighbouring shape is not the mask's edge. With keep_others, each report carries the
-    contest (irece.head_contest) of its target against the other concepts the image shows."""
+    contest (irece.head_contest) of its target against the other concepts the image shows.
+
+    A learned embedding (`learned`, conditioning "null") that drew a target gets no image of its own: the target's
+    mask is the whole image wherever the head sees it, and - with `cond`, its conditioning - wherever the diffusion
+    classifier's reader says the embedding steers like the target's prompt (presence_steps' conditioning scores
+    against cfg.conditioning_threshold, or cfg.conditioning_threshold_shown where the head sees the target). Edge
+    cells left outside the head's mask redrew the shape, and the head misses some embeddings' shapes at every look
+    (UCE white-box TI, ten concepts x 16: 25 of 160 shown with the head's masks, 19 whole, 20 read, 5 both)."""
     columns = head_columns(ctx, [c for c, _, _ in targets])
     every = yield from head_steps(ctx, x, t)
     if not torch.isfinite(every).all():
@@ -150,14 +160,41 @@ def head_look(ctx: Prompts, x, t, cfg: irece.IreceConfig, targets) -> Machine:
     spare = (every[:, others] >= cfg.tau).any(1) if others and cfg.grow else None
     scores = irece.head_scores(probs)
     thresholds = torch.tensor([thr for _, _, thr in targets], dtype=scores.dtype, device=scores.device)
-    masks = irece.head_masks(probs, torch.tensor([tau for _, tau, _ in targets]), scores >= thresholds)
+    present = scores >= thresholds
+    masks = irece.head_masks(probs, torch.tensor([tau for _, tau, _ in targets]), present)
+    read = None
+    if learned:
+        whole = present
+        if cond is not None:
+            read = yield from learned_reader(ctx, x, t, cfg, [c for c, _, _ in targets], cond, present)
+            if read is None:
+                return fail_closed(x, cfg, targets, "conditioning score")
+            whole = whole | (read >= torch.where(present, cfg.conditioning_threshold_shown,
+                                                  cfg.conditioning_threshold))
+        masks = torch.where(whole[:, :, None, None], torch.ones_like(masks), masks)
     if cfg.keep_others:  # the others an image shows, by the head's score against the request's threshold
         rest = every[:, others].float()
         seen = irece.head_scores(rest) >= cfg.threshold
     concepts = [report(c, masks[:, i], float(probs[:, i].max()), float(scores[:, i].max()), thr,
+                       float(read[:, i].max()) if read is not None else float("nan"),
                        contest=irece.head_contest(probs[:, i], rest, seen) if cfg.keep_others else None)
                 for i, (c, _, thr) in enumerate(targets)]
     return Look(irece.grow_mask(masks.amax(1).to(torch.float32), cfg.grow, spare), concepts)
+
+
+def learned_reader(ctx: Prompts, x, t, cfg: irece.IreceConfig, concepts: list[str], cond: torch.Tensor,
+                   present: torch.Tensor) -> Machine:
+    """(B, n) conditioning scores of `concepts` for a learned embedding's conditioning `cond` (presence_steps'
+    reader, stopping as soon as each is settled against its bar), or None where one is not finite."""
+    index = contrast_set(ctx, cfg)
+    cols = [index.index(c) for c in concepts]
+    bar = torch.where(present, cfg.conditioning_threshold_shown, cfg.conditioning_threshold)
+
+    def decided(b: irece.ScoreBounds) -> bool:
+        return bool(b.settled(b.carried[:, cols], bar).all())
+
+    _, read = yield from presence_steps(ctx, x, t, cfg, cond, decided if cfg.classifier_early_exit else None)
+    return read[:, cols] if torch.isfinite(read).all() else None
 
 
 # -- the diffusion classifier ------------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ from . import gates, irece
 from .calls import Call, Machine
 
 EpsSteps = Callable[[torch.Tensor, torch.Tensor], Machine]  # (x_t, t) -> a machine returning the predicted noise
+# what the stages do, for caches of their results (benchmarks' cells): raised where a stage's behaviour changes
+# under unchanged IreceConfig fields. 2: a learned embedding's images re-noised whole, its conditioning read (head)
+REVISION = 2
 PERTURB_SEED = 1_000_003  # the re-noising noise: seeded by the request's seed + this + the step index
 
 
@@ -159,8 +162,11 @@ class Look(Stage):
     def _look(self, state, i, t, x) -> Machine:
         t0 = time.perf_counter()
         c = state.conditioning
-        cond = c.cond if c is not None and gates.reads_conditioning(state.cfg) else None
-        found = yield from gates.look(state.ctx, x, t, state.cfg, state.plan[i], cond)
+        learned = c is not None and c.learned and state.cfg.conditioning == "null"
+        # the head reads a learned embedding's conditioning at the first look only: one classifier pass a request
+        reads = c is not None and gates.reads_conditioning(state.cfg, c.learned) \
+            and (state.cfg.gate != "head" or i == min(state.plan))
+        found = yield from gates.look(state.ctx, x, t, state.cfg, state.plan[i], c.cond if reads else None, learned)
         state.record(i, t, found)
         state.seconds += time.perf_counter() - t0
         return x
@@ -193,7 +199,8 @@ class Condition(Stage):
             if state.renoised_before is not None:
                 rows = rows | (hit & state.renoised_before)
         elif state.conditioning.learned:
-            # the head reads the image: where it sees a target, the learned embedding that drew it would redraw it.
+            # the head: where it saw a target or read it in the embedding (its mask is then the whole image), the
+            # learned embedding that drew it would redraw it.
             # A text prompt is what the erasure was trained against, and keeps working through it (UCE: dropping
             # "an image of a star" from an inverted star let the star back in 4 of 16 images, against 0 kept)
             rows = hit
