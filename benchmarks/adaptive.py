@@ -34,6 +34,7 @@ from tqdm import tqdm
 from irece_runtime.backends.torch_backend import require_torch
 from irece_runtime.calls import drive
 from irece_runtime.images import to_tensor, to_uint8
+from irece_runtime import irece, stages
 from irece_runtime.irece import IreceConfig
 from irece_runtime.loading import load_pipeline
 from irece_runtime.pipeline import Pipeline, Request
@@ -72,6 +73,9 @@ class Differentiable:
     def vae_encode(self, images):
         return self.e.modules["vae_encoder"](images)
 
+    def concept_head(self, sample, timestep, hidden):
+        return self.e.modules["concept_head"](sample, timestep, hidden)
+
 
 def checks(pipe: Pipeline, backend, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
            guidance: float, steps: int, cfg: IreceConfig) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -84,25 +88,45 @@ def checks(pipe: Pipeline, backend, x_T: torch.Tensor, cond: torch.Tensor, uncon
 def gate_scores(pipe: Pipeline, grad, seen: list, cfg: IreceConfig, concept: str,
                 cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(checks, B) the gate's presence score of the concept at each check, differentiable in x_t, and with the
-    request's conditioning `cond`, (checks, B) its conditioning score (what drops the conditioning), else None."""
+    request's conditioning `cond`, its conditioning score (what drops the conditioning) at each check where the gate
+    reads it (the classifier: every check; the head: the first), else None. The head's score is its most confident
+    cell (irece.head_scores), as the defence reads it."""
     k = pipe.contrast_set(cfg).index(concept)
+    if cfg.gate == "head":
+        column = pipe.head_concepts.index(concept)
+        scores = torch.stack([irece.head_scores(drive(pipe.head_steps(x, t), grad)[:, column:column + 1])[:, 0]
+                              for _, t, x in seen])
+        if cond is None:
+            return scores, None
+        _, t, x = seen[0]
+        return scores, drive(pipe.presence_steps(x, t, cfg, cond), grad)[1][None, :, k]
     out = [drive(pipe.presence_steps(x, t, cfg, cond), grad) for _, t, x in seen]
     carried = torch.stack([c[:, k] for _, c in out]) if cond is not None else None
     return torch.stack([s[:, k] for s, _ in out]), carried
 
 
-def hinge(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """How far the scores stand over (threshold - MARGIN): zero once every check is under it."""
+def hinge(scores: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """How far the scores (checks, B) stand over (threshold - MARGIN) (a float, or one per check): zero once every
+    check is under it."""
+    threshold = torch.as_tensor(threshold, dtype=scores.dtype).reshape(-1, 1) if not isinstance(threshold, float) \
+        else threshold
     return torch.relu(scores - (threshold - MARGIN)).sum(0).mean()
 
 
+def check_thresholds(cfg: IreceConfig, concept: str, seen: list, steps: int) -> torch.Tensor:
+    """(checks,) the presence threshold the defence holds the concept to at each check in `seen` (a policy's
+    rechecks each have their own)."""
+    plan = cfg.plan(steps)
+    return torch.tensor([next(thr for c, _, thr in plan[i] if c == concept) for i, _, _ in seen])
+
+
 def evasion(pipe: Pipeline, grad, seen: list, cfg: IreceConfig, concept: str,
-            cond: torch.Tensor | None = None) -> torch.Tensor:
+            cond: torch.Tensor | None = None, steps: int = 25) -> torch.Tensor:
     """The attacker's objective against the defence: the gate's score under its threshold at every check, and
     (with the conditioning defence and the request's conditioning) the conditioning score under its own."""
     scores, carried = gate_scores(pipe, grad, seen, cfg, concept,
                                   cond if cfg.conditioning == "null" else None)
-    loss = hinge(scores, cfg.threshold)
+    loss = hinge(scores, check_thresholds(cfg, concept, seen, steps))
     return loss if carried is None else loss + hinge(carried, cfg.conditioning_threshold)
 
 
@@ -114,7 +138,9 @@ def adaptive_ti(pipe: Pipeline, vec0: torch.Tensor, concept: str, cfg: IreceConf
     seeds each step) through the erased model with the embedding."""
     grad = Differentiable(pipe.backend)
     objective = attacks.TiObjective(pipe, "erased", concept, seed=s.seed)
-    for p in (*grad.e.unets["standard"].parameters(), *grad.e.text_encoder.parameters()):
+    head = grad.e.modules.get("concept_head")
+    for p in (*grad.e.unets["standard"].parameters(), *grad.e.text_encoder.parameters(),
+              *(head.parameters() if head is not None else ())):
         p.requires_grad_(False)
     vec = vec0.clone().requires_grad_(True)
     opt = torch.optim.AdamW([vec], lr=lr, weight_decay=0.0)
@@ -127,7 +153,7 @@ def adaptive_ti(pipe: Pipeline, vec0: torch.Tensor, concept: str, cfg: IreceConf
         cond = torch.cat([drive(pipe.encode_prompt_steps(p.format("<c>"), {"<c>": vec}), grad) for p in prompts])
         x_T = gen.noise(pipe, [ATTACK_SEED + batch * step + k for k in range(batch)])
         seen = checks(pipe, grad, x_T, cond, uncond, s.guidance, s.steps, cfg)
-        evade = evasion(pipe, grad, seen, cfg, concept, cond)
+        evade = evasion(pipe, grad, seen, cfg, concept, cond, s.steps)
         loss = objective.loss(vec, 16, g) + weight * evade
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -157,7 +183,7 @@ def pgd_references(pipe: Pipeline, images: np.ndarray, concept: str, cfg: IreceC
         x0 = grad.vae_encode((clean + delta).clamp(-1, 1))
         x_T = drive(pipe.invert_steps(x0, null, "erased", s.steps), grad)
         seen = checks(pipe, grad, x_T, null, null, s.guidance, s.steps, cfg)
-        loss = evasion(pipe, grad, seen, cfg, concept, null)
+        loss = evasion(pipe, grad, seen, cfg, concept, None if cfg.gate == "head" else null, s.steps)
         delta.grad = None
         loss.backward()
         losses.append(float(loss.detach()))
@@ -275,8 +301,21 @@ def evaluate(pipe: Pipeline, judge, attack: str, artefact, concept: str, s: Adap
     return out
 
 
+def defences(model_dir: str, concept: str, s: AdaptiveSettings, policy: str | None = None) -> dict:
+    """defence -> IreceConfig (None: off), the attacked one last: the tables' defences and the full one, or with a
+    named policy, that policy exactly as the server runs it beside the paper's."""
+    if policy is None:
+        return {d: defence_config(d, concept, s) for d in ALL_DEFENCES}
+    from irece_runtime.policy import resolve
+    return {"none": None, "policy:paper": resolve("paper", model_dir, [concept]),
+            f"policy:{policy}": resolve(policy, model_dir, [concept])}
+
+
 def run(model_dir: str = str(DEFAULT_MODEL), concept: str = "star", methods=("uce", "esd-x", "esd-u", "receler"),
-        attack_names=("ti", "pgd", "pgd-bb", "prompt"), s: AdaptiveSettings | None = None, log=print) -> dict:
+        attack_names=("ti", "pgd", "pgd-bb", "prompt"), s: AdaptiveSettings | None = None, log=print,
+        policy: str | None = None) -> dict:
+    """Each attack at each budget, against the attacked defence (the full one, or the named `policy`), evaluated
+    under every defence."""
     s = s or AdaptiveSettings(model=model_dir)
     s.model = model_dir
     budgets = s.budgets or FULL_BUDGETS
@@ -286,12 +325,14 @@ def run(model_dir: str = str(DEFAULT_MODEL), concept: str = "star", methods=("uc
     for method in methods:
         erased = erased_unet(model_dir, method, concept, s)
         pipe = load_pipeline(model_dir, erased)
-        cfgs = {d: defence_config(d, concept, s) for d in ALL_DEFENCES}
-        full = cfgs["full"]
+        cfgs = defences(model_dir, concept, s, policy)
+        attacked = list(cfgs)[-1]
+        full = cfgs[attacked]
         for name in attack_names:
             b = sorted(budgets[name])
             path = key("adaptive", model=model_fingerprint(model_dir), method=method, concept=concept, attack=name,
-                       budgets=b, settings=s.__dict__, configs=[repr(c) for c in cfgs.values()]).with_suffix(".json")
+                       budgets=b, settings=s.__dict__, configs=[repr(c) for c in cfgs.values()],
+                       revision=stages.REVISION).with_suffix(".json")
             if path.exists():  # a finished (method, attack) of an earlier run: resume past it
                 cell = json.loads(path.read_text())
                 rows += cell["rows"]
@@ -318,7 +359,7 @@ def run(model_dir: str = str(DEFAULT_MODEL), concept: str = "star", methods=("uc
                 # that got most images through the full defence
                 tried = {w: evaluate(pipe, judge, kind, m[budget], concept, s, cfgs)
                          for w, m in (list(runs.items()) if budget else list(runs.items())[:1])}
-                weight = max(tried, key=lambda w: (tried[w]["full"][0], tried[w]["none"][0]))
+                weight = max(tried, key=lambda w: (tried[w][attacked][0], tried[w]["none"][0]))
                 extra = {"weight": weight if budget else None} if name == "ti" else {}
                 for d, (k, n) in tried[weight].items():
                     cell["rows"].append({"attack": name, "access": access, "method": method, "defence": d,
@@ -332,6 +373,7 @@ def run(model_dir: str = str(DEFAULT_MODEL), concept: str = "star", methods=("uc
             curves += cell["curves"]
             log(f"[{time.time() - t0:6.0f}s] {method}/{name} done")
     return {"settings": {k: v for k, v in s.__dict__.items()}, "budget_units": BUDGET_UNITS, "rows": rows,
+            "defences": list(cfgs), "attacked": attacked,
             "objective_curves": curves, "seconds": round(time.time() - t0, 1)}
 
 
@@ -371,29 +413,31 @@ def chart(res: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(dict.fromkeys(r["attack"] for r in res["rows"]))
+    attacked = res.get("attacked", "full")
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
         for method in dict.fromkeys(r["method"] for r in res["rows"]):
             pts = sorted((r["budget"], r["crr"]) for r in res["rows"]
-                         if r["attack"] == name and r["method"] == method and r["defence"] == "full")
+                         if r["attack"] == name and r["method"] == method and r["defence"] == attacked)
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
         ax.set_title(f"{name} ({BUDGET_UNITS[name].split(' (')[0]})", fontsize=9)
         ax.set_xlabel("budget")
         ax.set_ylim(-3, 103)
         ax.axhline(30, color="grey", lw=0.8, ls="--")
-    axes[0][0].set_ylabel("CRR under the full defence (%)")
+    axes[0][0].set_ylabel(f"CRR under {attacked} (%)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def markdown(res: dict) -> str:
-    lines = ["| attack | access | method | budget | " + " | ".join(ALL_DEFENCES) + " |",
-             "|---|---|---|---|" + "---|" * len(ALL_DEFENCES)]
+    names = res.get("defences", ALL_DEFENCES)
+    lines = ["| attack | access | method | budget | " + " | ".join(names) + " |",
+             "|---|---|---|---|" + "---|" * len(names)]
     keys = dict.fromkeys((r["attack"], r["access"], r["method"], r["budget"]) for r in res["rows"])
     for a, acc, m, b in keys:
         cells = []
-        for d in ALL_DEFENCES:
+        for d in names:
             r = next(x for x in res["rows"] if (x["attack"], x["method"], x["budget"], x["defence"]) == (a, m, b, d))
             cells.append(f"{100 * r['crr']:.0f}%")
         lines.append(f"| {a} | {acc} | {m} | {b} | " + " | ".join(cells) + " |")

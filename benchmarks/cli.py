@@ -84,7 +84,7 @@ def cmd_adaptive(a):
         _write({"settings": s.__dict__, "benign_embeddings": rows}, a.json)
         print(json.dumps(rows, indent=1))
         return
-    res = adaptive.run(a.model, a.concept, methods, attack_names, s)
+    res = adaptive.run(a.model, a.concept, methods, attack_names, s, policy=a.policy)
     _publish(res, a, adaptive.markdown, adaptive.chart)
 
 
@@ -276,7 +276,10 @@ def register(sub) -> None:
     p.add_argument("--t-star", type=parse_t_star, default=DEFAULTS.t_star, help="a fraction (0.3) or a step index (7)")
     p.add_argument("--threshold", type=float, help="the gate's presence threshold (default: IreceConfig's)")
     p.add_argument("--markdown", metavar="FILE")
-    p.add_argument("--chart", metavar="PNG", help="CRR against budget under the full defence")
+    p.add_argument("--chart", metavar="PNG", help="CRR against budget under the attacked defence")
+    p.add_argument("--policy", choices=tuple(POLICIES),
+                   help="attack this named policy, exactly as the server runs it (the paper's policy beside it) "
+                        "instead of the tables' defences")
     p.add_argument("--benign-only", action="store_true",
                    help="no attack: benign learned embeddings (white-box TI of other concepts) under each defence")
     p.add_argument("--others", nargs="+", help="with --benign-only: the other concepts (default: the first three)")

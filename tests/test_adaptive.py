@@ -12,6 +12,7 @@ from benchmarks import batch as gen
 from benchmarks.crr import references
 from irece_runtime.irece import IreceConfig
 from irece_runtime.stages import Look
+from miniworld.assets import MODEL_DIR
 
 pytestmark = pytest.mark.shapes10_only
 S = adaptive.AdaptiveSettings(n=2, steps=10, t_star=0.5)
@@ -27,7 +28,7 @@ def objective(pipe, vec: torch.Tensor, seeds: list[int]) -> float:
         cond = torch.cat([pipe.encode_prompt("a <c>", {"<c>": vec})] * len(seeds))
         seen = adaptive.checks(pipe, pipe.backend, gen.noise(pipe, seeds), cond, pipe.encode_prompt(""), S.guidance,
                                S.steps, CFG)
-        return float(adaptive.evasion(pipe, pipe.backend, seen, CFG, "star", cond))
+        return float(adaptive.evasion(pipe, pipe.backend, seen, CFG, "star", cond, S.steps))
 
 
 def test_checks_see_the_latents_the_defence_sees(pipe, monkeypatch):
@@ -63,6 +64,33 @@ def test_adaptive_textual_inversion_lowers_the_gate_score_on_unseen_seeds(pipe):
     made = adaptive.adaptive_ti(pipe, vec0, "star", CFG, [0, 6], S, lr=0.02)
     seeds = [adaptive.EVAL_SEED + k for k in range(4)]
     assert objective(pipe, made[6], seeds) < objective(pipe, made[0], seeds)
+
+
+def test_against_the_policy_the_objective_is_the_heads_own_score_at_each_check_with_its_threshold(pipe):
+    """Attacking the recommended policy (the concept head): the attacker's scores at t* and at each recheck are the
+    ones the defence reports for the same request (a blind threshold keeps the defended loop on the undefended
+    trajectory), and each check's hinge uses that look's calibrated threshold."""
+    from irece_runtime.pipeline import Request
+    from irece_runtime.policy import resolve
+    policy = resolve("gated", MODEL_DIR, ["star"])
+    blind = resolve("gated", MODEL_DIR, ["star"], {"threshold": 2.0, "recheck_threshold": [2.0, 2.0]})
+    res = pipe.generate(Request(prompt="a red star on a black background", seed=3, steps=S.steps), blind)
+    x_T = gen.noise(pipe, [3])
+    seen = adaptive.checks(pipe, pipe.backend, x_T, pipe.encode_prompt("a red star on a black background"),
+                           pipe.encode_prompt(""), S.guidance, S.steps, policy)
+    scores, read = adaptive.gate_scores(pipe, pipe.backend, seen, policy, "star")
+    assert read is None and len(seen) == 1 + len(policy.recheck)
+    assert torch.allclose(scores[:, 0], torch.tensor([c.score for c in res.irece.concepts]), atol=1e-4)
+    assert adaptive.check_thresholds(policy, "star", seen, S.steps).tolist() == \
+        pytest.approx([policy.threshold, *policy.recheck_threshold])
+
+
+def test_pgd_against_the_policy_lowers_the_heads_scores_within_its_budget(pipe):
+    from irece_runtime.policy import resolve
+    low = resolve("gated", MODEL_DIR, ["star"], {"threshold": adaptive.MARGIN, "recheck_threshold": [0.0, 0.0]})
+    refs = references("star", 2, False, 11)
+    made = adaptive.pgd_references(pipe, refs, "star", low, [0, 3], S)
+    assert made["losses"][-1] < 0.9 * made["losses"][0]
 
 
 @pytest.mark.slow

@@ -4,12 +4,15 @@ command that makes it."""
 import json
 import shutil
 
+import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from irece_cli.main import build_parser, irece_config_from_args
 from irece_runtime.concept_head import HEAD_CONFIG, HEAD_DIR, HEAD_FILE
 from irece_runtime.irece import IreceConfig
+from irece_runtime.pipeline import Request
 from irece_runtime.policy import CALIBRATION, POLICIES, RECOMMENDED, read_calibration, resolve
 from miniworld.assets import MODEL_DIR
 from server.cli import serve_overrides
@@ -133,3 +136,37 @@ def test_a_gate_that_cannot_tell_presence_refuses_naming_the_fix():
     with pytest.raises(ValueError, match="no output for 'cat'"):
         gates.check(SimpleNamespace(vocabulary=(), head_concepts=("dog",)), IreceConfig(concepts=("cat",), gate="head"))
     gates.check(bare, IreceConfig(concepts=("cat",)))  # the paper's IRECE asks no gate
+
+
+def _token_embedding(pipe, word):
+    """A learned embedding equal to a vocabulary word's own: its conditioning is the text prompt's, bit for bit."""
+    ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
+    return {"<c>": pipe.backend.embed_tokens(torch.tensor([ids]))[0]}
+
+
+def test_a_learned_embedding_the_head_sees_loses_its_whole_image_and_its_conditioning(pipe):
+    """The same conditioning as a text prompt and as a learned embedding (the star token's own vector), the policy
+    protecting star on the standard model (which draws it): the text request is re-noised where the head sees the
+    star and keeps its prompt; the embedding's images are re-noised whole and lose their conditioning."""
+    policy = resolve("gated", MODEL_DIR, ["star"])
+    text = pipe.generate(Request(prompt="a star on a gray background", seed=3, steps=10, batch=2), policy)
+    emb = pipe.generate(Request(prompt="a <c> on a gray background", learned=_token_embedding(pipe, "star"), seed=3,
+                                steps=10, batch=2), policy)
+    assert text.irece.intervened and emb.irece.intervened
+    assert 0 < text.irece.mask_area < 1 and not text.irece.unconditioned
+    assert emb.irece.mask_area == 1.0 and emb.irece.unconditioned
+
+
+def test_the_head_reads_a_learned_embeddings_conditioning_where_it_does_not_see_the_target(pipe):
+    """With the head's threshold out of reach (it never sees a target), only the classifier's reader of the
+    conditioning can act, at the first look: an embedding that steers like "a star" is re-noised whole and
+    unconditioned; the same conditioning as a text prompt, and an embedding of moon, come back as without IRECE."""
+    blind = resolve("gated", MODEL_DIR, ["star"], {"threshold": 2.0, "recheck": []})
+    star, moon = _token_embedding(pipe, "star"), _token_embedding(pipe, "moon")
+    read = pipe.generate(Request(prompt="a <c> on a gray background", learned=star, seed=4, steps=10), blind)
+    assert read.irece.mask_area == 1.0 and read.irece.unconditioned
+    assert read.irece.concepts[0].conditioning_score >= blind.conditioning_threshold
+    for req in (Request(prompt="a star on a gray background", seed=4, steps=10),
+                Request(prompt="a <c> on a gray background", learned=moon, seed=4, steps=10)):
+        on = pipe.generate(req, blind)
+        assert not on.irece.intervened and np.array_equal(on.images, pipe.generate(req).images)
