@@ -40,8 +40,12 @@ def cmd_crr(a):
 def cmd_policy(a):
     from . import policy
     methods, concepts = a.methods or list(policy.METHODS), a.concepts or list(policy.shapes.CONCEPTS)
-    res = policy.run(a.model, a.policy, methods, concepts, n=a.n or 16, n_pairs=a.n_pairs, parts=tuple(a.parts),
-                     seed=a.seed, ray=a.ray)
+    n, n_pairs = a.n or 16, a.n_pairs
+    if a.quick:  # one method, one concept, two images a cell: wires every part through in minutes
+        methods, concepts = a.methods or ["uce"], a.concepts or ["star"]
+        n, n_pairs = a.n or 2, min(n_pairs, 4)
+    res = policy.run(a.model, a.policy, methods, concepts, n=n, n_pairs=n_pairs, parts=tuple(a.parts),
+                     seed=a.seed, ray=a.ray, adaptive_concept=concepts[0] if a.quick else "star", quick=a.quick)
     _write(res, a.json)
     md = policy.markdown(res)
     print(md)
@@ -258,7 +262,9 @@ def register(sub) -> None:
     p.add_argument("--policy", choices=tuple(POLICIES), default=RECOMMENDED)
     p.add_argument("--concepts", nargs="+")
     p.add_argument("--methods", nargs="+", choices=("uce", "esd-x", "esd-u", "receler"))
-    p.add_argument("--parts", nargs="+", choices=("crr", "benign", "pairs"), default=["crr", "benign", "pairs"])
+    parts = ("crr", "benign", "pairs", "adaptive")  # benchmarks.policy.PARTS (not imported: the CLI starts light)
+    p.add_argument("--parts", nargs="+", choices=parts, default=list(parts),
+                   help="adaptive: the attacks of bench adaptive aimed at the policy (on star)")
     p.add_argument("--n-pairs", type=int, default=100, help="two-shape scenes per method")
     p.add_argument("--markdown", metavar="FILE")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",

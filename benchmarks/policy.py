@@ -7,6 +7,8 @@ Parts (each configured exactly as the server runs the policy: `policy.resolve`, 
   benign   requests showing other concepts - text, learned embedding (textual inversion on the standard model),
            inverted render - bit-identical to IRECE off
   pairs    two-shape scenes, one shape the target, on the model that erased it: target removed and other kept
+  adaptive the attacks of `bench adaptive` (white-box TI and PGD, black-box PGD and prompt search) aimed at the
+           policy itself, at bench adaptive's budgets, on one concept (`adaptive_concept`), cached per attack
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from . import crr
 from .cache import key, model_fingerprint, write_atomic
 from .gate import pairs
 
-PARTS = ("crr", "benign", "pairs")
+PARTS = ("crr", "benign", "pairs", "adaptive")
 METHODS = ("uce", "esd-x", "esd-u", "receler")
 BENIGN_SEED = 7_400_000
 
@@ -72,10 +74,15 @@ def benign(model_dir: str, method: str, concept: str, policy: str, s: crr.BenchS
 
 
 def run(model_dir: str, policy: str = "gated", methods=METHODS, concepts=shapes.CONCEPTS, n: int = 16,
-        n_pairs: int = 100, parts=PARTS, seed: int = 0, ray: str | None = None, log=print) -> dict:
+        n_pairs: int = 100, parts=PARTS, seed: int = 0, ray: str | None = None, log=print,
+        adaptive_concept: str = "star", budgets: dict | None = None, quick: bool = False) -> dict:
+    """The policy's table (parts as named in PARTS); `quick`: the shortest schedule, erasures and inversions that
+    still wire every part through (a smoke run, not a figure)."""
     t0 = time.time()
     defences = ("none", "policy:paper", f"policy:{policy}")
     s = crr.BenchSettings(n=n, seed=seed, defences=defences)
+    if quick:
+        s.steps, s.erase_steps, s.ti_steps = 10, 20, 20
     out: dict = {"policy": policy, "config": crr.config_key(resolve(policy, model_dir, ["<concept>"])),
                  "model": model_dir, "methods": list(methods), "concepts": list(concepts), "n": n}
     if "crr" in parts:
@@ -100,6 +107,14 @@ def run(model_dir: str, policy: str = "gated", methods=METHODS, concepts=shapes.
                 out["pairs"].append({"method": m, **row})
             cache.clear()
             log(f"[{time.time() - t0:6.0f}s] pairs {m} done")
+    if "adaptive" in parts:
+        from . import adaptive
+        a = adaptive.AdaptiveSettings(n=n, seed=seed, model=model_dir, steps=s.steps, erase_steps=s.erase_steps,
+                                      ti_steps=s.ti_steps, budgets=dict(budgets or (adaptive.QUICK_BUDGETS if quick
+                                                                                    else adaptive.FULL_BUDGETS)))
+        out["adaptive"] = adaptive.run(model_dir, adaptive_concept, methods, tuple(a.budgets), a, log=log,
+                                       policy=policy)
+        log(f"[{time.time() - t0:6.0f}s] adaptive done")
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -155,4 +170,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['method']} | {r['variant']} | {r['n']} | {100 * r['removed_and_kept']:.1f}% | "
                          f"{100 * r['target_removed']:.1f}% | {100 * r['other_kept']:.1f}% | "
                          f"{r['psnr_outside_mask_db']:.1f} |")
+    if "adaptive" in res:
+        from . import adaptive
+        lines += ["", f"Adaptive attacks aimed at the {policy} policy ({res['adaptive']['rows'][0]['concept']}; "
+                      "CRR on seeds the attacks never saw):", "", adaptive.markdown(res["adaptive"])]
     return "\n".join(lines) + "\n"

@@ -365,3 +365,30 @@ def test_crr_markdown_names_the_negative_guidance_of_the_gated_rows():
     assert "negative guidance 3.0);" in report.crr_markdown(res)
     res["settings"].update(negative_guidance_steps=6)
     assert "negative guidance 3.0 for 6 steps);" in report.crr_markdown(res)
+
+
+def test_bench_policy_quick_runs_every_part_with_the_paper_beside_the_policy(tmp_path, monkeypatch):
+    """`irece bench policy --quick`: every part (CRR scenarios with the wrong-aim control, benign requests, two-shape
+    scenes, the adaptive attacks aimed at the policy) in one JSON and one markdown table, the paper's policy a row of
+    each; a second run is read from the cache."""
+    from benchmarks import crr, policy
+    from irece_cli.main import main
+    monkeypatch.chdir(tmp_path)
+    out, md = tmp_path / "policy.json", tmp_path / "policy.md"
+    main(["bench", "policy", "--quick", "--json", str(out), "--markdown", str(md)])
+    res = json.loads(out.read_text())
+    assert set(policy.PARTS) <= set(res)
+    defences = {r["defence"] for r in res["crr"]["rows"]}
+    assert defences == {"none", "policy:paper", "policy:gated"}
+    assert {r["scenario"] for r in res["crr"]["rows"]} == set(crr.SCENARIOS)
+    assert {c["defence"] for c in res["crr"]["controls"]} == {"policy:paper", "policy:gated"}
+    assert set(res["benign"][0]["identical"]) == {"paper", "gated"}
+    assert {r["variant"] for r in res["pairs"]} >= {"paper", "gated"}
+    assert res["adaptive"]["attacked"] == "policy:gated"
+    assert {(r["attack"], r["defence"]) for r in res["adaptive"]["rows"]} == \
+        {(a, d) for a in ("ti", "pgd", "pgd-bb", "prompt") for d in ("none", "policy:paper", "policy:gated")}
+    text = md.read_text()
+    assert "inversions pooled" in text and "Adaptive attacks aimed at the gated policy" in text
+    first = res["seconds"]
+    main(["bench", "policy", "--quick", "--json", str(out), "--parts", "crr", "benign", "adaptive"])
+    assert json.loads(out.read_text())["seconds"] < first / 3  # cached cells, embeddings, attacks
