@@ -44,7 +44,7 @@ demo: setup
 	$(VENV)/bin/irece demo
 
 test: setup $(OPEN_CLIP_WHEEL) $(PEERS_STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=10
 
 # Retrain the mini world (Shapes-10 v4: scenes of 1-3 shapes, f=4 VAE, 8x8 latent) from scratch, as measured in
 # BENCHMARKS.md: 6,000 UNet steps, then warm restarts to 9,000 and 15,000 (about 4 h on one thread, 1.05 steps/s;

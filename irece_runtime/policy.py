@@ -10,9 +10,9 @@ the command that makes it.
             in every request, whether the concept is there or not
     gated   re-noise only where the model's concept head sees the concept, and make the re-noising stick: the head's
             own cells grown by one, looked at again later in the schedule (the calibrated rechecks, each with its own
-            threshold), the region steered away from the concept, a learned embedding that drew it dropped, and on
-            inverted images everything outside the mask (and the other concepts' pixels inside it) kept as the input
-            had it
+            threshold), the region steered away from the concept, a learned embedding that drew it (or that the
+            diffusion classifier's reader finds carrying it) re-noised whole and dropped, and on inverted images
+            everything outside the mask (and the other concepts' pixels inside it) kept as the input had it
 """
 from __future__ import annotations
 

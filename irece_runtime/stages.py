@@ -9,9 +9,9 @@ ignorant of every one.
     Look      at each planned step (t*, the rechecks): the gate's look (gates.look) gives the mask and the reports
     Perturb   the paper's re-noising of the mask: x*_t = (1 - M) x_t + M xi, xi seeded per request and step
     Steer     negative_guidance: the noise prediction steered away, inside the mask, from the concepts re-noised
-    Condition conditioning "null": an image whose conditioning carries a target (the classifier reads it) or, where the
-              gate reads the image only (the head), whose learned embedding drew the target it saw, loses its
-              conditioning
+    Condition conditioning "null": an image whose conditioning carries a target (the classifier reads it) or, under
+              the head, whose learned embedding drew the target (the head saw it, or the classifier's reader found it
+              in the embedding at the first look: the look then masks the whole image) loses its conditioning
 
 A stage may act before each step (`on_step`, in list order), wrap the noise prediction (`wrap_eps`) and finish the
 latent after the loop (`after_loop`); Keep's pixels are `keep_pixels`, which the decode applies from the report. All
