@@ -70,6 +70,18 @@ class Result:
         return to_uint8(self.images)
 
 
+DEFAULT_VOCABULARY = Path(__file__).with_name("vocabulary.json")
+
+
+def model_vocabulary(model_dir: str | Path) -> tuple[str, ...]:
+    """The concepts the classifier gate weighs a target against: the folder's concepts.json (a list of names) where
+    it has one - an operator replaces the vocabulary by writing it - else the shipped default for SD-style models
+    (common subjects and styles, irece_runtime/vocabulary.json). Never empty: a softmax over the target alone
+    scores 1.0 for every image."""
+    own = Path(model_dir) / "concepts.json"
+    return tuple(json.loads((own if own.exists() else DEFAULT_VOCABULARY).read_text()))
+
+
 class Pipeline:
     def __init__(self, backend: Backend, tokenizer: CLIPTokenizer, scheduler_config: dict, sample_size: int,
                  vocabulary: tuple[str, ...] = (), head_concepts: tuple[str, ...] = (), head_trained_at: tuple = ()):
@@ -85,16 +97,15 @@ class Pipeline:
 
     @classmethod
     def from_model_dir(cls, backend: Backend, model_dir: str | Path) -> "Pipeline":
-        """concepts.json in the folder (a list of names), when present, is the model's concept vocabulary."""
+        """The model's concept vocabulary (model_vocabulary) and concept head come from the folder."""
         model_dir = Path(model_dir)
         unet_cfg = json.loads((model_dir / "unet" / "config.json").read_text())
-        vocab = model_dir / "concepts.json"
         head = model_dir / HEAD_DIR / HEAD_CONFIG
         head_cfg = json.loads(head.read_text()) if head.exists() else {}
         return cls(backend, CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
                    DDIMScheduler.load_config(model_dir / "scheduler"), unet_cfg["sample_size"],
-                   tuple(json.loads(vocab.read_text())) if vocab.exists() else (),
-                   tuple(head_cfg.get("concepts", ())), tuple(head_cfg.get("trained_at", ())))
+                   model_vocabulary(model_dir), tuple(head_cfg.get("concepts", ())),
+                   tuple(head_cfg.get("trained_at", ())))
 
     # -- text ------------------------------------------------------------------------------------------------
     def token_ids(self, prompt: str, placeholders: dict[str, int] | None = None) -> tuple[list[int], list[tuple[int, str, int]]]:

@@ -170,3 +170,22 @@ def test_the_head_reads_a_learned_embeddings_conditioning_where_it_does_not_see_
                 Request(prompt="a <c> on a gray background", learned=moon, seed=4, steps=10)):
         on = pipe.generate(req, blind)
         assert not on.irece.intervened and np.array_equal(on.images, pipe.generate(req).images)
+
+
+def test_a_model_folder_without_concepts_json_weighs_its_targets_against_the_shipped_vocabulary(tmp_path):
+    """An SD folder has no concepts.json: the classifier gate weighs the operator's concept against the shipped
+    default vocabulary (so it can tell presence: no refusal, no silent always-on); a concepts.json replaces it."""
+    from types import SimpleNamespace
+
+    from irece_runtime import gates
+    from irece_runtime.pipeline import DEFAULT_VOCABULARY, model_vocabulary
+    default = model_vocabulary(tmp_path)
+    assert default == tuple(json.loads(DEFAULT_VOCABULARY.read_text())) and len(default) >= 10
+    ctx = SimpleNamespace(vocabulary=default, head_concepts=())
+    gates.check(ctx, IreceConfig(concepts=("cat",), gate="classifier"))
+    assert gates.contrast_set(ctx, IreceConfig(concepts=("Van Gogh",), gate="classifier"))[0] == "Van Gogh"
+    (tmp_path / "concepts.json").write_text(json.dumps(["cat"]))
+    assert model_vocabulary(tmp_path) == ("cat",)
+    with pytest.raises(ValueError, match="always on"):
+        gates.check(SimpleNamespace(vocabulary=model_vocabulary(tmp_path), head_concepts=()),
+                    IreceConfig(concepts=("cat",), gate="classifier"))
