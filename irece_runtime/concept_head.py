@@ -25,7 +25,7 @@ from torch import nn
 HEAD_DIR, HEAD_FILE, HEAD_CONFIG = "concept_head", "head.safetensors", "config.json"
 # the first down block (its output after its downsampler), the mid block and the first two up blocks, each resized
 # to the latent grid: on world v4 (8x8 latent, UNet 64/128: 384 features a cell) these give held-out presence AUC 0.96 on inverted renders and single-shape IoU
-# 0.52 with an MLP head; a linear head 0.90 / 0.06 (BENCHMARKS.md "Ninth session")
+# 0.52 with an MLP head; a linear head 0.90 / 0.06 (measured on world v4, git history of BENCHMARKS.md)
 FEATURE_BLOCKS = ("down_blocks.0", "mid_block", "up_blocks.0", "up_blocks.1")
 
 

@@ -341,7 +341,7 @@ def conditioning_scores(eps_cond: torch.Tensor, eps_ref: torch.Tensor,
 
 
 # keep_others: a pixel goes to another concept only where that concept's probability also reaches this. Measured
-# (sixteenth session, UCE, G = 3): without it a single shape the head partly reads as another one kept some of its
+# (UCE, G = 3; git history of BENCHMARKS.md): without it a single shape the head partly reads as another one kept some of its
 # pixels (white-box inversions of the ten concepts, right aim: 8 -> 10 of 160 shown), with it 8; two shapes
 # removed and kept, 480 scenes: 91.9% without, 90.8% at 0.1, 89.2% at 0.2 (keep_outside alone 86.3%).
 KEEP_OTHERS_FLOOR = 0.1

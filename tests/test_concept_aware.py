@@ -85,7 +85,7 @@ def test_head_gate_with_grown_masks_suppresses_the_erased_concept_a_wrong_aim_le
                                                                                       head_threshold):
     """The concept head's own cells keep a shape's core; grown by one cell (grow=1) they also take the edges that
     carry it back. Measured with head v3 on 64 white-box inverted star renders per erasure method (`irece bench gate
-    --gate head --grow 1 --n 64`, BENCHMARKS.md "Eleventh session"): right aim 8-14% (with RECHECK 4.7-10.9%); wrong
+    --gate head --grow 1 --n 64`, git history of BENCHMARKS.md): right aim 8-14% (with RECHECK 4.7-10.9%); wrong
     aim survives 98-100%. On this test's 12 renders: grown 17%, ungrown 25%, wrong aim 100% (head v2: 17 / 50%)."""
     x_T = gen.invert_images(uce_star, references("star", 12, False, TEST_SEED), "erased")
     head = dict(gate="head", t_star=T_STAR, threshold=head_threshold)
@@ -104,7 +104,7 @@ def test_negative_guidance_keeps_a_re_noised_concept_from_being_redrawn(uce_star
     """Re-noised, the erased concept's region is refilled from its surroundings and the erased model often draws the
     concept again; negative_guidance steers that region away from it with the standard UNet. Measured on white-box
     inverted renders of all ten concepts (`irece bench gate --parts wrong_concept --gate head --grow 1 --tau 0.2
-    --negative-guidance 3`, 160 images a cell, fourteenth session): right aim, gated+recheck, UCE 8.8% -> 3.1%,
+    --negative-guidance 3`, 160 images a cell): right aim, gated+recheck, UCE 8.8% -> 3.1%,
     ESD-x 3.8% -> 1.9%; wrong aim survives 99.4%. On this test's 12 renders: 17% -> 0%, wrong aim 100%."""
     x_T = gen.invert_images(uce_star, references("star", 12, False, TEST_SEED), "erased")
     c = IreceConfig(gate="head", t_star=T_STAR, threshold=head_threshold, tau=0.2, grow=1, recheck=RECHECK)
@@ -137,7 +137,7 @@ def test_head_gate_with_grown_masks_removes_one_shape_of_two_and_keeps_the_other
     """Two-shape renders, IRECE aimed at one shape, head gate with grow=1 and the later looks (RECHECK): measured on
     40 scenes (`irece bench gate --gate head --grow 1 --parts pairs --n-pairs 40`, head v3) removed and kept 75%
     (the paper's IRECE 25%), PSNR outside the mask 25.6 dB; on this test's 20 scenes 85% (paper 25%), 26.0 dB.
-    With keep_outside (head v4, thirteenth session): 82.5-90% on four runs of 40 scenes, PSNR 38.8-44.0 dB (29.6-31.8
+    With keep_outside (head v4): 82.5-90% on four runs of 40 scenes, PSNR 38.8-44.0 dB (29.6-31.8
     dB when only the latent was kept); on this test's 20 scenes 90%, 41.3 dB (recheck alone: 75%, 26.2 dB)."""
     s = BenchSettings(seed=TEST_SEED, t_star=T_STAR)
     c = IreceConfig(gate="head", t_star=T_STAR, threshold=head_threshold, grow=1)

@@ -19,9 +19,9 @@ TEST_SEED = 7_700_000  # the head trains on 6_000_000.., the benchmarks' splits 
 T_STAR = 0.5
 HAS_HEAD = (MODEL / "concept_head").is_dir()
 needs_head = pytest.mark.skipif(not HAS_HEAD, reason=f"{MODEL} has no concept_head/ (`irece world head`)")
-# measured on world v4's committed head v3 (BENCHMARKS.md, "Eleventh session": held out AUC inverted 0.991, text
+# measured on world v4's committed head v3 (git history of BENCHMARKS.md: held out AUC inverted 0.991, text
 # 0.972, IoU 0.591 on 100 renders; on these tests' seeds 0.991 / 0.955 and IoU 0.578); the floors sit below, for
-# 30-40 scenes. Head v4 (twelfth session) on these seeds: inverted 0.996, text 0.946, perturbed references 0.959
+# 30-40 scenes. Head v4 on these seeds: inverted 0.996, text 0.946, perturbed references 0.959
 FLOORS = {"auc_inverted": 0.95, "auc_text": 0.90, "auc_perturbed": 0.90, "iou": 0.54}
 
 

@@ -144,8 +144,8 @@ def test_requests_irece_leaves_alone_are_bit_identical_with_negative_guidance_on
 
 @pytest.mark.shapes10_only
 def test_two_shape_scenes_with_negative_guidance_still_keep_the_other_shape(pipe, judge):
-    """Negative guidance acts inside the mask, which at 8x8 can hold part of the other shape: measured (fourteenth
-    session, head + recheck + keep_outside, UCE erasing the target, six splits of 40 scenes) it trades targets that
+    """Negative guidance acts inside the mask, which at 8x8 can hold part of the other shape: measured (head +
+    recheck + keep_outside, UCE erasing the target, six splits of 40 scenes) it trades targets that
     came back (16 -> 3 of 240) for other shapes lost (14 -> 22), removed and kept 83.8% -> 85.8%. On this test's 20
     scenes (standard model): 95% without, 90% with (two targets back). Floors: what the product setting holds."""
     from benchmarks import gate as gate_bench
@@ -162,7 +162,7 @@ def test_two_shape_scenes_with_negative_guidance_still_keep_the_other_shape(pipe
 
 @pytest.mark.shapes10_only
 def test_keep_others_keeps_the_other_shape_where_the_targets_cells_took_it(pipe, judge):
-    """keep_others (sixteenth session): inside the mask, the pixels the head's first look gives another shape stay
+    """keep_others: inside the mask, the pixels the head's first look gives another shape stay
     the input's. Measured over twelve splits of 40 scenes (UCE erasing the target, G = 3): removed and kept 86.3% ->
     90.8%, other lost 49 -> 15 of 480, target back 7 -> 19. On this test's 64 scenes (seed none of those used): 90.6% ->
     93.8%, other kept 92.2% -> 98.4%, target removed 95.3% both (85 s with the ten UCE erasures cached)."""
