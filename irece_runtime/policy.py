@@ -42,7 +42,11 @@ POLICIES = {p.name: p for p in (
     Policy("gated", "re-noise only where the concept head sees the concept; rechecks, negative guidance, dropped "
                     "conditioning, and on inverted images the rest of the image kept",
            {"gate": "head", "grow": 1, "negative_guidance": 3.0, "conditioning": "null", "keep_outside": True,
-            "keep_others": True},
+            "keep_others": True,
+            # the reader of a learned embedding's conditioning at one t' (300) instead of three (100, 300, 500): as
+            # many textual inversions caught and benign embeddings kept on UCE's ten concepts (bench policy,
+            # BENCHMARKS.md), at a third of the reader's UNet rows
+            "classifier_timesteps": (300,)},
            # the looks (t* and the rechecks) and each one's threshold: where the head's scores were calibrated
            ("t_star", "tau", "threshold", "recheck", "recheck_threshold")),
 )}
