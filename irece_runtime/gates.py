@@ -149,8 +149,9 @@ def head_look(ctx: Prompts, x, t, cfg: irece.IreceConfig, targets, cond: torch.T
     mask is the whole image wherever the head sees it, and - with `cond`, its conditioning - wherever the diffusion
     classifier's reader says the embedding steers like the target's prompt (presence_steps' conditioning scores
     against cfg.conditioning_threshold, or cfg.conditioning_threshold_shown where the head sees the target). Edge
-    cells left outside the head's mask redrew the shape, and the head misses some embeddings' shapes at every look
-    (UCE white-box TI, ten concepts x 16: 25 of 160 shown with the head's masks, 19 whole, 20 read, 5 both)."""
+    cells left outside the head's mask redrew the shape, and the head misses some embeddings' shapes at every look;
+    each half alone left most of them (UCE white-box TI under the policy, `irece bench policy`: 16% with the head's
+    masks, 4% with both halves; BENCHMARKS.md)."""
     columns = head_columns(ctx, [c for c, _, _ in targets])
     every = yield from head_steps(ctx, x, t)
     if not torch.isfinite(every).all():
