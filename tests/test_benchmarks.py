@@ -36,6 +36,9 @@ def test_a_cells_key_changes_with_a_later_field_only_when_it_is_set():
     expected = repr(cfg)
     for name in crr.LATER_FIELDS:
         expected = expected.replace(f", {name}={getattr(cfg, name)!r}", "")
+    from irece_runtime import stages
+    if stages.REVISION > 1:  # what the stages do changed under the same fields: cells of the old behaviour are stale
+        expected = expected[:-1] + f", revision={stages.REVISION})"
     assert key == expected and "conditioning_unet=" in key  # only the later fields are left out
     for name in crr.LATER_FIELDS:
         if name == "keep_others":  # valid only beside keep_outside and the head gate
