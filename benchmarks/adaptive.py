@@ -108,8 +108,7 @@ def gate_scores(pipe: Pipeline, grad, seen: list, cfg: IreceConfig, concept: str
 def hinge(scores: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """How far the scores (checks, B) stand over (threshold - MARGIN) (a float, or one per check): zero once every
     check is under it."""
-    threshold = torch.as_tensor(threshold, dtype=scores.dtype).reshape(-1, 1) if not isinstance(threshold, float) \
-        else threshold
+    threshold = torch.as_tensor(threshold, dtype=scores.dtype).reshape(-1, 1)  # one per check, or one for all
     return torch.relu(scores - (threshold - MARGIN)).sum(0).mean()
 
 

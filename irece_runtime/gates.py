@@ -55,10 +55,17 @@ def report(concept: str, mask: torch.Tensor | None, peak: float = float("nan"), 
                                conditioning_score, images=irece.masked_images(mask), contest=contest)
 
 
-def reads_conditioning(cfg: irece.IreceConfig, learned: bool = False) -> bool:
-    """Whether cfg's look reads the request's conditioning (conditioning "null": the classifier's always; the head's
-    only a learned embedding's - a text prompt is what the erasure was trained against)."""
-    return cfg.conditioning == "null" and (cfg.gate == "classifier" or (cfg.gate == "head" and learned))
+def reads_conditioning(cfg: irece.IreceConfig, learned: bool = False, first: bool = True) -> bool:
+    """Whether cfg's look reads the request's conditioning (conditioning "null": the classifier's at every look; the
+    head's only a learned embedding's, at the `first` look - one classifier pass a request; a text prompt is what the
+    erasure was trained against)."""
+    return cfg.conditioning == "null" and (cfg.gate == "classifier" or (cfg.gate == "head" and learned and first))
+
+
+def conditioning_bar(cfg: irece.IreceConfig, shown: torch.Tensor) -> torch.Tensor:
+    """The conditioning score from which a conditioning counts as carrying a target: lower in an image the gate says
+    shows the target (cfg.conditioning_threshold_shown) than elsewhere (cfg.conditioning_threshold)."""
+    return torch.where(shown, cfg.conditioning_threshold_shown, cfg.conditioning_threshold)
 
 
 def look(ctx: Prompts, x, t, cfg: irece.IreceConfig, targets, cond: torch.Tensor | None = None,
@@ -170,8 +177,7 @@ def head_look(ctx: Prompts, x, t, cfg: irece.IreceConfig, targets, cond: torch.T
             read = yield from learned_reader(ctx, x, t, cfg, [c for c, _, _ in targets], cond, present)
             if read is None:
                 return fail_closed(x, cfg, targets, "conditioning score")
-            whole = whole | (read >= torch.where(present, cfg.conditioning_threshold_shown,
-                                                  cfg.conditioning_threshold))
+            whole = whole | (read >= conditioning_bar(cfg, present))
         masks = torch.where(whole[:, :, None, None], torch.ones_like(masks), masks)
     if cfg.keep_others:  # the others an image shows, by the head's score against the request's threshold
         rest = every[:, others].float()
@@ -189,7 +195,7 @@ def learned_reader(ctx: Prompts, x, t, cfg: irece.IreceConfig, concepts: list[st
     reader, stopping as soon as each is settled against its bar), or None where one is not finite."""
     index = contrast_set(ctx, cfg)
     cols = [index.index(c) for c in concepts]
-    bar = torch.where(present, cfg.conditioning_threshold_shown, cfg.conditioning_threshold)
+    bar = conditioning_bar(cfg, present)
 
     def decided(b: irece.ScoreBounds) -> bool:
         return bool(b.settled(b.carried[:, cols], bar).all())
@@ -275,16 +281,13 @@ def classifier_look(ctx: Prompts, x, t, cfg: irece.IreceConfig, targets, cond=No
     concepts = contrast_set(ctx, cfg)
     bars = [(concepts.index(c), thr) for c, _, thr in targets]  # each target's column and presence threshold
 
-    def carried_bar(shown: torch.Tensor) -> torch.Tensor:
-        """An image that shows the target needs less evidence against its conditioning."""
-        return torch.where(shown, cfg.conditioning_threshold_shown, cfg.conditioning_threshold)
-
     def decided(b: irece.ScoreBounds) -> bool:
         """Every decision below is taken: each target shown or not, its conditioning carried or not."""
         for k, thr in bars:
             if not b.settled(b.scores[:, k], thr).all():
                 return False
-            if b.carried is not None and not b.settled(b.carried[:, k], carried_bar(b.scores[:, k] >= thr)).all():
+            if b.carried is not None and \
+                    not b.settled(b.carried[:, k], conditioning_bar(cfg, b.scores[:, k] >= thr)).all():
                 return False
         return True
 
@@ -293,7 +296,7 @@ def classifier_look(ctx: Prompts, x, t, cfg: irece.IreceConfig, targets, cond=No
         return fail_closed(x, cfg, targets, "presence score")
     rows = None
     if carried is not None:
-        rows = torch.stack([carried[:, k] >= carried_bar(scores[:, k] >= thr) for k, thr in bars]).any(0)
+        rows = torch.stack([carried[:, k] >= conditioning_bar(cfg, scores[:, k] >= thr) for k, thr in bars]).any(0)
     present = {c: scores[:, concepts.index(c)] >= thr for c, _, thr in targets}
     hit = [tg for tg in targets if present[tg[0]].any()]
     masks, peaks = {}, {}

@@ -163,9 +163,7 @@ class Look(Stage):
         t0 = time.perf_counter()
         c = state.conditioning
         learned = c is not None and c.learned and state.cfg.conditioning == "null"
-        # the head reads a learned embedding's conditioning at the first look only: one classifier pass a request
-        reads = c is not None and gates.reads_conditioning(state.cfg, c.learned) \
-            and (state.cfg.gate != "head" or i == min(state.plan))
+        reads = c is not None and gates.reads_conditioning(state.cfg, c.learned, first=i == min(state.plan))
         found = yield from gates.look(state.ctx, x, t, state.cfg, state.plan[i], c.cond if reads else None, learned)
         state.record(i, t, found)
         state.seconds += time.perf_counter() - t0
