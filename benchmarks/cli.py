@@ -1,4 +1,5 @@
-"""`irece bench crr | tune | latency | localization | peers | presence | gate | serve`."""
+"""`irece bench crr | policy | adaptive | conditioning | tune | latency | localization | peers | presence | any-model | gate |
+serve`."""
 from __future__ import annotations
 
 import json
@@ -211,6 +212,15 @@ def cmd_serve(a):
         Path(a.markdown).write_text(md)
 
 
+def cmd_any_model(a):
+    from . import any_model
+    res = any_model.run(a.folder, tuple(a.concepts), small=a.small, n=a.n or 8, steps=a.steps, device=a.device)
+    _write(res, a.json)
+    print(json.dumps(res, indent=1))
+    if not res["ok"]:
+        raise SystemExit(1)
+
+
 def register(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks: CRR table, tuning, latency, localization")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
@@ -401,6 +411,19 @@ def register(sub) -> None:
     p.add_argument("--gather-ms", type=float, default=2.0)
     p.add_argument("--unbatched-workers", type=int, default=2, help="worker threads of the unbatched server")
     p.set_defaults(func=cmd_serve)
+
+    p = bsub.add_parser("any-model", help="the renderer-free path command by command on any SD v1.x folder (default: the "
+                                          "SD v1.4 architecture at random weights): head train, calibrate, serve, "
+                                          "one request per modality; each command's exit status and time")
+    p.add_argument("--folder", help="an SD v1.x diffusers folder (default: build the SD v1.4 architecture at random "
+                                    "weights)")
+    p.add_argument("--small", action="store_true", help="the random folder at smaller widths (a CPU run)")
+    p.add_argument("--concepts", nargs="+", default=["cat", "dog", "car"])
+    p.add_argument("--n", type=int, help="generated images for the head and prompts per calibration split (8)")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps of the client requests")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", metavar="FILE")
+    p.set_defaults(func=cmd_any_model)
 
     p = bsub.add_parser("gate", help="gate on vs off: wrong-concept control, benign requests, two-shape scenes")
     common(p)

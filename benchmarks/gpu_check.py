@@ -7,7 +7,9 @@
    torch CUDA, ONNX Runtime CUDA and TensorRT fp16. Timing does not depend on the weight values.
 3. peers (benchmarks/peers.py) on CUDA: Shapes-10 with every system; then a random-weights SD v1.4 folder
    (full UNet, CLIP ViT-L/14 text encoder, VAE; our tokenizer) with diffusers and our torch backend, IRECE off
-   and on (our ONNX export of a >2 GB UNet needs external-data files, not attempted here), 25 steps, 512 px.
+   and on (our ONNX export of a >2 GB UNet needs external-data files, not attempted here), 25 steps, 512 px;
+4. the renderer-free path on that architecture (`irece bench any-model`): head train, calibrate, serve, a request
+   per modality, each command's exit status and time.
 Prints one JSON object per section.
 """
 from __future__ import annotations
@@ -166,6 +168,13 @@ def peers_cuda(root: Path) -> dict:
     return out
 
 
+def any_model_cuda(root: Path) -> dict:
+    """The renderer-free path (`irece bench any-model`) on the full SD v1.4 architecture at random weights, on CUDA:
+    head train -> calibrate -> serve -> one request per modality, each command's exit status and seconds."""
+    from benchmarks import any_model
+    return any_model.run(device="cuda", n=8, steps=10, timeout=240)
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA GPU"}))
@@ -173,7 +182,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}))
     for name, fn in (("shapes10", shapes10), ("sd14_architecture", sd14_architecture),
-                     ("peers", peers_cuda)):
+                     ("peers", peers_cuda), ("any_model", any_model_cuda)):
         t0 = time.time()
         try:
             out = fn(root)

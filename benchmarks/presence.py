@@ -150,7 +150,23 @@ def run(model_dir, n: int = 100, steps: int = 25, guidance: float = 5.0, tau: fl
            "by_scene": {str(k): summarize([r for r in held if r["shapes"] == k], threshold) for k in (1, 2)},
            "by_concept": {c: summarize([r for r in held if r["concept"] == c], threshold)
                           for c in pipe.contrast_set(cfg)}}
+    stored = _stored_threshold(model_dir, gate, cfg.t_star)
+    if stored is not None:  # the model's own calibration (`irece calibrate`: no renders) on the same held-out renders
+        res["stored_calibration"] = {**stored, "held_out": summarize(held, stored["threshold"])}
     return res
+
+
+def _stored_threshold(model_dir, gate: str, t_star) -> dict | None:
+    """The head's calibration block's threshold at t_star (t* or a recheck look), if it has one for that look."""
+    from irece_runtime.policy import has_calibration, read_calibration
+    if gate != "head" or not has_calibration(model_dir):
+        return None
+    block = read_calibration(model_dir)
+    looks = dict(zip([block["t_star"], *block.get("recheck", [])],
+                     [block["threshold"], *block.get("recheck_threshold", [])]))
+    if t_star not in looks:
+        return None
+    return {"threshold": looks[t_star], "source": block.get("source"), "max_fpr": block.get("max_fpr")}
 
 
 def calibration_block(res: dict, looks: list[dict]) -> dict:

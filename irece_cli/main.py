@@ -72,10 +72,19 @@ def cmd_calibrate(a):
     from irece_runtime.calibration import calibrate
     from irece_runtime.loading import load_pipeline
     from irece_runtime.policy import write_calibration
-    block = calibrate(load_pipeline(a.model), n=a.n, n_held_out=a.n_held_out, max_fpr=a.max_fpr, tau=a.tau,
+    block = calibrate(load_pipeline(a.model, device=a.device), n=a.n, n_held_out=a.n_held_out, max_fpr=a.max_fpr, tau=a.tau,
                       steps=a.steps, t_star=a.t_star, looks=tuple(a.looks))
     path = write_calibration(a.model, block)
     emit({"written": str(path), **block}, a.json)
+
+
+def cmd_head_train(a):
+    from irece_runtime.head_training import train
+    from irece_runtime.pipeline import model_vocabulary
+    concepts = tuple(a.concepts or model_vocabulary(a.model))
+    res = train(a.model, concepts, n=a.n, epochs=a.epochs, minutes=a.minutes, cache=a.cache, check=a.check,
+                device=a.device)
+    emit(res, a.json)
 
 
 def cmd_demo(a):
@@ -170,8 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--looks", nargs="*", type=float, default=[0.7, 0.9], metavar="T",
                    help="the recheck looks, each calibrated apart (default: %(default)s)")
     p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--device", default="cpu", help="torch device (cuda on a GPU)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
+
+    head = sub.add_parser("head", help="the model folder's concept head").add_subparsers(dest="head_cmd", required=True)
+    p = head.add_parser("train", help="train the concept head of any SD v1.x folder from its own generations (no "
+                                      "labelled images); then `irece calibrate --model M`")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="standard model folder (diffusers layout)")
+    p.add_argument("--concepts", nargs="+", metavar="C",
+                   help="the head's concepts: those to erase and those a user may ask for beside them (default: the "
+                        "model's vocabulary, concepts.json or irece_runtime/vocabulary.json)")
+    p.add_argument("--n", type=int, default=2048, help="generated images (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=300, help="fit epochs (default: %(default)s)")
+    p.add_argument("--minutes", type=float,
+                   help="budget for the whole run: 80%% to generating (fewer images if need be), the rest to the fit "
+                        "(fewer epochs); the head's config records what ran")
+    p.add_argument("--cache", default=".cache/head", help="generated chunks, reused by a rerun (default: %(default)s)")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep only images whose prompt's concepts the model's diffusion classifier finds")
+    p.add_argument("--device", default="cpu", help="torch device (cuda on a GPU)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_head_train)
 
     p = sub.add_parser("demo", help="the mini world end to end: model, erasure, attack, IRECE, server")
     p.add_argument("--out", default="out/demo")

@@ -86,7 +86,7 @@ def head_latents(pipe: Pipeline, items: list, seed: int, at: list[int], steps: i
     uncond = pipe.null_hidden
     cond = torch.cat([pipe.encode_prompt(p) for p, _ in items])
     x_T = torch.cat([torch.randn((1, e.latent_channels, side, side), generator=torch.Generator().manual_seed(seed + k))
-                     for k in range(len(items))])
+                     for k in range(len(items))]).to(e.device)
     text = trajectory(pipe, x_T, cond, uncond, guidance, steps, at)
     x0 = drive(sample(guided_eps("standard", cond, uncond, guidance), x_T.clone(), pipe.scheduler(steps)), e)
     x_inv = pipe.invert(e.vae_encode(to_tensor(to_uint8(pipe.decode(x0)))), uncond, "standard", steps)
@@ -120,7 +120,7 @@ def calibrate(pipe: Pipeline, n: int = 120, n_held_out: int = 120, max_fpr: floa
     """The calibration block (policy.write_calibration stores it): t_star and the recheck looks, each with its own
     threshold, and tau, with the splits and the FPR budget they came from and the held-out split's rates."""
     if not pipe.head_concepts:
-        raise ValueError("the model folder has no concept head: train one first (`irece world head` on the mini world)")
+        raise ValueError("the model folder has no concept head: train one first (`irece head train --model M --concepts ...`)")
     t_star = float(pipe.head_trained_at[0]) if t_star is None else float(t_star)
     points = [t_star] + [float(w) for w in looks]
     t0 = time.perf_counter()

@@ -5,7 +5,8 @@ the outputs of a few UNet blocks, resized to the latent grid, in one pass of the
 prompt (label-efficient segmentation on diffusion features, Baranchuk et al., ICLR 2022). Its sigmoid per concept
 and cell is at once a presence score (the highest cell) and a concept-specific map (IRECE's mask: cells >= tau), so
 the "head" gate costs one UNet row where the diffusion classifier costs 1 + T'(K + 1). It is trained per model
-folder (`irece world head` on the mini world's renders; on another model, on labelled masks of its concepts) and
+folder (`irece head train`: any SD v1.x folder, from its own generations; `irece world head`: the mini world's renders
+and their ground-truth masks) and
 lives beside the model's components:
 
     <model>/concept_head/config.json        concepts, blocks, hidden width, 3x3 layers (context), where it trained

@@ -99,7 +99,8 @@ def check(ctx: Prompts, cfg: irece.IreceConfig) -> None:
                          "the concept head (`irece calibrate` after training one)")
     if cfg.gate == "head":
         if not ctx.head_concepts:
-            raise ValueError("gate 'head': this model folder has no concept_head/ (the mini world: `irece world head`; "
+            raise ValueError("gate 'head': this model folder has no concept_head/ (train one: `irece head train --model M "
+                             "--concepts ...`; "
                              "then `irece calibrate --model M`)")
         head_columns(ctx, cfg.concepts)
 

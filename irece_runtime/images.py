@@ -1,8 +1,11 @@
 """The one image <-> tensor pair: uint8 pictures on the outside, [-1, 1] NCHW tensors at the VAE."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
+from PIL import Image, ImageFilter
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -20,3 +23,24 @@ def to_unit(x: torch.Tensor) -> np.ndarray:
 def to_uint8(unit: np.ndarray) -> np.ndarray:
     """[0, 1] floats -> uint8, rounded (what a PNG stores)."""
     return (unit * 255).round().astype(np.uint8)
+
+
+PERTURBATIONS = ("noise", "blur", "jpeg")
+
+
+# what a photo goes through on its way to the service: sensor noise, blur, lossy compression
+def perturb(image: np.ndarray, kind: str, sigma: float = 12.0, radius: float = 0.8, quality: int = 40,
+            rng: np.random.Generator | None = None) -> np.ndarray:
+    """`image` (uint8 HxWx3) with Gaussian noise of std `sigma` (needs `rng`), a Gaussian blur of `radius` pixels,
+    or a JPEG round trip at `quality`. The defaults are the CRR benchmark's black-box references."""
+    if kind == "noise":
+        if rng is None:
+            raise ValueError("noise needs an rng")
+        return np.clip(image + rng.normal(0, sigma, image.shape), 0, 255).astype(np.uint8)
+    if kind == "blur":
+        return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
+    if kind == "jpeg":
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", quality=int(quality))
+        return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    raise ValueError(f"unknown perturbation {kind!r} (one of {PERTURBATIONS})")

@@ -66,8 +66,8 @@ def read_calibration(model_dir: str | Path) -> dict:
     fix = CALIBRATE_COMMAND.format(model=model_dir)
     config = model_dir / HEAD_DIR / HEAD_CONFIG
     if not config.exists():
-        raise ValueError(f"{model_dir} has no concept head ({HEAD_DIR}/): train one with `irece world head` (the mini "
-                         f"world) and calibrate it with `{fix}`")
+        raise ValueError(f"{model_dir} has no concept head ({HEAD_DIR}/): train one with `irece head train --model "
+                         f"{model_dir} --concepts ...` and calibrate it with `{fix}`")
     block = json.loads(config.read_text()).get(CALIBRATION)
     if not block:
         raise ValueError(f"{config} has no calibration block: run `{fix}`")

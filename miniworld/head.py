@@ -7,23 +7,21 @@ standard model's own trajectories, as IRECE sees requests at t*: its render DDIM
 regenerated, and its caption generated from noise. At each schedule point in `t_points` the standard UNet's
 features of x_t (null prompt) are recorded. Targets: on inverted renders, each cell's share covered by each
 concept's ground-truth mask (the renderer's); on generated captions, where the model drew the shapes is unknown,
-so only the image's labels count there (the highest cell per concept against the caption's concepts).
+so only the image's labels count there (the highest cell per concept against the caption's concepts). The chunked
+cache, the loss and the fit are the runtime's (irece_runtime/head_training.py: `irece head train`, which needs no
+renderer); this module only supplies the renders and their masks.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from irece_runtime.concept_head import FEATURE_BLOCKS, ConceptHead, UNetFeatures, head_config, save_head
+from irece_runtime import head_training
+from irece_runtime.concept_head import FEATURE_BLOCKS, UNetFeatures, head_config, save_head
 from irece_runtime.images import to_tensor
 from irece_runtime.pipeline import trajectory
 
@@ -103,34 +101,9 @@ def collect_chunk(pipe, chunk: list, start: int, features: UNetFeatures, concept
 
 def cache_key(model_dir: str | Path, t_points, steps: int, guidance: float, seed: int, batch: int,
               blocks: tuple[str, ...], data: dict = DATA) -> str:
-    """The cache folder's name: the model's weights (UNet, VAE, text encoder) and every setting the features
-    depend on. Not the number of scenes: scene k and chunk k // batch are the same for any n."""
-    h = hashlib.sha256()
-    for part in ("unet", "vae", "text_encoder"):
-        for f in sorted((Path(model_dir) / part).glob("*.safetensors")):
-            h.update(f.read_bytes())
-    h.update(json.dumps([list(t_points), steps, guidance, seed, batch, list(blocks), data]).encode())
-    return h.hexdigest()[:16]
-
-
-def collect(pipe, items: list, features: UNetFeatures, concepts: tuple[str, ...], t_points=T_POINTS,
-            steps: int = 25, guidance: float = 5.0, seed: int = HEAD_SEED, batch: int = 64,
-            cache: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """Every chunk's rows (collect_chunk), concatenated. With `cache`, each chunk is read from / written to
-    cache/chunk_<start>.safetensors, so an interrupted collection resumes where it stopped."""
-    parts = []
-    for s in tqdm(range(0, len(items), batch), desc="head data"):
-        f = Path(cache) / f"chunk_{s:06d}.safetensors" if cache else None
-        if f is not None and f.exists():
-            parts.append(load_file(str(f)))
-            continue
-        part = collect_chunk(pipe, items[s:s + batch], s, features, concepts, t_points, steps, guidance, seed)
-        if f is not None:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            save_file(part, str(f.with_suffix(".tmp")))
-            f.with_suffix(".tmp").rename(f)  # whole chunks only: a chunk cut off mid-write is not reused
-        parts.append(part)
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    """The cache folder's name (head_training.cache_key): the model's weights and every setting the features
+    depend on, not the number of scenes (scene k and chunk k // batch are the same for any n)."""
+    return head_training.cache_key(model_dir, [list(t_points), steps, guidance, seed, batch, list(blocks), data])
 
 
 def scene_features(pipe, model_dir: str | Path, n: int, seed: int, features: UNetFeatures, concepts: tuple[str, ...],
@@ -140,36 +113,9 @@ def scene_features(pipe, model_dir: str | Path, n: int, seed: int, features: UNe
     steps, guidance, batch = 25, 5.0, 64
     where = Path(cache) / cache_key(model_dir, t_points, steps, guidance, seed, batch, features.blocks) if cache \
         else None
-    return collect(pipe, scenes(n, seed), features, concepts, t_points, steps, guidance, seed, batch, where)
-
-
-def head_loss(logits: torch.Tensor, target: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
-    """Cell-level BCE where the targets are cells; elsewhere BCE of each concept's highest cell (image labels)."""
-    cell = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2, 3))
-    pooled = F.binary_cross_entropy_with_logits(logits.flatten(2).amax(2), target.flatten(2).amax(2),
-                                                reduction="none").mean(1)
-    return torch.where(spatial, cell, pooled).mean()
-
-
-def fit(X, Y, S, concepts, hidden: int = 64, epochs: int = 80, lr: float = 3e-3, seed: int = 0,
-        context: int = 0) -> ConceptHead:
-    torch.manual_seed(seed)
-    head = ConceptHead(X.shape[1], concepts, hidden, context)
-    head.mean.copy_(X.mean((0, 2, 3)))
-    head.std.copy_(X.std((0, 2, 3)) + 1e-5)
-    opt = torch.optim.AdamW(head.net.parameters(), lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    g = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(epochs), desc="head fit"):
-        perm = torch.randperm(len(X), generator=g)
-        for b in range(0, len(X), 128):
-            idx = perm[b:b + 128]
-            loss = head_loss(head.logits(X[idx]), Y[idx], S[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
-    return head.eval()
+    return head_training.collect(
+        lambda chunk, s: collect_chunk(pipe, chunk, s, features, concepts, t_points, steps, guidance, seed),
+        scenes(n, seed), batch, where)
 
 
 def train_head(model_dir: str | Path, n: int = N_SCENES, t_points=T_POINTS, epochs: int = EPOCHS, hidden: int = 64,
@@ -195,7 +141,7 @@ def train_head(model_dir: str | Path, n: int = N_SCENES, t_points=T_POINTS, epoc
         d = scene_features(pipe, model_dir, n, HEAD_SEED, feats, concepts, t_points, cache)
         keep = torch.isin(d["t_point"], torch.tensor([list(t_points).index(p) for p in fit_at]))
         X, Y, S = d["x"][keep], d["y"][keep], d["spatial"][keep]
-        head = fit(X, Y, S, concepts, hidden, epochs, context=context)
+        head = head_training.fit(X, Y, S, concepts, hidden, epochs, context=context)
     finally:
         torch.set_flush_denormal(False)
     cfg = head_config(head, blocks, list(fit_at), scenes=n, epochs=epochs, seed=HEAD_SEED, data=DATA)

@@ -7,12 +7,13 @@ are anti-aliased like a real photo's; the mask is the 4x coverage thresholded at
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
+
+from irece_runtime.images import PERTURBATIONS, perturb  # noqa: F401 (photo perturbations: the runtime's, any model)
 
 CONCEPTS = ("circle", "square", "triangle", "star", "heart", "cross", "diamond", "ring", "moon", "arrow")
 NO_SHAPE = "none"  # the judge's 11th class: a background with nothing on it
@@ -217,23 +218,3 @@ def random_prompt(scene: Scene, rng: np.random.Generator) -> str:
     u = rng.random()
     return scene.prompt(order=order, colours=u < 0.75, background=u < 0.6 or u >= 0.85)
 
-
-# -- what a photo goes through on its way to a black-box attacker: sensor noise, blur, lossy compression ---------
-PERTURBATIONS = ("noise", "blur", "jpeg")
-
-
-def perturb(image: np.ndarray, kind: str, sigma: float = 12.0, radius: float = 0.8, quality: int = 40,
-            rng: np.random.Generator | None = None) -> np.ndarray:
-    """`image` (uint8 HxWx3) with Gaussian noise of std `sigma` (needs `rng`), a Gaussian blur of `radius` pixels,
-    or a JPEG round trip at `quality`. The defaults are the CRR benchmark's black-box references."""
-    if kind == "noise":
-        if rng is None:
-            raise ValueError("noise needs an rng")
-        return np.clip(image + rng.normal(0, sigma, image.shape), 0, 255).astype(np.uint8)
-    if kind == "blur":
-        return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
-    if kind == "jpeg":
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="JPEG", quality=int(quality))
-        return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-    raise ValueError(f"unknown perturbation {kind!r} (one of {PERTURBATIONS})")

@@ -65,7 +65,7 @@ class GraphBackend:
     def concept_head(self, sample, timestep, hidden):
         if "concept_head" not in self.components:
             raise ValueError("this graph folder has no concept_head graph: export a model folder that has a "
-                             "concept_head/ (`irece world head`)")
+                             "concept_head/ (`irece head train`)")
         return self._run("concept_head", sample=sample, timestep=_timestep(timestep, sample.shape[0]),
                          encoder_hidden_states=hidden)
 

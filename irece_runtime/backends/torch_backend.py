@@ -45,7 +45,7 @@ class TorchBackend:
     @torch.no_grad()
     def concept_head(self, sample, timestep, hidden):
         if "concept_head" not in self.modules:
-            raise ValueError("this model folder has no concept_head/ (train one with `irece world head`)")
+            raise ValueError("this model folder has no concept_head/ (train one with `irece head train`)")
         return self.modules["concept_head"](sample, timestep, hidden)
 
     @torch.no_grad()
