@@ -58,8 +58,10 @@ def _inputs(model: Path, work: Path) -> tuple[Path, Path]:
 
 
 def run(model: str | Path | None = None, concepts=("cat", "dog", "car"), small: bool = False, n: int = 8,
-        steps: int = 4, device: str = "cpu", timeout: float = 1800, check: bool | None = None) -> dict:
-    """check: the head's label check (default: off on a random folder, whose classifier finds nothing)."""
+        steps: int = 4, device: str = "cpu", timeout: float = 1800, check: bool | None = None, keep: bool = False
+        ) -> dict:
+    """check: the head's label check (default: off on a random folder, whose classifier finds nothing). keep: leave
+    the work folder (the random model, the images, the server log) in place; by default it is removed."""
     work = Path(tempfile.mkdtemp(prefix="irece-any-model-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
@@ -82,7 +84,7 @@ def run(model: str | Path | None = None, concepts=("cat", "dog", "car"), small: 
                                         "--epochs", "5", "--cache", str(work / "cache"), "--device", device,
                                         *(() if check else ("--no-check",)), "--json"], timeout, env))
         rows.append(_run("calibrate", ["calibrate", "--model", str(model), "--n", str(n), "--n-held-out", str(n),
-                                       "--device", device, "--json"], timeout, env))
+                                       "--device", device, *(() if check else ("--no-check",)), "--json"], timeout, env))
         port, metrics = _free_port(), _free_port()
         serve = subprocess.Popen([sys.executable, "-m", "irece_cli.main", "serve", "--model", str(model), "--concept",
                                   concepts[0], "--port", str(port), "--metrics-port", str(metrics), "--device",
@@ -109,8 +111,12 @@ def run(model: str | Path | None = None, concepts=("cat", "dog", "car"), small: 
         if backup.exists():
             shutil.rmtree(head_dir, ignore_errors=True)
             shutil.move(str(backup), head_dir)
-    return {"rows": rows, "ok": all(r.get("rc", 0) == 0 for r in rows),
-            "seconds": round(time.perf_counter() - t0, 1), "work": str(work)}
+    res = {"rows": rows, "ok": all(r.get("rc", 0) == 0 for r in rows), "seconds": round(time.perf_counter() - t0, 1)}
+    if keep:
+        res["work"] = str(work)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return res
 
 
 def _wait_serving(port: int, proc: subprocess.Popen, timeout: float) -> bool:

@@ -214,7 +214,8 @@ def cmd_serve(a):
 
 def cmd_any_model(a):
     from . import any_model
-    res = any_model.run(a.folder, tuple(a.concepts), small=a.small, n=a.n or 8, steps=a.steps, device=a.device)
+    res = any_model.run(a.folder, tuple(a.concepts), small=a.small, n=a.n or 8, steps=a.steps, device=a.device,
+                        keep=a.keep)
     _write(res, a.json)
     print(json.dumps(res, indent=1))
     if not res["ok"]:
@@ -422,6 +423,7 @@ def register(sub) -> None:
     p.add_argument("--n", type=int, help="generated images for the head and prompts per calibration split (8)")
     p.add_argument("--steps", type=int, default=4, help="denoising steps of the client requests")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (random model, images, server log)")
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(func=cmd_any_model)
 

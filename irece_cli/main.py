@@ -73,7 +73,7 @@ def cmd_calibrate(a):
     from irece_runtime.loading import load_pipeline
     from irece_runtime.policy import write_calibration
     block = calibrate(load_pipeline(a.model, device=a.device), n=a.n, n_held_out=a.n_held_out, max_fpr=a.max_fpr, tau=a.tau,
-                      steps=a.steps, t_star=a.t_star, looks=tuple(a.looks))
+                      steps=a.steps, t_star=a.t_star, looks=tuple(a.looks), check=a.check)
     path = write_calibration(a.model, block)
     emit({"written": str(path), **block}, a.json)
 
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--looks", nargs="*", type=float, default=[0.7, 0.9], metavar="T",
                    help="the recheck looks, each calibrated apart (default: %(default)s)")
     p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave out prompts whose image the model's diffusion classifier does not find their concepts in")
     p.add_argument("--device", default="cpu", help="torch device (cuda on a GPU)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
@@ -191,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the head's concepts: those to erase and those a user may ask for beside them (default: the "
                         "model's vocabulary, concepts.json or irece_runtime/vocabulary.json)")
     p.add_argument("--n", type=int, default=2048, help="generated images (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=300, help="fit epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=60, help="fit epochs (default: %(default)s)")
     p.add_argument("--minutes", type=float,
                    help="budget for the whole run: 80%% to generating (fewer images if need be), the rest to the fit "
                         "(fewer epochs); the head's config records what ran")

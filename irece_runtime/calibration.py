@@ -1,7 +1,9 @@
 """`irece calibrate`: the policy's model-dependent numbers from the model's own generations (no renderer, no judge).
 
 Positives and negatives come from prompts: the standard model generates each prompt of one or two of the head's
-concepts (and the empty prompt), and a concept counts as present where its prompt named it. The concept head scores
+concepts (and the empty prompt), and a concept counts as present where its prompt named it - where the model's own
+diffusion classifier finds the prompt's concepts in its image (`check`; else the prompt is left out: the model drew
+something else, which would count as a false positive). The concept head scores
 every concept at t* on two kinds of latent, as the gate meets them: the text trajectory's x_t, and the generated
 image decoded, encoded and DDIM-inverted by the standard model with the null prompt (an inverted request). The
 presence threshold is the lowest that keeps the false-positive rate of a calibration split within the FPR budget
@@ -24,6 +26,7 @@ from .irece import RECHECK
 from .images import to_tensor, to_uint8
 from .pipeline import Pipeline, guided_eps, sample, trajectory
 from .calls import drive
+from .head_training import CHECK_AT, checked
 
 CALIBRATION_SEED, HELD_OUT_SEED = 8_100_000, 8_200_000
 DEFAULT_TAU = 0.2  # the head's cell probability for a mask cell: best-measured IoU on world v4 (BENCHMARKS.md)
@@ -88,27 +91,38 @@ def head_latents(pipe: Pipeline, items: list, seed: int, at: list[int], steps: i
     x_T = torch.cat([torch.randn((1, e.latent_channels, side, side), generator=torch.Generator().manual_seed(seed + k))
                      for k in range(len(items))]).to(e.device)
     text = trajectory(pipe, x_T, cond, uncond, guidance, steps, at)
-    x0 = drive(sample(guided_eps("standard", cond, uncond, guidance), x_T.clone(), pipe.scheduler(steps)), e)
+    late, seen = min(steps - 1, int(round(CHECK_AT * steps))), []
+
+    def record(i, t, x_t):
+        if i == late:
+            seen.append((t, x_t))
+        return x_t
+    x0 = drive(sample(guided_eps("standard", cond, uncond, guidance), x_T.clone(), pipe.scheduler(steps), (record,)), e)
     x_inv = pipe.invert(e.vae_encode(to_tensor(to_uint8(pipe.decode(x0)))), uncond, "standard", steps)
-    return {"text": text, "inverted": trajectory(pipe, x_inv, uncond, uncond, guidance, steps, at)}
+    return {"text": text, "inverted": trajectory(pipe, x_inv, uncond, uncond, guidance, steps, at), "late": seen[0]}
 
 
 def score(pipe: Pipeline, n: int, seed: int, looks: list[float], steps: int, guidance: float, batch: int,
-          progress=None) -> list[dict]:
+          progress=None, check: bool = True) -> list[dict]:
     """Rows (look, source, concept, present, score) of the head's presence score for every head concept, prompt and
-    look (a fraction of the schedule)."""
+    look (a fraction of the schedule). With `check`, a prompt whose image the model's diffusion classifier does not
+    find its concepts in (head_training.checked) gives no rows: its image shows something else than its labels say,
+    and its concepts would count as absent where another was drawn."""
     concepts = pipe.head_concepts
     items = prompts(concepts, n, seed)
     at = {irece.IreceConfig(t_star=when).step_index(steps): when for when in looks}
     rows = []
     for s in range(0, len(items), batch):
         chunk = items[s:s + batch]
-        for source, seen in head_latents(pipe, chunk, seed + s, sorted(at), steps, guidance).items():
+        latents = head_latents(pipe, chunk, seed + s, sorted(at), steps, guidance)
+        t_c, x_c = latents.pop("late")
+        kept = checked(pipe, x_c, t_c, [tuple(named) for _, named in chunk], concepts) if check else [True] * len(chunk)
+        for source, seen in latents.items():
             for i, t, x_t in seen:
                 scores = irece.head_scores(drive(pipe.head_steps(x_t, t), pipe.backend).float()).cpu().numpy()
                 rows += [{"look": at[i], "source": source, "concept": c, "present": c in named,
-                          "score": float(scores[k, j])}
-                         for k, (_, named) in enumerate(chunk) for j, c in enumerate(concepts)]
+                          "score": float(scores[k, j]), "item": s + k}
+                         for k, (_, named) in enumerate(chunk) if kept[k] for j, c in enumerate(concepts)]
         if progress:
             progress(len(chunk))
     return rows
@@ -116,7 +130,7 @@ def score(pipe: Pipeline, n: int, seed: int, looks: list[float], steps: int, gui
 
 def calibrate(pipe: Pipeline, n: int = 120, n_held_out: int = 120, max_fpr: float = 0.03, tau: float = DEFAULT_TAU,
               steps: int = 25, guidance: float = 5.0, batch: int = 40, t_star: float | None = None,
-              looks: tuple[float, ...] = RECHECK) -> dict:
+              looks: tuple[float, ...] = RECHECK, check: bool = True) -> dict:
     """The calibration block (policy.write_calibration stores it): t_star and the recheck looks, each with its own
     threshold, and tau, with the splits and the FPR budget they came from and the held-out split's rates."""
     if not pipe.head_concepts:
@@ -125,8 +139,8 @@ def calibrate(pipe: Pipeline, n: int = 120, n_held_out: int = 120, max_fpr: floa
     points = [t_star] + [float(w) for w in looks]
     t0 = time.perf_counter()
     with tqdm(total=n + n_held_out, desc="calibrate", unit="prompt") as bar:
-        cal = score(pipe, n, CALIBRATION_SEED, points, steps, guidance, batch, bar.update)
-        held = score(pipe, n_held_out, HELD_OUT_SEED, points, steps, guidance, batch, bar.update)
+        cal = score(pipe, n, CALIBRATION_SEED, points, steps, guidance, batch, bar.update, check)
+        held = score(pipe, n_held_out, HELD_OUT_SEED, points, steps, guidance, batch, bar.update, check)
 
     def of(rows, when, source=None):
         sel = [r for r in rows if r["look"] == when and source in (None, r["source"])]
@@ -136,11 +150,11 @@ def calibrate(pipe: Pipeline, n: int = 120, n_held_out: int = 120, max_fpr: floa
             "recheck_threshold": thresholds[1:], "max_fpr": max_fpr,
             "rule": f"lowest threshold with calibration FPR <= {max_fpr}, at each look",
             "source": "the model's own generations (prompt labels), text and inverted latents",
-            "split": {"calibration": {"prompts": n, "seed": CALIBRATION_SEED},
-                      "held_out": {"prompts": n_held_out, "seed": HELD_OUT_SEED}, "steps": steps,
-                      "guidance": guidance},
+            "split": {"calibration": {"prompts": n, "kept": len({r["item"] for r in cal}), "seed": CALIBRATION_SEED},
+                      "held_out": {"prompts": n_held_out, "kept": len({r["item"] for r in held}),
+                                   "seed": HELD_OUT_SEED}, "steps": steps, "guidance": guidance, "check": check},
             "held_out_rates": [{"t": when, **{src: rates(*of(held, when, src), thr) for src in ("text", "inverted")}}
                                for when, thr in zip(points, thresholds)],
             "command": f"irece calibrate --model <model> --n {n} --n-held-out {n_held_out} --max-fpr {max_fpr} "
-                       f"--tau {tau}",
+                       f"--tau {tau}" + ("" if check else " --no-check"),
             "seconds": round(time.perf_counter() - t0, 1)}

@@ -63,6 +63,26 @@ def test_the_models_own_masks_find_rendered_shapes(pipe):
     assert own >= 0.3 and own > 2 * chance, (own, chance)
 
 
+@pytest.mark.shapes10_only
+def test_the_label_check_keeps_a_prompt_naming_the_rendered_shape_and_drops_one_naming_another(pipe):
+    """Anchor: renders with their true label pass the model's check, the same renders labelled with another shape
+    mostly do not (the check reads x_t late in the schedule, as on a generation)."""
+    from irece_runtime import irece
+    from irece_runtime.images import to_tensor
+    from miniworld import shapes
+
+    rng = np.random.default_rng(78)
+    scenes = [shapes.render(shapes.CONCEPTS[i % 10], rng=rng) for i in range(20)]
+    with torch.no_grad():
+        x0 = pipe.backend.vae_encode(to_tensor(np.stack([sc.image for sc in scenes])))
+        t = pipe.scheduler(25).timesteps[int(round(ht.CHECK_AT * 25))]
+        x_t = irece.renoise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)), pipe.alphas_cumprod[t])
+        concepts = tuple(shapes.CONCEPTS)
+        right = ht.checked(pipe, x_t, t, [(sc.label,) for sc in scenes], concepts)
+        wrong = ht.checked(pipe, x_t, t, [(concepts[(concepts.index(sc.label) + 3) % 10],) for sc in scenes], concepts)
+    assert np.mean(right) >= 0.8 and np.mean(wrong) <= 0.3, (np.mean(right), np.mean(wrong))
+
+
 def test_head_train_and_calibrate_run_from_the_model_alone_without_the_renderer(tmp_path):
     """The whole renderer-free path on the model under test (the mini model), in a fresh process: `irece head train` writes a head for the
     named concepts, `irece calibrate` its block; neither imports the renderer or the judge."""
@@ -84,4 +104,18 @@ def test_head_train_and_calibrate_run_from_the_model_alone_without_the_renderer(
     assert out.returncode == 0, out.stderr[-3000:]
     cfg = json.loads((model / HEAD_DIR / HEAD_CONFIG).read_text())
     assert cfg["concepts"] == list(CONCEPTS) and cfg["items"] == 12 and 0 < cfg["kept"] <= 12
-    assert "own generations" in cfg["source"] and cfg["calibration"]["split"]["calibration"]["prompts"] == 6
+    split = cfg["calibration"]["split"]
+    assert "own generations" in cfg["source"] and split["calibration"]["prompts"] == 6
+    assert split["check"] and split["calibration"]["kept"] <= 6
+
+
+def test_the_renderer_free_path_runs_command_by_command_on_the_sd14_architecture():
+    """`irece bench any-model --small`: on the SD v1.4 architecture at random weights (smaller widths), head train ->
+    calibrate -> serve --concept -> a text, an embedding and an inverted request each exit 0."""
+    from benchmarks import any_model
+
+    res = any_model.run(small=True)
+    steps = [r["step"] for r in res["rows"]]
+    assert steps == ["model", "head train", "calibrate", "serve", "client text", "client embedding",
+                     "client inverted"], res
+    assert res["ok"] and all(r.get("rc", 0) == 0 for r in res["rows"]), res
