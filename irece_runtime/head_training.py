@@ -3,16 +3,19 @@
 No renderer, no judge, no labelled images: the standard model generates an image for each prompt naming one to three
 of the concepts (or none: the empty prompt, a background), and the image's labels are the concepts its prompt named,
 kept only where the model's own diffusion classifier agrees (`checked`: each named concept ranks among the top of
-the contrast set on the image). Where each concept is comes from the model too: DiffEdit's noise contrast (Couairon
-et al., ICLR 2023) - the clean image re-noised to `CONTRAST_T` with a few noises, and the standard UNet's noise
-prediction under the prompt against the prompt without that concept; where they differ is where the concept is.
-A cell belongs to the named concept whose min-max-normalized contrast is highest there, if it reaches `MASK_TAU`.
+the contrast set on the image). Where each concept is comes from the model too, as the product of two maps of the
+standard UNet on the clean image re-noised: its cross-attention on the concept's tokens under the prompt late in the
+schedule (`ATTENTION_T`, the paper's localizer) and DiffEdit's noise contrast (Couairon et al., ICLR 2023) at
+`CONTRAST_T`: the noise predicted under the prompt against the prompt without that concept, over a few noises. A
+cell belongs to the named concept whose product of min-max-normalized maps is highest there, if it reaches
+`MASK_TAU`. Measured against the renderer's masks on 48 one-shape and 48 two-shape renders of the mini world (pixel
+IoU): attention alone 0.45 / 0.22 (its tau 0.6), contrast alone 0.34 / 0.29, the product 0.44 / 0.32.
 
 The head then sees each image as IRECE meets requests at t*: on its text trajectory (x_t of the generation), and
 decoded, optionally perturbed as a photo on its way to the service (noise, blur, JPEG), encoded, DDIM-inverted with
 the null prompt and regenerated (an inverted request). Features are the standard UNet's at x_t (null prompt), as
-the gate reads them; targets are the cells above, for both. Collection is chunked and cached (resumable); the fit
-is miniworld's (the same loss and optimiser: `fit`, `head_loss`).
+the gate reads them; targets are the cells above, for both. Collection is chunked and cached (resumable); `fit` and
+`head_loss` are shared with `irece world head` (miniworld/head.py: renders and the renderer's masks instead).
 """
 from __future__ import annotations
 
