@@ -160,8 +160,11 @@ def cmd_localization(a):
     from . import localization
     n, pairs = (10, 2) if a.quick else (a.n or 100, 20)
     layers = tuple(a.localizer_layers) if a.localizer_layers else None
-    res = localization.run(a.model, n=n, n_pairs=pairs, tau=a.tau, t_star=a.t_star, layers=layers, gate=a.gate,
-                           threshold=a.threshold, grow=a.grow)
+    if a.head_targets:  # the masks `irece head train` learns from, not a look's
+        res = localization.head_targets(a.model, n=8 if a.quick else (a.n or 48), n_pairs=8 if a.quick else 48)
+    else:
+        res = localization.run(a.model, n=n, n_pairs=pairs, tau=a.tau, t_star=a.t_star, layers=layers, gate=a.gate,
+                               threshold=a.threshold, grow=a.grow)
     _write(res, a.json)
     print(json.dumps(res, indent=1))
 
@@ -372,6 +375,8 @@ def register(sub) -> None:
     p.add_argument("--gate", choices=GATES, default=DEFAULTS.gate, help="masks of the paper (off), the paper's behind the classifier gate, or the concept head's (head)")
     p.add_argument("--threshold", type=float, default=DEFAULTS.threshold)
     p.add_argument("--grow", type=int, default=0, help="grow IRECE's mask by this many cells (the paper's rows: 0)")
+    p.add_argument("--head-targets", action="store_true",
+                   help="score instead the cells `irece head train` takes as targets (the model's attention x contrast)")
     p.set_defaults(func=cmd_localization)
 
     p = bsub.add_parser("presence", help="presence gate: presence-score AUC and calibrated threshold")

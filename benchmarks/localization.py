@@ -78,3 +78,31 @@ def run(model_dir: str = str(DEFAULT_MODEL), n: int = 100, n_pairs: int = 20, ta
             "pair_own_gt_other": float(np.mean(np.array(own_cover) > np.array(other_cover))),
             "inversion_psnr_db": float(np.mean([psnr(a, b) for a, b in zip(recon, images)])),
             "vae_psnr_db": float(np.mean([psnr(a, b) for a, b in zip(vae_only, images)]))}
+
+
+def head_targets(model_dir: str = str(DEFAULT_MODEL), n: int = 48, n_pairs: int = 48) -> dict:
+    """The cells `irece head train` takes as its targets (head_training: the model's cross-attention x DiffEdit
+    contrast on the clean image, under the prompt naming the shapes) against the renderer's masks: single-shape
+    renders and two-shape scenes, pixel IoU. The head cannot learn better cells than these."""
+    import torch
+
+    from irece_runtime import head_training
+
+    pipe = load_pipeline(model_dir)
+    rng = np.random.default_rng(LOC_SEED + 1)
+    out = {"n": n, "n_pairs": n_pairs}
+    for name, scenes in (("single", [shapes.render_scene(1, rng=rng) for _ in range(n)]),
+                         ("pairs", [shapes.render_scene(2, rng=rng) for _ in range(n_pairs)])):
+        named = [tuple(s.concept for s in sc.shapes) for sc in scenes]
+        prompts = [" and ".join(f"a {c}" for c in cs) for cs in named]
+        with torch.no_grad():
+            x0 = pipe.backend.vae_encode(to_tensor(np.stack([sc.image for sc in scenes])))
+            maps = head_training.concept_maps(pipe, x0, prompts, named, LOC_SEED)
+        y = head_training.cell_targets(maps, named, tuple(shapes.CONCEPTS), pipe.sample_size).numpy()
+        masks = {(k, c): pixel_mask(y[k, shapes.CONCEPTS.index(c)]) for k, cs in enumerate(named) for c in cs}
+        out[f"{name}_iou"] = float(np.mean([iou(m, scenes[k].masks[c]) for (k, c), m in masks.items()]))
+        # chance: the same masks against another scene's shape of the same rank
+        out[f"{name}_chance_iou"] = float(np.mean([iou(m, scenes[(k + 5) % len(scenes)].masks[
+            named[(k + 5) % len(scenes)][named[k].index(c)]]) for (k, c), m in masks.items()]))
+        out[f"{name}_area"] = float(y.sum(1).mean())
+    return out

@@ -8,8 +8,9 @@ standard UNet on the clean image re-noised: its cross-attention on the concept's
 schedule (`ATTENTION_T`, the paper's localizer) and DiffEdit's noise contrast (Couairon et al., ICLR 2023) at
 `CONTRAST_T`: the noise predicted under the prompt against the prompt without that concept, over a few noises. A
 cell belongs to the named concept whose product of min-max-normalized maps is highest there, if it reaches
-`MASK_TAU`. Measured against the renderer's masks on 48 one-shape and 48 two-shape renders of the mini world (pixel
-IoU): attention alone 0.45 / 0.22 (its tau 0.6), contrast alone 0.34 / 0.29, the product 0.44 / 0.32.
+`MASK_TAU`. Against the renderer's masks on 48 one-shape and 48 two-shape renders of the mini world (pixel IoU):
+the product 0.42 / 0.37 (`irece bench localization --head-targets`); in a probe, attention alone 0.45 / 0.22 (its
+tau 0.6), contrast alone 0.34 / 0.29, k-means of the UNet's features named by the product 0.35-0.40 / 0.10-0.13.
 
 The head then sees each image as IRECE meets requests at t*: on its text trajectory (x_t of the generation), and
 decoded, optionally perturbed as a photo on its way to the service (noise, blur, JPEG), encoded, DDIM-inverted with
