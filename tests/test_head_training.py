@@ -85,18 +85,18 @@ def test_head_train_and_calibrate_run_from_the_model_alone_without_the_renderer(
         import sys
         from irece_cli.main import main
         assert main(["head", "train", "--model", {str(model)!r}, "--concepts", "circle", "square", "star",
-                     "--n", "12", "--epochs", "2", "--cache", {str(tmp_path / "cache")!r}]) == 0
-        assert main(["calibrate", "--model", {str(model)!r}, "--n", "6", "--n-held-out", "6"]) == 0
+                     "--n", "8", "--epochs", "2", "--cache", {str(tmp_path / "cache")!r}]) == 0
+        assert main(["calibrate", "--model", {str(model)!r}, "--n", "4", "--n-held-out", "4"]) == 0
         leaked = sorted(m for m in sys.modules if m in ("miniworld.shapes", "miniworld.judge", "miniworld.head"))
         assert not leaked, leaked
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     cfg = json.loads((model / HEAD_DIR / HEAD_CONFIG).read_text())
-    assert cfg["concepts"] == list(CONCEPTS) and cfg["items"] == 12 and 0 < cfg["kept"] <= 12
+    assert cfg["concepts"] == list(CONCEPTS) and cfg["items"] == 8 and 0 < cfg["kept"] <= 8
     split = cfg["calibration"]["split"]
-    assert "own generations" in cfg["source"] and split["calibration"]["prompts"] == 6
-    assert split["check"] and split["calibration"]["kept"] <= 6
+    assert "own generations" in cfg["source"] and split["calibration"]["prompts"] == 4
+    assert split["check"] and split["calibration"]["kept"] <= 4
 
 
 def test_the_renderer_free_path_runs_command_by_command_on_the_sd14_architecture():
@@ -104,7 +104,7 @@ def test_the_renderer_free_path_runs_command_by_command_on_the_sd14_architecture
     calibrate -> serve --concept -> a text, an embedding and an inverted request each exit 0."""
     from benchmarks import any_model
 
-    res = any_model.run(small=True)
+    res = any_model.run(small=True, n=4, steps=2)
     steps = [r["step"] for r in res["rows"]]
     assert steps == ["model", "head train", "calibrate", "serve", "client text", "client embedding",
                      "client inverted"], res
