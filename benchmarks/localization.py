@@ -94,7 +94,7 @@ def head_targets(model_dir: str = str(DEFAULT_MODEL), n: int = 48, n_pairs: int 
     for name, scenes in (("single", [shapes.render_scene(1, rng=rng) for _ in range(n)]),
                          ("pairs", [shapes.render_scene(2, rng=rng) for _ in range(n_pairs)])):
         named = [tuple(s.concept for s in sc.shapes) for sc in scenes]
-        prompts = [" and ".join(f"a {c}" for c in cs) for cs in named]
+        prompts = [head_training.caption(cs) for cs in named]
         with torch.no_grad():
             x0 = pipe.backend.vae_encode(to_tensor(np.stack([sc.image for sc in scenes])))
             maps = head_training.concept_maps(pipe, x0, prompts, named, LOC_SEED)

@@ -26,7 +26,7 @@ from .irece import RECHECK
 from .images import to_tensor, to_uint8
 from .pipeline import Pipeline, guided_eps, sample, trajectory
 from .calls import drive
-from .head_training import CHECK_AT, checked
+from .head_training import CHECK_AT, caption, checked
 
 CALIBRATION_SEED, HELD_OUT_SEED = 8_100_000, 8_200_000
 DEFAULT_TAU = 0.2  # the head's cell probability for a mask cell: best-measured IoU on world v4 (BENCHMARKS.md)
@@ -74,10 +74,10 @@ def prompts(concepts: tuple[str, ...], n: int, seed: int, pair_share: float = 0.
             out.append(("", frozenset()))
         elif u < empty_share + pair_share and pairs:
             a, b = pairs[rng.integers(len(pairs))]
-            out.append((f"a {a} and a {b}", frozenset((a, b))))
+            out.append((caption((a, b)), frozenset((a, b))))
         else:
             c = concepts[i % len(concepts)]
-            out.append((f"a {c}", frozenset((c,))))
+            out.append((caption((c,)), frozenset((c,))))
     return out
 
 

@@ -56,6 +56,11 @@ STEPS, GUIDANCE, BATCH = 25, 5.0, 32
 N_ITEMS, EPOCHS = 2048, 60
 
 
+def caption(named) -> str:
+    """The prompt naming `named`: "a c1 and a c2 ...", "" for none (a background)."""
+    return " and ".join(f"a {c}" for c in named)
+
+
 def prompt_items(concepts: tuple[str, ...], n: int, seed: int = TRAIN_SEED, sizes=SIZES
                  ) -> list[tuple[str, tuple[str, ...]]]:
     """n (prompt, concepts it names): "a c1 and a c2 ..." over distinct concepts, or "" (background). Item k is the
@@ -65,7 +70,7 @@ def prompt_items(concepts: tuple[str, ...], n: int, seed: int = TRAIN_SEED, size
     for _ in range(n):
         k = min(int(rng.choice(sizes)), len(concepts))
         named = tuple(concepts[j] for j in rng.choice(len(concepts), k, replace=False)) if k else ()
-        out.append((" and ".join(f"a {c}" for c in named), named))
+        out.append((caption(named), named))
     return out
 
 
@@ -76,7 +81,7 @@ def contrast_maps(pipe: Pipeline, x0: torch.Tensor, prompts: list[str], named: l
     pairs = [(k, c) for k, cs in enumerate(named) for c in cs]
     if not pairs:
         return {}
-    without = [" and ".join(f"a {d}" for d in named[k] if d != c) for k, c in pairs]
+    without = [caption(d for d in named[k] if d != c) for k, c in pairs]
     hidden = {p: pipe.encode_prompt(p) for p in set(prompts) | set(without)}
     rows = [k for k, _ in pairs]
     h_full = torch.cat([hidden[prompts[k]] for k in rows])
@@ -100,7 +105,8 @@ def attention_maps(pipe: Pipeline, x0: torch.Tensor, prompts: list[str], named: 
     pairs = [(k, c) for k, cs in enumerate(named) for c in cs]
     if not pairs:
         return {}
-    hidden = torch.cat([pipe.encode_prompt(prompts[k]) for k, _ in pairs])
+    encoded = {p: pipe.encode_prompt(p) for p in {prompts[k] for k, _ in pairs}}  # once per prompt, not per concept
+    hidden = torch.cat([encoded[prompts[k]] for k, _ in pairs])
     weights = torch.stack([irece.token_weights(pipe.token_ids(prompts[k])[0],
                                                pipe.tokenizer(c, add_special_tokens=False).input_ids,
                                                pipe.tokenizer.model_max_length) for k, c in pairs])
@@ -190,16 +196,15 @@ def collect_chunk(pipe: Pipeline, chunk: list, start: int, features: UNetFeature
     photos = np.stack([_photo(im, rng, photo) for im in images])
     x_inv = pipe.invert(e.vae_encode(to_tensor(photos)), null, "standard", steps)
     inverted = {i: (t, x_t) for i, t, x_t in trajectory(pipe, x_inv, null, null, guidance, steps, at)}
-    kept = kept_d = torch.ones(b, dtype=torch.bool)
+    kept = torch.ones(b, dtype=torch.bool)
     if check:
         t_c, x_c = text[late]
         kept = torch.tensor(checked(pipe, x_c, t_c, named, concepts))
-        kept_d = kept.to(e.device)
     X, Y, T = [], [], []
     for seen in ({i: text[i] for i in at}, inverted):
         for i in at:
             t, x_t = seen[i]
-            X.append(features(x_t[kept_d], t, null.expand(int(kept.sum()), -1, -1))[1])
+            X.append(features(x_t[kept.to(x_t.device)], t, null.expand(int(kept.sum()), -1, -1))[1])
             Y.append(y[kept])
             T.append(torch.full((int(kept.sum()),), at.index(i)))
     X = torch.cat(X)
