@@ -81,14 +81,17 @@ def run(model_dir: str = str(DEFAULT_MODEL), n: int = 100, n_pairs: int = 20, ta
 
 
 def head_targets(model_dir: str = str(DEFAULT_MODEL), n: int = 48, n_pairs: int = 48) -> dict:
-    """The cells `irece head train` takes as its targets (head_training: the model's cross-attention x DiffEdit
-    contrast on the clean image, under the prompt naming the shapes) against the renderer's masks: single-shape
+    """The cells `irece head train` takes as its targets (head_training.targets: the model's cross-attention x
+    DiffEdit contrast on the clean image under the prompt naming the shapes, spread along self-attention, regions
+    named by denoising error) against the renderer's masks: single-shape
     renders and two-shape scenes, pixel IoU. The head cannot learn better cells than these."""
     import torch
 
     from irece_runtime import head_training
+    from irece_runtime.attention import SelfAttentionPropagation
 
     pipe = load_pipeline(model_dir)
+    spread = SelfAttentionPropagation(require_torch(pipe.backend, "the head-targets benchmark").unets["standard"])
     rng = np.random.default_rng(LOC_SEED + 1)
     out = {"n": n, "n_pairs": n_pairs}
     for name, scenes in (("single", [shapes.render_scene(1, rng=rng) for _ in range(n)]),
@@ -97,8 +100,7 @@ def head_targets(model_dir: str = str(DEFAULT_MODEL), n: int = 48, n_pairs: int 
         prompts = [head_training.caption(cs) for cs in named]
         with torch.no_grad():
             x0 = pipe.backend.vae_encode(to_tensor(np.stack([sc.image for sc in scenes])))
-            maps = head_training.concept_maps(pipe, x0, prompts, named, LOC_SEED)
-        y = head_training.cell_targets(maps, named, tuple(shapes.CONCEPTS), pipe.sample_size).numpy()
+            y = head_training.targets(pipe, spread, x0, prompts, named, tuple(shapes.CONCEPTS), LOC_SEED).numpy()
         masks = {(k, c): pixel_mask(y[k, shapes.CONCEPTS.index(c)]) for k, cs in enumerate(named) for c in cs}
         out[f"{name}_iou"] = float(np.mean([iou(m, scenes[k].masks[c]) for (k, c), m in masks.items()]))
         # chance: the same masks against another scene's shape of the same rank

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
@@ -87,3 +88,61 @@ class Localizer(nn.Module):
             return maps[:, 0] if single else maps
         finally:
             self.store.token_weights, self.store.maps = None, []
+
+
+class PropagationStore(threading.local):
+    """Shared between the self-attention processors of one UNet: the maps to propagate, and the results so far."""
+
+    def __init__(self):
+        self.maps: torch.Tensor | None = None  # (B, h*w, K): maps at the latent's resolution
+        self.out: list[torch.Tensor] = []
+
+
+class PropagationProcessor:
+    """A drop-in for AttnProcessor2_0 on a self-attention layer (attn1). It always runs the stock fused kernel, so
+    the noise prediction is unchanged; while its store holds maps at this layer's resolution it also records each
+    cell's map averaged over the cells it attends to (head mean of softmax(qk) @ maps), computed by the same fused
+    kernel with the maps as values: no (h*w)^2 matrix is kept (SD v1.4 has 4,096 cells)."""
+
+    def __init__(self, store: PropagationStore):
+        self.store = store
+        self.fused = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        maps = self.store.maps
+        if maps is not None and encoder_hidden_states is None and hidden_states.dim() == 3 \
+                and hidden_states.shape[1] == maps.shape[1]:
+            b = hidden_states.shape[0]
+            d = attn.to_q.out_features // attn.heads
+            q, k = (f(hidden_states).view(b, -1, attn.heads, d).transpose(1, 2) for f in (attn.to_q, attn.to_k))
+            v = maps[:, None].expand(-1, attn.heads, -1, -1).to(q.dtype)
+            self.store.out.append(F.scaled_dot_product_attention(q, k, v).mean(1))  # (B, h*w, K)
+        return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+class SelfAttentionPropagation(nn.Module):
+    """The standard UNet's self-attention as an affinity between cells (DiffSeg, Tian et al., CVPR 2024, groups
+    cells by it): (sample, timestep, hidden, maps (B, K, h, w)) -> maps (B, K, h, w), each cell's value the mean
+    over the latent-resolution self-attention layers of the values of the cells it attends to. A cell of an object
+    attends to the rest of that object, so a map that marks part of an object spreads over all of it."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        procs = dict(unet.attn_processors)  # the other processors (the localizer's attn2) stay as they are
+        ours = [p for p in procs.values() if isinstance(p, PropagationProcessor)]
+        self.unet, self.store = unet, ours[0].store if ours else PropagationStore()  # a second one shares the first's
+        for name in procs:
+            if name.endswith("attn1.processor"):
+                procs[name] = PropagationProcessor(self.store)
+        unet.set_attn_processor(procs)
+
+    def forward(self, sample, timestep, encoder_hidden_states, maps):
+        b, k, h, w = maps.shape
+        self.store.maps, self.store.out = maps.flatten(2).transpose(1, 2), []
+        try:
+            self.unet(sample, timestep, encoder_hidden_states)
+            if not self.store.out:
+                raise ValueError(f"the UNet has no self-attention layer at the latent's resolution {h}x{w}")
+            return torch.stack(self.store.out).mean(0).transpose(1, 2).reshape(b, k, h, w)
+        finally:
+            self.store.maps, self.store.out = None, []
