@@ -106,7 +106,7 @@ def erased_unet(model_dir: str, method: str, concept: str, s: BenchSettings) -> 
     if method == "standard":
         return None
     from erasure.methods import ERASE_DEFAULTS, erase
-    spec = dict(model=model_fingerprint(model_dir), method=method, concept=concept, steps=s.erase_steps,
+    spec = dict(model=model_fingerprint(model_dir, head=False), method=method, concept=concept, steps=s.erase_steps,
                 hp=ERASE_DEFAULTS.get(method), seed=s.seed)
     out = key("erased", **spec)
     if not (out / "config.json").exists():
@@ -115,8 +115,9 @@ def erased_unet(model_dir: str, method: str, concept: str, s: BenchSettings) -> 
 
 
 def ti_embedding(pipe, model_dir, erased, which: str, concept: str, s: BenchSettings) -> torch.Tensor:
-    spec = dict(model=model_fingerprint(model_dir), erased=model_fingerprint(erased) if erased and which == "erased"
-                else None, which=which, concept=concept, steps=s.ti_steps, seed=s.seed)
+    spec = dict(model=model_fingerprint(model_dir, head=False),
+                erased=model_fingerprint(erased) if erased and which == "erased" else None, which=which,
+                concept=concept, steps=s.ti_steps, seed=s.seed)
     path = key("ti", **spec).with_suffix(".safetensors")
     if path.exists():
         return load_file(str(path))["<c>"]
@@ -127,7 +128,7 @@ def ti_embedding(pipe, model_dir, erased, which: str, concept: str, s: BenchSett
 
 
 def adv_prompt(pipe, model_dir, concept: str, s: BenchSettings) -> str:
-    path = key("ringabell", model=model_fingerprint(model_dir), concept=concept, seed=s.seed).with_suffix(".json")
+    path = key("ringabell", model=model_fingerprint(model_dir, head=False), concept=concept, seed=s.seed).with_suffix(".json")
     if path.exists():
         return json.loads(path.read_text())["prompt"]
     prompt = attacks.ring_a_bell(pipe, concept, seed=s.seed)
@@ -150,7 +151,7 @@ def inverted(pipe, model_dir, erased, concept, which: str, perturbed: bool, s: B
 def inversion(pipe, model_dir, erased, concept, which: str, perturbed: bool, s: BenchSettings
               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The references' x_T and their inversion trajectory (for keep_outside), cached."""
-    spec = dict(model=model_fingerprint(model_dir), erased=model_fingerprint(erased) if erased else None,
+    spec = dict(model=model_fingerprint(model_dir, head=False), erased=model_fingerprint(erased) if erased else None,
                 which=which, concept=concept, perturbed=perturbed, n=s.n, steps=s.steps, seed=s.seed)
     path = key("inverted", **spec).with_suffix(".safetensors")
     if path.exists():

@@ -188,6 +188,24 @@ def test_bench_artifacts_are_made_once_and_read_back(pipe, tmp_path, monkeypatch
     assert calls == {"erase": 2, "ti": 2, "ring_a_bell": 2, "invert": 2}
 
 
+def test_a_new_concept_head_keeps_the_diffusion_models_artifacts_but_not_the_cells(tmp_path):
+    """Erasures, TI vectors and inversions are keyed on the diffusion weights alone (head=False): a new concept head
+    does not make them again; cells and policy rows (which run the head) still change with it."""
+    from safetensors.torch import save_file
+
+    from benchmarks.cache import model_fingerprint
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "concept_head").mkdir()
+    save_file({"w": torch.ones(3)}, str(tmp_path / "unet" / "m.safetensors"))
+    save_file({"w": torch.ones(2)}, str(tmp_path / "concept_head" / "head.safetensors"))
+    weights, whole = model_fingerprint(str(tmp_path), head=False), model_fingerprint(str(tmp_path))
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "concept_head" / "head.safetensors"))
+    assert model_fingerprint(str(tmp_path), head=False) == weights and model_fingerprint(str(tmp_path)) != whole
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "unet" / "m.safetensors"))
+    assert model_fingerprint(str(tmp_path), head=False) != weights
+
+
 def test_text_encoder_checkpoint_in_sd_layout():
     """SD v1.4's `text_model.` key layout: transformers 4.x (optimum's stack) would otherwise load random weights."""
     from safetensors import safe_open
