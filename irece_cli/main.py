@@ -71,8 +71,9 @@ def cmd_generate(a):
 def cmd_calibrate(a):
     from irece_runtime.calibration import calibrate
     from irece_runtime.loading import load_pipeline
-    from irece_runtime.policy import write_calibration
-    block = calibrate(load_pipeline(a.model, device=a.device), n=a.n, n_held_out=a.n_held_out, max_fpr=a.max_fpr, tau=a.tau,
+    from irece_runtime.policy import head_tau, write_calibration
+    tau = a.tau if a.tau is not None else head_tau(a.model)
+    block = calibrate(load_pipeline(a.model, device=a.device), n=a.n, n_held_out=a.n_held_out, max_fpr=a.max_fpr, tau=tau,
                       steps=a.steps, t_star=a.t_star, looks=tuple(a.looks), check=a.check)
     path = write_calibration(a.model, block)
     emit({"written": str(path), **block}, a.json)
@@ -174,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=120, help="calibration prompts (default: %(default)s)")
     p.add_argument("--n-held-out", type=int, default=120, help="held-out prompts (default: %(default)s)")
     p.add_argument("--max-fpr", type=float, default=0.03, help="false-positive budget (default: %(default)s)")
-    p.add_argument("--tau", type=float, default=0.2, help="the head's cell probability for a mask cell")
+    p.add_argument("--tau", type=float, help="the head's cell probability for a mask cell (default: the one `irece "
+                   "head train` chose and stored with the head, else 0.2)")
     p.add_argument("--t-star", type=float, help="default: where the head was trained")
     p.add_argument("--looks", nargs="*", type=float, default=[0.7, 0.9], metavar="T",
                    help="the recheck looks, each calibrated apart (default: %(default)s)")

@@ -26,10 +26,10 @@ from .irece import RECHECK
 from .images import to_tensor, to_uint8
 from .pipeline import Pipeline, guided_eps, sample, trajectory
 from .calls import drive
+from .concept_head import DEFAULT_TAU
 from .head_training import CHECK_AT, caption, checked
 
 CALIBRATION_SEED, HELD_OUT_SEED = 8_100_000, 8_200_000
-DEFAULT_TAU = 0.2  # the head's cell probability for a mask cell: best-measured IoU on world v4 (BENCHMARKS.md)
 
 
 def auc(labels, scores) -> float:

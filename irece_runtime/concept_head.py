@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 HEAD_DIR, HEAD_FILE, HEAD_CONFIG = "concept_head", "head.safetensors", "config.json"
+DEFAULT_TAU = 0.2  # a head's cell probability for a mask cell where it stores none: best-measured IoU on world v4
 # the first down block (its output after its downsampler), the mid block and the first two up blocks, each resized
 # to the latent grid: on world v4 (8x8 latent, UNet 64/128: 384 features a cell) these give held-out presence AUC 0.96 on inverted renders and single-shape IoU
 # 0.52 with an MLP head; a linear head 0.90 / 0.06 (measured on world v4, git history of BENCHMARKS.md)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from . import irece
 from .attention import SelfAttentionPropagation
 from .calls import Call, drive
-from .concept_head import FEATURE_BLOCKS, ConceptHead, UNetFeatures, head_config, save_head
+from .concept_head import DEFAULT_TAU, FEATURE_BLOCKS, ConceptHead, UNetFeatures, head_config, save_head
 from .images import PERTURBATIONS, perturb, to_tensor, to_uint8
 from .pipeline import Pipeline, guided_eps, sample, trajectory
 
@@ -58,6 +58,8 @@ STEPS, GUIDANCE, BATCH = 25, 5.0, 32
 # and longer fits learn their noise. Chosen on the model's own held-out generations (`irece calibrate`'s held-out
 # AUC, text / inverted): 60 epochs 0.951 / 0.981, 120 0.948 / 0.979, 300 0.936 / 0.974
 N_ITEMS, EPOCHS = 2048, 60
+# the head's tau (cell probability for a mask cell) is chosen on generations left out of a first fit
+HELD_OUT_SHARE, TAUS = 0.125, (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
 
 def caption(named) -> str:
@@ -350,6 +352,39 @@ def fit(X, Y, S, concepts, hidden: int = 64, epochs: int = 80, lr: float = 3e-3,
     return head.eval()
 
 
+def chunk_rows(kept: torch.Tensor, batch: int = BATCH, views: int = 2 * len(T_POINTS)) -> list[int]:
+    """Where each chunk's rows start in collect()'s rows (and the end): a chunk of `batch` items gives `views` rows
+    (text and inverted, at each t point) per kept item."""
+    counts = [views * int(kept[s:s + batch].sum()) for s in range(0, len(kept), batch)]
+    return np.cumsum([0] + counts).tolist()
+
+
+def mask_iou(probs: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """Mean cell IoU of (probs >= tau) against the targets over the (row, concept) maps whose target has a cell."""
+    pred, real = probs >= tau, target > 0.5
+    has = real.flatten(2).any(2)
+    inter = (pred & real).flatten(2).sum(2).float()
+    union = (pred | real).flatten(2).sum(2).float()
+    return (inter / union.clamp(min=1))[has].mean()
+
+
+def choose_tau(d: dict, concepts, hidden: int, epochs: int, context: int, minutes: float | None,
+               share: float = HELD_OUT_SHARE, taus=TAUS) -> tuple[float, float]:
+    """The head's cell probability for a mask: fitted on the first chunks, the tau whose masks best match the targets
+    of the generations left out (whole chunks: an image's text and inverted views stay on one side)."""
+    bounds = chunk_rows(d["kept"])
+    cut = bounds[max(1, int(round((1 - share) * (len(bounds) - 1))))]
+    if cut >= len(d["x"]):
+        return DEFAULT_TAU, float("nan")
+    part = fit(d["x"][:cut], d["y"][:cut], d["spatial"][:cut], concepts, hidden, epochs, context=context,
+               minutes=minutes)
+    with torch.no_grad():
+        probs = torch.sigmoid(part.logits(d["x"][cut:]))
+    ious = [float(mask_iou(probs, d["y"][cut:], t)) for t in taus]
+    best = int(np.argmax(ious))
+    return float(taus[best]), ious[best]
+
+
 def train(model_dir: str | Path, concepts: tuple[str, ...], n: int = N_ITEMS, epochs: int = EPOCHS,
           minutes: float | None = None,
           cache: str | Path | None = None, hidden: int = 64, context: int = 1, blocks=FEATURE_BLOCKS,
@@ -385,12 +420,15 @@ def train(model_dir: str | Path, concepts: tuple[str, ...], n: int = N_ITEMS, ep
         if not len(d["x"]):
             raise ValueError("the label check kept no image: the model's classifier found none of the named concepts "
                              "in its own generations (a model that does not draw them; --no-check skips the check)")
-        fit_minutes = None if minutes is None else max(0.5, minutes - (time.time() - t0) / 60)
+        fit_minutes = None if minutes is None else max(0.5, minutes - (time.time() - t0) / 60) / 2
+        tau, tau_iou = choose_tau(d, concepts, hidden, epochs, context, fit_minutes)
         head = fit(d["x"], d["y"], d["spatial"], concepts, hidden, epochs, context=context, minutes=fit_minutes)
     finally:
         torch.set_flush_denormal(False)
     used = len(d["kept"])
     cfg = head_config(head, blocks, list(T_POINTS), items=used, kept=int(d["kept"].sum()), epochs=head.epochs_run,
+                      tau=tau, tau_rule=f"mean IoU with its own targets on the last {HELD_OUT_SHARE:.0%} of the "
+                      f"generations, left out of a first fit: {tau_iou:.3f}",
                       seed=TRAIN_SEED, source="the model's own generations (irece head train): prompt labels checked "
                       "by its diffusion classifier; masks: cross-attention x DiffEdit contrast, spread along "
                       "self-attention, regions named by denoising error",

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .concept_head import HEAD_CONFIG, HEAD_DIR, HEAD_FILE
+from .concept_head import DEFAULT_TAU, HEAD_CONFIG, HEAD_DIR, HEAD_FILE
 from .irece import IreceConfig
 
 CALIBRATION = "calibration"  # the block's key in the head's config.json
@@ -82,6 +82,13 @@ def has_calibration(model_dir: str | Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+def head_tau(model_dir: str | Path, default: float = DEFAULT_TAU) -> float:
+    """The cell probability `irece head train` chose for the head's masks (on its own left-out generations), or
+    `default` for a head without one (`irece world head`'s)."""
+    config = Path(model_dir) / HEAD_DIR / HEAD_CONFIG
+    return float(json.loads(config.read_text()).get("tau", default)) if config.exists() else default
 
 
 def write_calibration(model_dir: str | Path, block: dict) -> Path:
