@@ -46,6 +46,18 @@ def test_the_foreground_is_split_into_regions_each_going_whole_to_its_lowest_err
     assert sorted(y[1, q].nonzero().tolist()) == [[3, 3], [4, 3]]  # one concept: all of its foreground
 
 
+def test_the_heads_tau_is_scored_by_cell_iou_on_whole_chunks():
+    kept = torch.tensor([True, False, True, True, False, False])  # two chunks of 3 items
+    assert ht.chunk_rows(kept, batch=3, views=2) == [0, 4, 6]  # (text, inverted) rows per kept item
+    target = torch.zeros(2, 2, 2, 2)
+    target[0, 0, 0] = 1.0  # row 0, concept 0: the top row's two cells; nothing else has a target cell
+    probs = torch.zeros(2, 2, 2, 2)
+    probs[0, 0, 0, 0], probs[0, 0, 1, 1], probs[0, 0, 0, 1], probs[1, 1] = 0.9, 0.6, 0.3, 0.9
+    assert ht.mask_iou(probs, target, 0.5).item() == pytest.approx(1 / 3)  # {(0,0), (1,1)} against {(0,0), (0,1)}
+    assert ht.mask_iou(probs, target, 0.2).item() == pytest.approx(2 / 3)
+    assert ht.mask_iou(probs, target, 0.95).item() == 0.0
+
+
 def test_self_attention_propagation_leaves_the_noise_prediction_alone_and_averages(pipe):
     """The processors on attn1 record while a map is given and never change the UNet's output; each cell's value is
     a softmax-weighted mean of the map (a constant map stays that constant, a one-hot map gives weights in [0, 1])."""
