@@ -128,7 +128,8 @@ def ti_embedding(pipe, model_dir, erased, which: str, concept: str, s: BenchSett
 
 
 def adv_prompt(pipe, model_dir, concept: str, s: BenchSettings) -> str:
-    path = key("ringabell", model=model_fingerprint(model_dir, head=False), concept=concept, seed=s.seed).with_suffix(".json")
+    path = key("ringabell", model=model_fingerprint(model_dir, head=False), concept=concept,
+               seed=s.seed).with_suffix(".json")
     if path.exists():
         return json.loads(path.read_text())["prompt"]
     prompt = attacks.ring_a_bell(pipe, concept, seed=s.seed)

@@ -116,7 +116,7 @@ class PropagationProcessor:
             d = attn.to_q.out_features // attn.heads
             q, k = (f(hidden_states).view(b, -1, attn.heads, d).transpose(1, 2) for f in (attn.to_q, attn.to_k))
             v = maps[:, None].expand(-1, attn.heads, -1, -1).to(q.dtype)
-            self.store.out.append(F.scaled_dot_product_attention(q, k, v).mean(1))  # (B, h*w, K)
+            self.store.out.append(F.scaled_dot_product_attention(q, k, v, scale=attn.scale).mean(1))  # (B, h*w, K)
         return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 

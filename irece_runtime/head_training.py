@@ -434,13 +434,13 @@ def train(model_dir: str | Path, concepts: tuple[str, ...], n: int = N_ITEMS, ep
         torch.set_flush_denormal(False)
     used = len(d["kept"])
     cfg = head_config(head, blocks, list(T_POINTS), items=used, kept=int(d["kept"].sum()), epochs=head.epochs_run,
-                      tau=tau, tau_rule=f"mean IoU with its own targets on the last {HELD_OUT_SHARE:.0%} of the "
+                      tau=tau, tau_rule=f"mean IoU with its own targets on the last {HELD_OUT_SHARE:.1%} of the "
                       f"generations, left out of a first fit: {tau_iou:.3f}",
                       seed=TRAIN_SEED, source="the model's own generations (irece head train): prompt labels checked "
                       "by its diffusion classifier; masks: cross-attention x DiffEdit contrast, spread along "
                       "self-attention, regions named by denoising error",
-                      data={"sizes": list(SIZES), **PHOTO, "attention_t": ATTENTION_T, "contrast_t": CONTRAST_T, "noises": CONTRAST_NOISES,
-                            "propagate_t": PROPAGATE_T,
-                            "foreground_tau": FOREGROUND_TAU, "naming_t": NAMING_T, "naming_noises": NAMING_NOISES, "steps": STEPS, "guidance": GUIDANCE})
+                      data={"sizes": list(SIZES), **PHOTO, "attention_t": ATTENTION_T, "contrast_t": CONTRAST_T,
+                            "noises": CONTRAST_NOISES, "propagate_t": PROPAGATE_T, "foreground_tau": FOREGROUND_TAU,
+                            "naming_t": NAMING_T, "naming_noises": NAMING_NOISES, "steps": STEPS, "guidance": GUIDANCE})
     path = save_head(out or model_dir, head, cfg)
     return {"path": str(path), "examples": int(len(d["x"])), "seconds": round(time.time() - t0, 1), **cfg}
