@@ -376,7 +376,7 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, default=DEFAULTS.threshold)
     p.add_argument("--grow", type=int, default=0, help="grow IRECE's mask by this many cells (the paper's rows: 0)")
     p.add_argument("--head-targets", action="store_true",
-                   help="score instead the cells `irece head train` takes as targets (the model's attention x contrast)")
+                   help="score instead the cells `irece head train` takes as targets (head_training.targets)")
     p.set_defaults(func=cmd_localization)
 
     p = bsub.add_parser("presence", help="presence gate: presence-score AUC and calibrated threshold")

@@ -83,8 +83,8 @@ def run(model_dir: str = str(DEFAULT_MODEL), n: int = 100, n_pairs: int = 20, ta
 def head_targets(model_dir: str = str(DEFAULT_MODEL), n: int = 48, n_pairs: int = 48) -> dict:
     """The cells `irece head train` takes as its targets (head_training.targets: the model's cross-attention x
     DiffEdit contrast on the clean image under the prompt naming the shapes, spread along self-attention, regions
-    named by denoising error) against the renderer's masks: single-shape
-    renders and two-shape scenes, pixel IoU. The head cannot learn better cells than these."""
+    named by denoising error) against the renderer's masks: single-shape renders and two-shape scenes, pixel IoU.
+    The head cannot learn better cells than these."""
     import torch
 
     from irece_runtime import head_training

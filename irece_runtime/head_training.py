@@ -97,12 +97,8 @@ def contrast_maps(pipe: Pipeline, x0: torch.Tensor, prompts: list[str], named: l
     rows = [k for k, _ in pairs]
     h_full = torch.cat([hidden[prompts[k]] for k in rows])
     h_without = torch.cat([hidden[w] for w in without])
-    t = _timestep(pipe, strength)
-    alpha = pipe.alphas_cumprod[t]
     diff = 0
-    for j in range(noises):
-        xi = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + j))
-        x_t = irece.renoise(x0, xi.to(x0), alpha)[rows]
+    for t, _, x_t in _noised(pipe, x0, rows, strength, seed, noises):
         eps = drive(_call("eps", (torch.cat([x_t, x_t]), torch.cat([h_full, h_without])), t), pipe.backend)
         e_full, e_without = eps.chunk(2)
         diff = diff + (e_full - e_without).abs().mean(1) / noises
@@ -121,9 +117,7 @@ def attention_maps(pipe: Pipeline, x0: torch.Tensor, prompts: list[str], named: 
     weights = torch.stack([irece.token_weights(pipe.token_ids(prompts[k])[0],
                                                pipe.tokenizer(c, add_special_tokens=False).input_ids,
                                                pipe.tokenizer.model_max_length) for k, c in pairs])
-    t = _timestep(pipe, strength)
-    xi = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    x_t = irece.renoise(x0, xi.to(x0), pipe.alphas_cumprod[t])[[k for k, _ in pairs]]
+    t, _, x_t = next(_noised(pipe, x0, [k for k, _ in pairs], strength, seed))
     maps = drive(_call("concept_map", (x_t, hidden, weights), t), pipe.backend)
     return {pair: maps[i].float().cpu() for i, pair in enumerate(pairs)}
 
@@ -138,6 +132,15 @@ def concept_maps(pipe: Pipeline, x0: torch.Tensor, prompts: list[str], named: li
 
 def _timestep(pipe: Pipeline, strength: float) -> torch.Tensor:
     return torch.tensor(int(round(strength * (pipe.scheduler_config["num_train_timesteps"] - 1))))
+
+
+def _noised(pipe: Pipeline, x0: torch.Tensor, rows: list[int], strength: float, seed: int, noises: int = 1):
+    """For each of `noises` noises (seeds seed, seed + 1, ... over all of x0, so a row's noise does not depend on
+    which rows are asked for): (t, xi[rows], x0[rows] re-noised with it to `strength` of the schedule)."""
+    t = _timestep(pipe, strength)
+    for j in range(noises):
+        xi = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + j)).to(x0)[rows]
+        yield t, xi, irece.renoise(x0[rows], xi, pipe.alphas_cumprod[t])
 
 
 def _call(kind, inputs, t):
@@ -156,9 +159,7 @@ def propagated(pipe: Pipeline, propagation: SelfAttentionPropagation, x0: torch.
     for r, k in enumerate(rows):
         for j, c in enumerate(named[k]):
             stacked[r, j] = irece.minmax(maps[(k, c)][None])[0]
-    t = _timestep(pipe, strength)
-    xi = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    x_t = irece.renoise(x0, xi.to(x0), pipe.alphas_cumprod[t])[rows]
+    t, _, x_t = next(_noised(pipe, x0, rows, strength, seed))
     hidden = torch.cat([pipe.encode_prompt(prompts[k]) for k in rows])
     out = propagation(x_t, t.to(x_t.device), hidden, stacked.to(x_t)).float().cpu()
     return {(k, c): out[r, j] for r, k in enumerate(rows) for j, c in enumerate(named[k])}
@@ -174,11 +175,8 @@ def naming_errors(pipe: Pipeline, x0: torch.Tensor, named: list[tuple[str, ...]]
         return {}
     rows = [k for k, _ in pairs]
     hidden = torch.cat([pipe.encode_prompt(caption((c,))) for _, c in pairs])
-    t = _timestep(pipe, strength)
     err = 0
-    for j in range(noises):
-        xi = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 100 + j)).to(x0)[rows]
-        x_t = irece.renoise(x0[rows], xi, pipe.alphas_cumprod[t])
+    for t, xi, x_t in _noised(pipe, x0, rows, strength, seed + 100, noises):
         eps = drive(_call("eps", (x_t, hidden), t), pipe.backend)
         err = err + ((eps - xi) ** 2).mean(1) / noises
     return {pair: err[i].float().cpu() for i, pair in enumerate(pairs)}
