@@ -84,7 +84,7 @@ def cmd_head_train(a):
     from irece_runtime.pipeline import model_vocabulary
     concepts = tuple(a.concepts or model_vocabulary(a.model))
     res = train(a.model, concepts, n=a.n, epochs=a.epochs, minutes=a.minutes, cache=a.cache, check=a.check,
-                device=a.device)
+                device=a.device, images=a.images)
     emit(res, a.json)
 
 
@@ -199,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float,
                    help="budget for the whole run: 80%% to generating (fewer images if need be), the rest to the fit "
                         "(fewer epochs); the head's config records what ran")
+    p.add_argument("--images", metavar="DIR",
+                   help="the operator's own pictures with masks, learnt from beside the generations: DIR/<name>.png "
+                        "(or .jpg) and DIR/masks/<name>.<concept>.png (nonzero pixels: the concept; a picture without "
+                        "a mask shows none)")
     p.add_argument("--cache", default=".cache/head", help="generated chunks, reused by a rerun (default: %(default)s)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="keep only images whose prompt's concepts the model's diffusion classifier finds")

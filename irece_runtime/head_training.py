@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
+from PIL import Image
 from tqdm import tqdm
 
 from . import irece
@@ -65,6 +66,7 @@ STEPS, GUIDANCE, BATCH = 25, 5.0, 32
 N_ITEMS, EPOCHS = 2048, 60
 # the head's tau (cell probability for a mask cell) is chosen on generations left out of a first fit
 HELD_OUT_SHARE, TAUS = 0.125, (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+PICTURES, MASKS = (".png", ".jpg", ".jpeg"), "masks"  # --images DIR: DIR/<name>.png, DIR/masks/<name>.<concept>.png
 
 
 def caption(named) -> str:
@@ -234,6 +236,65 @@ def _photo(image: np.ndarray, rng: np.random.Generator, photo: dict) -> np.ndarr
                    int(rng.integers(photo["quality"][0], photo["quality"][1] + 1)), rng)
 
 
+def inverted_views(pipe: Pipeline, pictures: np.ndarray, at: list[int], steps: int = STEPS,
+                   guidance: float = GUIDANCE) -> dict[int, tuple]:
+    """{i: (t, x_t)} at schedule indices `at` of uint8 pictures as an inverted request meets IRECE: encoded,
+    DDIM-inverted with the null prompt by the standard UNet and regenerated from there."""
+    null = pipe.null_hidden
+    x_inv = pipe.invert(pipe.backend.vae_encode(to_tensor(pictures)), null, "standard", steps)
+    return {i: (t, x_t) for i, t, x_t in trajectory(pipe, x_inv, null, null, guidance, steps, at)}
+
+
+def operator_images(folder: str | Path, concepts: tuple[str, ...], size: int, side: int) -> list[tuple]:
+    """`irece head train --images DIR`: the operator's own pictures and where each concept is in them. A picture is
+    DIR/<name>.png (or .jpg), its masks DIR/masks/<name>.<concept>.png (nonzero pixels: the concept); a picture
+    without a mask shows none of the concepts. Pictures are resized to the model's `size` (square). Returns
+    [(name, uint8 (size, size, 3) picture, (K, side, side) share of each latent cell each concept covers)]."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--images: {folder} is not a folder")
+    pictures = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in PICTURES}
+    if not pictures:
+        raise ValueError(f"--images: no .png or .jpg picture in {folder}")
+    masks: dict[str, dict[str, Path]] = {}
+    for m in sorted((folder / MASKS).glob("*.png")):
+        name, _, concept = m.stem.rpartition(".")
+        if name not in pictures:
+            raise ValueError(f"--images: mask {m} has no picture {name}.png or .jpg in {folder}")
+        if concept not in concepts:
+            raise ValueError(f"--images: mask {m} names {concept!r}, not one of the head's concepts {list(concepts)}")
+        masks.setdefault(name, {})[concept] = m
+    out = []
+    for name, path in pictures.items():
+        with Image.open(path) as im:
+            picture = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
+        cover = np.zeros((len(concepts), side, side), np.float32)
+        for concept, m in masks.get(name, {}).items():
+            with Image.open(m) as im:
+                mask = np.asarray(im.convert("L").resize((size, size), Image.NEAREST)) > 0
+            cover[concepts.index(concept)] = mask.reshape(side, size // side, side, size // side).mean((1, 3))
+        out.append((name, picture, cover))
+    return out
+
+
+@torch.no_grad()
+def image_chunk(pipe: Pipeline, chunk: list, features: UNetFeatures, t_points=T_POINTS, steps: int = STEPS,
+                guidance: float = GUIDANCE) -> dict[str, torch.Tensor]:
+    """collect()'s rows for a chunk of operator_images(): each picture inverted (inverted_views), its targets the
+    share of each cell its masks cover (as `irece world head` does with the renderer's masks)."""
+    at = [min(steps - 1, int(round(p * steps))) for p in t_points]
+    cover = torch.from_numpy(np.stack([c for _, _, c in chunk]))
+    null = pipe.null_hidden.expand(len(chunk), -1, -1)
+    X, Y, T = [], [], []
+    for i, (t, x_t) in inverted_views(pipe, np.stack([p for _, p, _ in chunk]), at, steps, guidance).items():
+        X.append(features(x_t, t, null)[1])
+        Y.append(cover)
+        T.append(torch.full((len(chunk),), at.index(i)))
+    X = torch.cat(X)
+    return {"x": X.float().cpu().contiguous(), "y": torch.cat(Y).contiguous(),
+            "spatial": torch.ones(len(X), dtype=torch.bool), "t_point": torch.cat(T)}
+
+
 @torch.no_grad()
 def collect_chunk(pipe: Pipeline, chunk: list, start: int, features: UNetFeatures,
                   propagation: SelfAttentionPropagation, concepts: tuple[str, ...],
@@ -259,8 +320,7 @@ def collect_chunk(pipe: Pipeline, chunk: list, start: int, features: UNetFeature
     rng = np.random.default_rng(seed + start)
     images = to_uint8(pipe.decode(x0))
     photos = np.stack([_photo(im, rng, photo) for im in images])
-    x_inv = pipe.invert(e.vae_encode(to_tensor(photos)), null, "standard", steps)
-    inverted = {i: (t, x_t) for i, t, x_t in trajectory(pipe, x_inv, null, null, guidance, steps, at)}
+    inverted = inverted_views(pipe, photos, at, steps, guidance)
     kept = torch.ones(b, dtype=torch.bool)
     if check:
         t_c, x_c = text[late]
@@ -371,16 +431,22 @@ def mask_iou(probs: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Ten
     return (inter / union.clamp(min=1))[has].mean()
 
 
+def _rows(d: dict, extra: dict | None, upto: int | None = None) -> tuple[torch.Tensor, ...]:
+    """(x, y, spatial): the generations' rows up to `upto`, and the operator's pictures' rows (`extra`) if any."""
+    parts = [{k: d[k][:upto] for k in ("x", "y", "spatial")}] + ([extra] if extra else [])
+    return tuple(torch.cat([p[k] for p in parts]) for k in ("x", "y", "spatial"))
+
+
 def choose_tau(d: dict, concepts, hidden: int, epochs: int, context: int, minutes: float | None,
-               share: float = HELD_OUT_SHARE, taus=TAUS) -> tuple[float, float]:
-    """The head's cell probability for a mask: fitted on the first chunks, the tau whose masks best match the targets
-    of the generations left out (whole chunks: an image's text and inverted views stay on one side)."""
+               share: float = HELD_OUT_SHARE, taus=TAUS, extra: dict | None = None) -> tuple[float, float]:
+    """The head's cell probability for a mask: fitted on the first chunks (and the operator's pictures, `extra`),
+    the tau whose masks best match the targets of the generations left out (whole chunks: an image's text and
+    inverted views stay on one side)."""
     bounds = chunk_rows(d["kept"])
     cut = bounds[max(1, int(round((1 - share) * (len(bounds) - 1))))]
     if cut >= len(d["x"]):
         return DEFAULT_TAU, float("nan")
-    part = fit(d["x"][:cut], d["y"][:cut], d["spatial"][:cut], concepts, hidden, epochs, context=context,
-               minutes=minutes)
+    part = fit(*_rows(d, extra, cut), concepts, hidden, epochs, context=context, minutes=minutes)
     with torch.no_grad():
         probs = torch.sigmoid(part.logits(d["x"][cut:]))
     ious = [float(mask_iou(probs, d["y"][cut:], t)) for t in taus]
@@ -393,10 +459,12 @@ def choose_tau(d: dict, concepts, hidden: int, epochs: int, context: int, minute
 def train(model_dir: str | Path, concepts: tuple[str, ...], n: int = N_ITEMS, epochs: int = EPOCHS,
           minutes: float | None = None,
           cache: str | Path | None = None, hidden: int = 64, context: int = 1, blocks=FEATURE_BLOCKS,
-          check: bool = True, out: str | Path | None = None, device: str = "cpu") -> dict:
+          check: bool = True, out: str | Path | None = None, device: str = "cpu", images: str | Path | None = None
+          ) -> dict:
     """Train `model_dir`'s concept head for `concepts` from its own generations and write it to `out` (default: the
     model folder). `minutes`: a budget for the whole run - 80% for collecting (fewer items if need be), the rest for
-    the fit (fewer epochs if need be); the config records what ran."""
+    the fit (fewer epochs if need be); the config records what ran. `images`: a folder of the operator's pictures
+    with masks (operator_images), seen inverted beside the generations."""
     from .loading import load_pipeline
 
     t0 = time.time()
@@ -425,9 +493,20 @@ def train(model_dir: str | Path, concepts: tuple[str, ...], n: int = N_ITEMS, ep
         if not len(d["x"]):
             raise ValueError("the label check kept no image: the model's classifier found none of the named concepts "
                              "in its own generations (a model that does not draw them; --no-check skips the check)")
+        extra, pictures = None, []
+        if images is not None:
+            pictures = operator_images(images, concepts, pipe.sample_size * pipe.backend.vae_scale_factor,
+                                       pipe.sample_size)
+            digest = hashlib.sha256()
+            for name, picture, cover in pictures:
+                digest.update(name.encode() + picture.tobytes() + cover.tobytes())
+            where = Path(cache) / cache_key(model_dir, ["images", digest.hexdigest(), list(T_POINTS), STEPS, GUIDANCE,
+                                                        list(blocks)]) if cache else None
+            extra = collect(lambda chunk, s: image_chunk(pipe, chunk, feats), pictures, BATCH, where,
+                            desc="operator images")
         fit_minutes = None if minutes is None else max(0.5, minutes - (time.time() - t0) / 60) / 2
-        tau, tau_iou = choose_tau(d, concepts, hidden, epochs, context, fit_minutes)
-        head = fit(d["x"], d["y"], d["spatial"], concepts, hidden, epochs, context=context, minutes=fit_minutes)
+        tau, tau_iou = choose_tau(d, concepts, hidden, epochs, context, fit_minutes, extra=extra)
+        head = fit(*_rows(d, extra), concepts, hidden, epochs, context=context, minutes=fit_minutes)
     finally:
         torch.set_flush_denormal(False)
     used = len(d["kept"])
@@ -439,6 +518,9 @@ def train(model_dir: str | Path, concepts: tuple[str, ...], n: int = N_ITEMS, ep
                       "self-attention, regions named by denoising error",
                       data={"sizes": list(SIZES), **PHOTO, "attention_t": ATTENTION_T, "contrast_t": CONTRAST_T,
                             "noises": CONTRAST_NOISES, "propagate_t": PROPAGATE_T, "foreground_tau": FOREGROUND_TAU,
-                            "naming_t": NAMING_T, "naming_noises": NAMING_NOISES, "steps": STEPS, "guidance": GUIDANCE})
+                            "naming_t": NAMING_T, "naming_noises": NAMING_NOISES, "steps": STEPS, "guidance": GUIDANCE},
+                      **({} if images is None else {"images": {
+                          "folder": str(images), "pictures": len(pictures),
+                          "masks": int(sum(bool(c.any()) for _, _, cover in pictures for c in cover))}}))
     path = save_head(out or model_dir, head, cfg)
     return {"path": str(path), "examples": int(len(d["x"])), "seconds": round(time.time() - t0, 1), **cfg}

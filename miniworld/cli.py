@@ -49,6 +49,19 @@ def cmd_head(a):
     emit(train_head(a.model or MODEL_DIR, out=a.out, cache=None if a.no_cache else a.cache, **given), a.json)
 
 
+def cmd_images(a):
+    """Scenes with their masks in `irece head train --images`'s layout: a stand-in for an operator's labelled photos."""
+    from irece_runtime.head_training import MASKS
+    from .head import HEAD_SEED, scenes
+    out = Path(a.out)
+    (out / MASKS).mkdir(parents=True, exist_ok=True)
+    for k, sc in enumerate(scenes(a.n, HEAD_SEED + a.seed)):
+        save_png(sc.image, out / f"scene{k:05d}.png")
+        for concept, mask in sc.masks.items():
+            save_png((mask * 255).astype("uint8"), out / MASKS / f"scene{k:05d}.{concept}.png")
+    emit({"folder": str(out), "pictures": a.n}, a.json)
+
+
 def register_world(world) -> None:
     """Adds render, judge and train to the `irece world` group."""
     p = world.add_parser("render", help="render one scene (and its mask beside it)")
@@ -57,6 +70,13 @@ def register_world(world) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_render)
+    p = world.add_parser("images", help="rendered scenes and their masks as an operator's labelled pictures "
+                                        "(irece head train --images)")
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="offset to the concept head's training seeds")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_images)
     p = world.add_parser("judge", help="classify PNG files with the judge")
     p.add_argument("files", nargs="+")
     p.add_argument("--judge", help="judge weights (default: the committed judge)")

@@ -116,6 +116,38 @@ def test_the_label_check_keeps_a_prompt_naming_the_rendered_shape_and_drops_one_
     assert np.mean(right) >= 0.8 and np.mean(wrong) <= 0.3, (np.mean(right), np.mean(wrong))
 
 
+def _operator_folder(folder, pictures: dict, masks: dict):
+    """Pictures {name: uint8 (64, 64, 3)} and masks {(name, concept): bool (64, 64)} in the --images layout."""
+    from PIL import Image
+
+    (folder / ht.MASKS).mkdir(parents=True)
+    for name, picture in pictures.items():
+        Image.fromarray(picture).save(folder / f"{name}.png")
+    for (name, concept), mask in masks.items():
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / ht.MASKS / f"{name}.{concept}.png")
+    return folder
+
+
+def test_operator_images_give_each_cell_the_share_its_masks_cover_and_refuse_what_they_cannot_read(tmp_path):
+    square = np.zeros((64, 64), bool)
+    square[:12, :16] = True  # cells (0, 0) and (0, 1) whole, (1, 0) and (1, 1) half (8 x 8 pixels a cell)
+    picture = np.full((64, 64, 3), 40, np.uint8)
+    folder = _operator_folder(tmp_path / "ok", {"scene": picture, "empty": picture}, {("scene", "square"): square})
+    got = {name: cover for name, _, cover in ht.operator_images(folder, CONCEPTS, 64, 8)}
+    assert set(got) == {"scene", "empty"} and not got["empty"].any()
+    cover = got["scene"][CONCEPTS.index("square")]
+    assert cover[0, :2].tolist() == [1.0, 1.0] and cover[1, :2].tolist() == [0.5, 0.5] and cover.sum() == 3.0
+    assert not got["scene"][CONCEPTS.index("circle")].any()
+    bad = _operator_folder(tmp_path / "bad", {"scene": picture}, {("scene", "dog"): square})
+    with pytest.raises(ValueError, match=r"scene\.dog\.png names 'dog'"):
+        ht.operator_images(bad, CONCEPTS, 64, 8)
+    orphan = _operator_folder(tmp_path / "orphan", {"scene": picture}, {("other", "square"): square})
+    with pytest.raises(ValueError, match="has no picture other"):
+        ht.operator_images(orphan, CONCEPTS, 64, 8)
+    with pytest.raises(ValueError, match="no .png or .jpg"):
+        ht.operator_images(tmp_path, CONCEPTS, 64, 8)
+
+
 def test_head_train_and_calibrate_run_from_the_model_alone_without_the_renderer(tmp_path):
     """The whole renderer-free path on the model under test (the mini model), in a fresh process: `irece head train` writes a head for the
     named concepts, `irece calibrate` its block; neither imports the renderer or the judge."""
@@ -124,11 +156,17 @@ def test_head_train_and_calibrate_run_from_the_model_alone_without_the_renderer(
     for part in MODEL.iterdir():
         if part.name != HEAD_DIR:
             (model / part.name).symlink_to(part.resolve())
+    square = np.zeros((64, 64), bool)
+    square[20:40, 20:44] = True
+    images = _operator_folder(tmp_path / "images", {"mine": np.full((64, 64, 3), 200, np.uint8),
+                                                     "plain": np.zeros((64, 64, 3), np.uint8)},
+                              {("mine", "square"): square})
     script = textwrap.dedent(f"""
         import sys
         from irece_cli.main import main
         assert main(["head", "train", "--model", {str(model)!r}, "--concepts", "circle", "square", "star",
-                     "--n", "8", "--epochs", "2", "--cache", {str(tmp_path / "cache")!r}]) == 0
+                     "--n", "8", "--epochs", "2", "--cache", {str(tmp_path / "cache")!r},
+                     "--images", {str(images)!r}]) == 0
         assert main(["calibrate", "--model", {str(model)!r}, "--n", "4", "--n-held-out", "4"]) == 0
         leaked = sorted(m for m in sys.modules if m in ("miniworld.shapes", "miniworld.judge", "miniworld.head"))
         assert not leaked, leaked
@@ -137,6 +175,7 @@ def test_head_train_and_calibrate_run_from_the_model_alone_without_the_renderer(
     assert out.returncode == 0, out.stderr[-3000:]
     cfg = json.loads((model / HEAD_DIR / HEAD_CONFIG).read_text())
     assert cfg["concepts"] == list(CONCEPTS) and cfg["items"] == 8 and 0 < cfg["kept"] <= 8
+    assert cfg["images"] == {"folder": str(images), "pictures": 2, "masks": 1}
     split = cfg["calibration"]["split"]
     assert "own generations" in cfg["source"] and split["calibration"]["prompts"] == 4
     assert split["check"] and split["calibration"]["kept"] <= 4
