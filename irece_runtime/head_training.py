@@ -20,8 +20,10 @@ probability for a mask) is chosen on generations left out of a first fit (`choos
 The head then sees each image as IRECE meets requests at t*: on its text trajectory (x_t of the generation), and
 decoded, optionally perturbed as a photo on its way to the service (noise, blur, JPEG), encoded, DDIM-inverted with
 the null prompt and regenerated (an inverted request). Features are the standard UNet's at x_t (null prompt), as
-the gate reads them; targets are the cells above, for both. Collection is chunked and cached (resumable); `fit` and
-`head_loss` are shared with `irece world head` (miniworld/head.py: renders and the renderer's masks instead).
+the gate reads them; targets are the cells above, for both. An operator who has labelled pictures adds them
+(`--images DIR`, `operator_images`): seen inverted, their masks' cell cover as targets. Collection is chunked and cached
+(resumable); `fit` and `head_loss` are shared with `irece world head` (miniworld/head.py: renders and the renderer's
+masks instead).
 """
 from __future__ import annotations
 
