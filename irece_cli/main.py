@@ -135,6 +135,7 @@ def add_irece_flags(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from irece_runtime.head_training import EPOCHS, N_ITEMS
     ap = argparse.ArgumentParser(prog="irece", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -194,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts", nargs="+", metavar="C",
                    help="the head's concepts: those to erase and those a user may ask for beside them (default: the "
                         "model's vocabulary, concepts.json or irece_runtime/vocabulary.json)")
-    p.add_argument("--n", type=int, default=2048, help="generated images (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=60, help="fit epochs (default: %(default)s)")
+    p.add_argument("--n", type=int, default=N_ITEMS, help="generated images (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="fit epochs (default: %(default)s)")
     p.add_argument("--minutes", type=float,
                    help="budget for the whole run: 80%% to generating (fewer images if need be), the rest to the fit "
                         "(fewer epochs); the head's config records what ran")
