@@ -239,6 +239,17 @@ def _photo(image: np.ndarray, rng: np.random.Generator, photo: dict) -> np.ndarr
                    int(rng.integers(photo["quality"][0], photo["quality"][1] + 1)), rng)
 
 
+def schedule_indices(t_points, steps: int) -> list[int]:
+    """The sampler's step index at each fraction of the schedule in `t_points` (where a look reads x_t)."""
+    return [min(steps - 1, int(round(p * steps))) for p in t_points]
+
+
+def cell_share(mask: np.ndarray, side: int) -> np.ndarray:
+    """A square (H, H) boolean mask -> (side, side): the share of each latent cell it covers."""
+    f = mask.shape[0] // side
+    return mask.reshape(side, f, side, f).mean((1, 3))
+
+
 def inverted_views(pipe: Pipeline, pictures: np.ndarray, at: list[int], steps: int = STEPS,
                    guidance: float = GUIDANCE) -> dict[int, tuple]:
     """{i: (t, x_t)} at schedule indices `at` of uint8 pictures as an inverted request meets IRECE: encoded,
@@ -275,7 +286,7 @@ def operator_images(folder: str | Path, concepts: tuple[str, ...], size: int, si
         for concept, m in masks.get(name, {}).items():
             with Image.open(m) as im:
                 mask = np.asarray(im.convert("L").resize((size, size), Image.NEAREST)) > 0
-            cover[concepts.index(concept)] = mask.reshape(side, size // side, side, size // side).mean((1, 3))
+            cover[concepts.index(concept)] = cell_share(mask, side)
         out.append((name, picture, cover))
     return out
 
@@ -285,7 +296,7 @@ def image_chunk(pipe: Pipeline, chunk: list, features: UNetFeatures, t_points=T_
                 guidance: float = GUIDANCE) -> dict[str, torch.Tensor]:
     """collect()'s rows for a chunk of operator_images(): each picture inverted (inverted_views), its targets the
     share of each cell its masks cover (as `irece world head` does with the renderer's masks)."""
-    at = [min(steps - 1, int(round(p * steps))) for p in t_points]
+    at = schedule_indices(t_points, steps)
     cover = torch.from_numpy(np.stack([c for _, _, c in chunk]))
     null = pipe.null_hidden.expand(len(chunk), -1, -1)
     X, Y, T = [], [], []
@@ -309,7 +320,7 @@ def collect_chunk(pipe: Pipeline, chunk: list, start: int, features: UNetFeature
     null = pipe.null_hidden
     prompts, named = [p for p, _ in chunk], [cs for _, cs in chunk]
     cond = torch.cat([pipe.encode_prompt(p) for p in prompts])
-    at = [min(steps - 1, int(round(p * steps))) for p in t_points]
+    at = schedule_indices(t_points, steps)
     x_T = torch.cat([torch.randn((1, e.latent_channels, side, side), generator=torch.Generator().manual_seed(seed + start + k))
                      for k in range(b)]).to(e.device)
     text, late = {}, min(steps - 1, int(round(CHECK_AT * steps)))

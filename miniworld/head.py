@@ -65,10 +65,9 @@ def scenes(n: int, seed: int = HEAD_SEED, data: dict = DATA) -> list[shapes.Scen
 
 def cell_cover(scene: shapes.Scene, concepts: tuple[str, ...], side: int) -> np.ndarray:
     """(K, side, side): the share of each latent cell each concept's ground-truth mask covers."""
-    f = shapes.SIZE // side
     y = np.zeros((len(concepts), side, side), np.float32)
     for c, m in scene.masks.items():
-        y[concepts.index(c)] = m.reshape(side, f, side, f).mean((1, 3))
+        y[concepts.index(c)] = head_training.cell_share(m, side)
     return y
 
 
@@ -78,7 +77,7 @@ def collect_chunk(pipe, chunk: list, start: int, features: UNetFeatures, concept
     """One chunk of scenes (the scenes from index `start`): "x" features (N, D, h, w), "y" targets (N, K, h, w),
     "spatial" (N,) whether the targets are cell-level, "t_point" (N,) the index into t_points of each row."""
     null = pipe.null_hidden
-    at = [min(steps - 1, int(round(p * steps))) for p in t_points]
+    at = head_training.schedule_indices(t_points, steps)
     b, side = len(chunk), pipe.sample_size
     cover = torch.from_numpy(np.stack([cell_cover(sc, concepts, side) for sc in chunk]))
     labels = (cover.flatten(2).amax(2) > 0)[:, :, None, None].float().expand_as(cover)
