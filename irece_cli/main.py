@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="the policy's thresholds from the model's own generations, written beside "
                                          "its concept head (concept_head/config.json)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder with a concept head")
-    p.add_argument("--n", type=int, default=120, help="calibration prompts (default: %(default)s)")
+    p.add_argument("--n", type=int, default=240, help="calibration prompts (default: %(default)s)")
     p.add_argument("--n-held-out", type=int, default=120, help="held-out prompts (default: %(default)s)")
     p.add_argument("--max-fpr", type=float, default=0.03, help="false-positive budget (default: %(default)s)")
     p.add_argument("--tau", type=float, help="the head's cell probability for a mask cell (default: the one `irece "

@@ -3,7 +3,9 @@
 Positives and negatives come from prompts: the standard model generates each prompt of one or two of the head's
 concepts (and the empty prompt), and a concept counts as present where its prompt named it - where the model's own
 diffusion classifier finds the prompt's concepts in its image (`check`; else the prompt is left out: the model drew
-something else, which would count as a false positive). The concept head scores
+something else, which would count as a false positive) - and absent where the prompt did not name it and the
+classifier does not rank it as high as a named one (`labels`: else left out; the highest-scoring generated negatives
+were mostly such images - two-concept prompts drawing a third shape, empty prompts drawing one). The concept head scores
 every concept at t* on two kinds of latent, as the gate meets them: the text trajectory's x_t, and the generated
 image decoded, encoded and DDIM-inverted by the standard model with the null prompt (an inverted request). The
 presence threshold is the lowest that keeps the false-positive rate of a calibration split within the FPR budget
@@ -27,9 +29,11 @@ from .images import to_tensor, to_uint8
 from .pipeline import Pipeline, guided_eps, sample, trajectory
 from .calls import drive
 from .concept_head import DEFAULT_TAU
-from .head_training import CHECK_AT, caption, checked
+from .head_training import CHECK_AT, caption, classifier_ranks
 
 CALIBRATION_SEED, HELD_OUT_SEED = 8_100_000, 8_200_000
+# 240 calibration prompts by default: the threshold is the 97th percentile of the negatives' scores, and on the mini
+# model two 120-prompt splits put it at 0.405 and 0.268 (the self-made head, t* 0.5); 240 prompts cost ~140 s
 
 
 def auc(labels, scores) -> float:
@@ -81,6 +85,22 @@ def prompts(concepts: tuple[str, ...], n: int, seed: int, pair_share: float = 0.
     return out
 
 
+def labels(named: list, ranks: np.ndarray | None, concepts: tuple[str, ...]) -> list[list | None]:
+    """Each prompt's label for each concept, checked by the model: None for a prompt whose image the diffusion
+    classifier does not find its named concepts in (each ranks among the top len(named) + 1: head_training.checked),
+    else per concept True (named), False (not named), or None where the classifier ranks an unnamed concept as high
+    as that (two-concept prompts mix shapes, an empty prompt draws one: left out, neither positive nor negative).
+    `ranks` (B, K) from head_training.classifier_ranks; None: the prompts' labels unchecked."""
+    out = []
+    for k, cs in enumerate(named):
+        if ranks is not None and any(ranks[k, concepts.index(c)] > len(cs) for c in cs):
+            out.append(None)
+            continue
+        out.append([True if c in cs else (None if ranks is not None and ranks[k, j] <= len(cs) else False)
+                    for j, c in enumerate(concepts)])
+    return out
+
+
 def head_latents(pipe: Pipeline, items: list, seed: int, at: list[int], steps: int, guidance: float
                  ) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
     """(i, t, x_t) at each schedule index in `at` for each prompt: on the standard model's text trajectory, and after
@@ -106,8 +126,8 @@ def score(pipe: Pipeline, n: int, seed: int, looks: list[float], steps: int, gui
           progress=None, check: bool = True) -> list[dict]:
     """Rows (look, source, concept, present, score) of the head's presence score for every head concept, prompt and
     look (a fraction of the schedule). With `check`, a prompt whose image the model's diffusion classifier does not
-    find its concepts in (head_training.checked) gives no rows: its image shows something else than its labels say,
-    and its concepts would count as absent where another was drawn."""
+    find its concepts in gives no rows (its image shows something else than its labels say, and its concepts would
+    count as absent where another was drawn), nor does an unnamed concept the classifier ranks as high (`labels`)."""
     concepts = pipe.head_concepts
     items = prompts(concepts, n, seed)
     at = {irece.IreceConfig(t_star=when).step_index(steps): when for when in looks}
@@ -116,19 +136,21 @@ def score(pipe: Pipeline, n: int, seed: int, looks: list[float], steps: int, gui
         chunk = items[s:s + batch]
         latents = head_latents(pipe, chunk, seed + s, sorted(at), steps, guidance)
         t_c, x_c = latents.pop("late")
-        kept = checked(pipe, x_c, t_c, [tuple(named) for _, named in chunk], concepts) if check else [True] * len(chunk)
+        verdict = labels([named for _, named in chunk], classifier_ranks(pipe, x_c, t_c, concepts) if check else None,
+                         concepts)
         for source, seen in latents.items():
             for i, t, x_t in seen:
                 scores = irece.head_scores(drive(pipe.head_steps(x_t, t), pipe.backend).float()).cpu().numpy()
-                rows += [{"look": at[i], "source": source, "concept": c, "present": c in named,
+                rows += [{"look": at[i], "source": source, "concept": c, "present": verdict[k][j],
                           "score": float(scores[k, j]), "item": s + k}
-                         for k, (_, named) in enumerate(chunk) if kept[k] for j, c in enumerate(concepts)]
+                         for k in range(len(chunk)) if verdict[k] is not None
+                         for j, c in enumerate(concepts) if verdict[k][j] is not None]
         if progress:
             progress(len(chunk))
     return rows
 
 
-def calibrate(pipe: Pipeline, n: int = 120, n_held_out: int = 120, max_fpr: float = 0.03, tau: float = DEFAULT_TAU,
+def calibrate(pipe: Pipeline, n: int = 240, n_held_out: int = 120, max_fpr: float = 0.03, tau: float = DEFAULT_TAU,
               steps: int = 25, guidance: float = 5.0, batch: int = 40, t_star: float | None = None,
               looks: tuple[float, ...] = RECHECK, check: bool = True) -> dict:
     """The calibration block (policy.write_calibration stores it): t_star and the recheck looks, each with its own

@@ -217,18 +217,20 @@ def targets(pipe: Pipeline, propagation: SelfAttentionPropagation, x0: torch.Ten
     return cell_targets(maps, naming_errors(pipe, x0, named, seed), named, concepts, x0.shape[-1])
 
 
+def classifier_ranks(pipe: Pipeline, x_t: torch.Tensor, t, concepts: tuple[str, ...]) -> np.ndarray:
+    """(B, K): where the model's diffusion classifier ranks each of `concepts` in its contrast set on each image (x_t
+    late in its generation; 0: the likeliest)."""
+    cfg = irece.IreceConfig(concepts=concepts, gate="classifier")
+    scores = pipe.presence(x_t, t, cfg)  # (B, K over the contrast set, the head's concepts first)
+    return scores.argsort(1, descending=True).argsort(1)[:, :len(concepts)].cpu().numpy()
+
+
 def checked(pipe: Pipeline, x_t: torch.Tensor, t, named: list[tuple[str, ...]], concepts: tuple[str, ...]
             ) -> list[bool]:
     """Whether the model's diffusion classifier agrees with each prompt's labels on its image (x_t late in its generation):
     every named concept ranks among the top len(named) + 1 of the contrast set. A background image always passes."""
-    cfg = irece.IreceConfig(concepts=concepts, gate="classifier")
-    scores = pipe.presence(x_t, t, cfg)  # (B, K over the contrast set, the head's concepts first)
-    order = scores.argsort(1, descending=True)
-    ok = []
-    for k, cs in enumerate(named):
-        top = set(order[k, :len(cs) + 1].tolist())
-        ok.append(all(concepts.index(c) in top for c in cs))
-    return ok
+    ranks = classifier_ranks(pipe, x_t, t, concepts)
+    return [all(ranks[k, concepts.index(c)] <= len(cs) for c in cs) for k, cs in enumerate(named)]
 
 
 def _photo(image: np.ndarray, rng: np.random.Generator, photo: dict) -> np.ndarray:

@@ -46,6 +46,19 @@ def test_the_foreground_is_split_into_regions_each_going_whole_to_its_lowest_err
     assert sorted(y[1, q].nonzero().tolist()) == [[3, 3], [4, 3]]  # one concept: all of its foreground
 
 
+def test_calibration_labels_are_checked_by_the_model_on_both_sides():
+    from irece_runtime.calibration import labels
+    named = [frozenset({"circle"}), frozenset({"square"}), frozenset(), frozenset({"circle", "star"})]
+    ranks = np.array([[0, 1, 5],   # circle first; square second, as high as a one-concept prompt's own: left out
+                      [0, 3, 1],   # "a square" where the classifier ranks square 4th: the prompt is left out
+                      [4, 6, 0],   # an empty prompt: the concept ranked first is left out, the others absent
+                      [2, 0, 1]])  # both named within the top 3; square ranked first, above them: left out
+    assert labels(named, ranks, CONCEPTS) == [[True, None, False], None, [False, False, None], [True, None, True]]
+    # unchecked: the prompts' labels as they are
+    assert labels(named, None, CONCEPTS) == [[True, False, False], [False, True, False], [False] * 3,
+                                             [True, False, True]]
+
+
 def test_the_heads_tau_is_scored_by_cell_iou_on_whole_chunks():
     kept = torch.tensor([True, False, True, True, False, False])  # two chunks of 3 items
     assert ht.chunk_rows(kept, batch=3, views=2) == [0, 4, 6]  # (text, inverted) rows per kept item
