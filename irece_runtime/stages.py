@@ -30,9 +30,8 @@ from .calls import Call, Machine
 
 EpsSteps = Callable[[torch.Tensor, torch.Tensor], Machine]  # (x_t, t) -> a machine returning the predicted noise
 # what the stages do, for caches of their results (benchmarks' cells): raised where a stage's behaviour changes
-# under unchanged IreceConfig fields. 2: a learned embedding's images re-noised whole, its conditioning read (head);
-# 3: no rechecks in a request on the null conditioning
-REVISION = 3
+# under unchanged IreceConfig fields. 2: a learned embedding's images re-noised whole, its conditioning read (head)
+REVISION = 2
 PERTURB_SEED = 1_000_003  # the re-noising noise: seeded by the request's seed + this + the step index
 
 
@@ -44,11 +43,6 @@ class Conditioning:
     def __init__(self, cond: torch.Tensor, null: torch.Tensor, learned: bool = False):
         self.cond, self.null, self.learned = cond, null, learned
         self.dropped = False  # some image lost its conditioning
-
-    def plain(self, b: int) -> torch.Tensor:
-        """(b,) bool: the images on the null conditioning (an inverted latent regenerated without a prompt)."""
-        cond = self.cond.expand(b, -1, -1)
-        return (cond == self.null.to(cond).expand_as(cond)).flatten(1).all(1)
 
     def drop(self, rows: torch.Tensor) -> None:
         """rows: bool (B,) - these images' conditioning becomes the null conditioning. `dropped` says only what
@@ -67,10 +61,6 @@ class DefenceState:
                  conditioning: Conditioning | None = None, trajectory: list | None = None):
         self.ctx, self.cfg, self.seed, self.conditioning = ctx, cfg, seed, conditioning
         self.plan = cfg.plan(steps)  # step index -> [(concept, tau, threshold)]
-        self.first_look = min(self.plan, default=-1)
-        # every image on the null conditioning from the start: nothing can redraw a target after the first look
-        self.prompt_free = conditioning is not None and conditioning.null is not None \
-            and bool(conditioning.plain(conditioning.cond.shape[0]).all())
         self.trajectory = trajectory  # the inversion's latents, input first (steps + 1), for Keep
         self.step = -1  # the loop's step index, as the hook last saw it
         self.look: gates.Look | None = None  # the look at this step (None: no look here)
@@ -128,7 +118,8 @@ class Keep(Stage):
             return None
         c = state.conditioning
         b = state.renoised.shape[0]
-        plain = c.plain(b) if c is not None else torch.ones(b, dtype=torch.bool)
+        plain = (c.cond.expand(b, -1, -1) == c.null.to(c.cond).expand(b, -1, -1)).flatten(1).all(1) \
+            if c is not None else torch.ones(b, dtype=torch.bool)
         return state.renoised & plain.to(state.renoised.device)
 
     def on_step(self, state, i, t, x):
@@ -160,14 +151,11 @@ def keep_pixels(decoded: torch.Tensor, report: irece.IreceReport | None, traject
 
 
 class Look(Stage):
-    """At each planned step, the gate's look at x_t (its mask and reports), recorded in the state. The later looks
-    (rechecks) are there for a conditioning that redraws a target after t*: a request that has none (an inverted
-    latent regenerated without a prompt) gets the first look only: on UCE's ten concepts (bench policy) benign inverted
-    requests bit-identical 95.0% -> 96.2%, inversions pooled 5.2% -> 5.0% (BENCHMARKS.md)."""
+    """At each planned step, the gate's look at x_t (its mask and reports), recorded in the state."""
 
     def on_step(self, state, i, t, x):
         state.look = None
-        if i not in state.plan or (i != state.first_look and state.prompt_free):
+        if i not in state.plan:
             return x
         return self._look(state, i, t, x)
 
@@ -175,7 +163,7 @@ class Look(Stage):
         t0 = time.perf_counter()
         c = state.conditioning
         learned = c is not None and c.learned and state.cfg.conditioning == "null"
-        reads = c is not None and gates.reads_conditioning(state.cfg, c.learned, first=i == state.first_look)
+        reads = c is not None and gates.reads_conditioning(state.cfg, c.learned, first=i == min(state.plan))
         found = yield from gates.look(state.ctx, x, t, state.cfg, state.plan[i], c.cond if reads else None, learned)
         state.record(i, t, found)
         state.seconds += time.perf_counter() - t0
