@@ -4,8 +4,9 @@ Positives and negatives come from prompts: the standard model generates each pro
 concepts (and the empty prompt), and a concept counts as present where its prompt named it - where the model's own
 diffusion classifier finds the prompt's concepts in its image (`check`; else the prompt is left out: the model drew
 something else, which would count as a false positive) - and absent where the prompt did not name it and the
-classifier does not rank it as high as a named one (`labels`: else left out; the highest-scoring generated negatives
-were mostly such images - two-concept prompts drawing a third shape, empty prompts drawing one). The concept head scores
+classifier does not rank it as high as a named one (`head_training.labels`: else left out; the highest-scoring
+generated negatives came mostly from two-concept and empty prompts, where the model draws shapes its prompt did not
+name). The concept head scores
 every concept at t* on two kinds of latent, as the gate meets them: the text trajectory's x_t, and the generated
 image decoded, encoded and DDIM-inverted by the standard model with the null prompt (an inverted request). The
 presence threshold is the lowest that keeps the false-positive rate of a calibration split within the FPR budget
@@ -29,7 +30,7 @@ from .images import to_tensor, to_uint8
 from .pipeline import Pipeline, guided_eps, sample, trajectory
 from .calls import drive
 from .concept_head import DEFAULT_TAU
-from .head_training import CHECK_AT, caption, classifier_ranks
+from .head_training import CHECK_AT, caption, classifier_ranks, labels
 
 CALIBRATION_SEED, HELD_OUT_SEED = 8_100_000, 8_200_000
 # 240 calibration prompts by default: the threshold is a high percentile of the negatives' scores, which a few images
@@ -85,22 +86,6 @@ def prompts(concepts: tuple[str, ...], n: int, seed: int, pair_share: float = 0.
     return out
 
 
-def labels(named: list, ranks: np.ndarray | None, concepts: tuple[str, ...]) -> list[list | None]:
-    """Each prompt's label for each concept, checked by the model: None for a prompt whose image the diffusion
-    classifier does not find its named concepts in (each ranks among the top len(named) + 1: head_training.checked),
-    else per concept True (named), False (not named), or None where the classifier ranks an unnamed concept as high
-    as that (two-concept prompts mix shapes, an empty prompt draws one: left out, neither positive nor negative).
-    `ranks` (B, K) from head_training.classifier_ranks; None: the prompts' labels unchecked."""
-    out = []
-    for k, cs in enumerate(named):
-        if ranks is not None and any(ranks[k, concepts.index(c)] > len(cs) for c in cs):
-            out.append(None)
-            continue
-        out.append([True if c in cs else (None if ranks is not None and ranks[k, j] <= len(cs) else False)
-                    for j, c in enumerate(concepts)])
-    return out
-
-
 def head_latents(pipe: Pipeline, items: list, seed: int, at: list[int], steps: int, guidance: float
                  ) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
     """(i, t, x_t) at each schedule index in `at` for each prompt: on the standard model's text trajectory, and after
@@ -127,7 +112,7 @@ def score(pipe: Pipeline, n: int, seed: int, looks: list[float], steps: int, gui
     """Rows (look, source, concept, present, score) of the head's presence score for every head concept, prompt and
     look (a fraction of the schedule). With `check`, a prompt whose image the model's diffusion classifier does not
     find its concepts in gives no rows (its image shows something else than its labels say, and its concepts would
-    count as absent where another was drawn), nor does an unnamed concept the classifier ranks as high (`labels`)."""
+    count as absent where another was drawn), nor does an unnamed concept the classifier ranks as high (head_training.labels)."""
     concepts = pipe.head_concepts
     items = prompts(concepts, n, seed)
     at = {irece.IreceConfig(t_star=when).step_index(steps): when for when in looks}

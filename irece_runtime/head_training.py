@@ -225,12 +225,27 @@ def classifier_ranks(pipe: Pipeline, x_t: torch.Tensor, t, concepts: tuple[str, 
     return scores.argsort(1, descending=True).argsort(1)[:, :len(concepts)].cpu().numpy()
 
 
+def labels(named: list, ranks: np.ndarray | None, concepts: tuple[str, ...]) -> list[list | None]:
+    """Each prompt's label for each concept, checked by the model: None for a prompt whose image the diffusion
+    classifier does not find its named concepts in (each ranks among the top len(named) + 1),
+    else per concept True (named), False (not named), or None where the classifier ranks an unnamed concept as high
+    as that (two-concept prompts mix shapes, an empty prompt draws one: left out, neither positive nor negative).
+    `ranks` (B, K) from classifier_ranks; None: the prompts' labels unchecked."""
+    out = []
+    for k, cs in enumerate(named):
+        if ranks is not None and any(ranks[k, concepts.index(c)] > len(cs) for c in cs):
+            out.append(None)
+            continue
+        out.append([True if c in cs else (None if ranks is not None and ranks[k, j] <= len(cs) else False)
+                    for j, c in enumerate(concepts)])
+    return out
+
+
 def checked(pipe: Pipeline, x_t: torch.Tensor, t, named: list[tuple[str, ...]], concepts: tuple[str, ...]
             ) -> list[bool]:
     """Whether the model's diffusion classifier agrees with each prompt's labels on its image (x_t late in its generation):
     every named concept ranks among the top len(named) + 1 of the contrast set. A background image always passes."""
-    ranks = classifier_ranks(pipe, x_t, t, concepts)
-    return [all(ranks[k, concepts.index(c)] <= len(cs) for c in cs) for k, cs in enumerate(named)]
+    return [v is not None for v in labels(named, classifier_ranks(pipe, x_t, t, concepts), concepts)]
 
 
 def _photo(image: np.ndarray, rng: np.random.Generator, photo: dict) -> np.ndarray:

@@ -47,15 +47,14 @@ def test_the_foreground_is_split_into_regions_each_going_whole_to_its_lowest_err
 
 
 def test_calibration_labels_are_checked_by_the_model_on_both_sides():
-    from irece_runtime.calibration import labels
     named = [frozenset({"circle"}), frozenset({"square"}), frozenset(), frozenset({"circle", "star"})]
     ranks = np.array([[0, 1, 5],   # circle first; square second, as high as a one-concept prompt's own: left out
                       [0, 3, 1],   # "a square" where the classifier ranks square 4th: the prompt is left out
                       [4, 6, 0],   # an empty prompt: the concept ranked first is left out, the others absent
                       [2, 0, 1]])  # both named within the top 3; square ranked first, above them: left out
-    assert labels(named, ranks, CONCEPTS) == [[True, None, False], None, [False, False, None], [True, None, True]]
+    assert ht.labels(named, ranks, CONCEPTS) == [[True, None, False], None, [False, False, None], [True, None, True]]
     # unchecked: the prompts' labels as they are
-    assert labels(named, None, CONCEPTS) == [[True, False, False], [False, True, False], [False] * 3,
+    assert ht.labels(named, None, CONCEPTS) == [[True, False, False], [False, True, False], [False] * 3,
                                              [True, False, True]]
 
 
