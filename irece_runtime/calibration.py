@@ -30,7 +30,7 @@ from .images import to_tensor, to_uint8
 from .pipeline import Pipeline, guided_eps, sample, trajectory
 from .calls import drive
 from .concept_head import DEFAULT_TAU
-from .head_training import CHECK_AT, caption, classifier_ranks, labels
+from .head_training import CHECK_AT, caption, classifier_ranks, labels, schedule_indices
 
 CALIBRATION_SEED, HELD_OUT_SEED = 8_100_000, 8_200_000
 # 240 calibration prompts by default: the threshold is a high percentile of the negatives' scores, which a few images
@@ -96,7 +96,7 @@ def head_latents(pipe: Pipeline, items: list, seed: int, at: list[int], steps: i
     x_T = torch.cat([torch.randn((1, e.latent_channels, side, side), generator=torch.Generator().manual_seed(seed + k))
                      for k in range(len(items))]).to(e.device)
     text = trajectory(pipe, x_T, cond, uncond, guidance, steps, at)
-    late, seen = min(steps - 1, int(round(CHECK_AT * steps))), []
+    late, seen = schedule_indices([CHECK_AT], steps)[0], []
 
     def record(i, t, x_t):
         if i == late:
@@ -112,7 +112,8 @@ def score(pipe: Pipeline, n: int, seed: int, looks: list[float], steps: int, gui
     """Rows (look, source, concept, present, score) of the head's presence score for every head concept, prompt and
     look (a fraction of the schedule). With `check`, a prompt whose image the model's diffusion classifier does not
     find its concepts in gives no rows (its image shows something else than its labels say, and its concepts would
-    count as absent where another was drawn), nor does an unnamed concept the classifier ranks as high (head_training.labels)."""
+    count as absent where another was drawn), nor does an unnamed concept the classifier ranks as high
+    (head_training.labels)."""
     concepts = pipe.head_concepts
     items = prompts(concepts, n, seed)
     at = {irece.IreceConfig(t_star=when).step_index(steps): when for when in looks}

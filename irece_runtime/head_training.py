@@ -340,7 +340,7 @@ def collect_chunk(pipe: Pipeline, chunk: list, start: int, features: UNetFeature
     at = schedule_indices(t_points, steps)
     x_T = torch.cat([torch.randn((1, e.latent_channels, side, side), generator=torch.Generator().manual_seed(seed + start + k))
                      for k in range(b)]).to(e.device)
-    text, late = {}, min(steps - 1, int(round(CHECK_AT * steps)))
+    text, late = {}, schedule_indices([CHECK_AT], steps)[0]
 
     def record(i, t, x_t):
         if i in at or i == late:
