@@ -216,7 +216,7 @@ def settings_key(s: BenchSettings) -> dict:
 # Fields IreceConfig gained after cells were first cached. At their defaults they stay out of a cell's key, so
 # adding an option does not throw away every finished cell; set to anything else, they are in it.
 LATER_FIELDS = ("classifier_early_exit", "keep_outside", "grow", "recheck_threshold",
-                "negative_guidance", "negative_guidance_steps", "keep_others")
+                "negative_guidance", "negative_guidance_steps", "keep_others", "negative_guidance_every")
 
 
 def config_key(cfg: IreceConfig | None) -> str:

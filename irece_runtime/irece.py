@@ -118,6 +118,9 @@ class IreceConfig:
     negative_guidance_steps: int = 0  # steer only this many steps after each step IRECE re-noised an image at (its
     # cost is one standard-UNet call a step; measured at t* 0.5 of 25 steps: 6 keep most of the effect, 3 do not);
     # 0: to the end
+    negative_guidance_every: int = 1  # the standard UNet's direction towards the concepts is computed every this many
+    # steps and reused between (a guidance term changes slowly from step to step: DeepCache reuses UNet features,
+    # Adaptive Guidance drops guidance late on); computed afresh wherever an image is re-noised again. 1: every step
 
     def __post_init__(self):
         if not 0.0 <= self.tau <= 1.0:
@@ -155,6 +158,9 @@ class IreceConfig:
         k = self.negative_guidance_steps
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"negative_guidance_steps must be a whole number of steps >= 0, got {k!r}")
+        e = self.negative_guidance_every
+        if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+            raise ValueError(f"negative_guidance_every must be a whole number of steps >= 1, got {e!r}")
         if self.recheck_threshold and len(self.recheck_threshold) != len(self.recheck):
             raise ValueError(f"recheck_threshold must give one threshold per recheck look ({len(self.recheck)}), got "
                              f"{len(self.recheck_threshold)}")

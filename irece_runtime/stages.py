@@ -214,10 +214,13 @@ class Steer(Stage):
     """negative_guidance: in the images re-noised, inside the mask, the prediction steered away from the concepts
     re-noised in each (irece.steer_away) with the standard UNet (1 + n rows per such image and step: the null prompt,
     each concept's localization prompt); with negative_guidance_steps K, only in the K steps from the last
-    re-noising. Images left alone (or past their K steps) keep the loop's own prediction, bit for bit."""
+    re-noising; with negative_guidance_every E, those rows are computed every E steps and reused between, afresh
+    wherever the rows, their concepts or their last re-noising changed. Images left alone (or past their K steps)
+    keep the loop's own prediction, bit for bit."""
 
     def wrap_eps(self, state, eps):
         cfg, prompts = state.cfg, {}  # re-noised concepts -> [null; their prompts] hidden states
+        last = {}  # the standard UNet's rows as last computed: "key" (what they were computed for), "step", "out"
 
         def steered(x, t):
             e = yield from eps(x, t)
@@ -240,8 +243,14 @@ class Steer(Stage):
             hidden = prompts[concepts]
             rows = rows_of.nonzero()[:, 0].to(x.device)
             n = hidden.shape[0]
-            out = yield Call("eps", (x[rows].repeat_interleave(n, 0), hidden.repeat(len(rows), 1, 1)), t, "standard")
-            out = out.view(len(rows), n, *out.shape[1:]).to(e)
+            key = (concepts, tuple(rows.tolist()), tuple(state.renoised_at[rows.to(state.renoised_at.device)].tolist()))
+            if last.get("key") == key and 0 < state.step - last["step"] < cfg.negative_guidance_every:
+                out = last["out"]
+            else:
+                out = yield Call("eps", (x[rows].repeat_interleave(n, 0), hidden.repeat(len(rows), 1, 1)), t,
+                                 "standard")
+                out = out.view(len(rows), n, *out.shape[1:]).to(e)
+                last.update(key=key, step=state.step, out=out)
             e = e.clone()
             weights = torch.stack([covers[c] for c in concepts], 1)[rows.cpu()]  # (rows, n)
             e[rows] = irece.steer_away(e[rows], out[:, 0], out[:, 1:], state.report.mask.to(e.device)[rows],

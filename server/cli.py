@@ -13,7 +13,7 @@ SERVE_FLAGS = ("model", "erased", "backend", "graphs", "port", "metrics_port", "
                "t_star", "gate", "threshold", "device", "tls_cert", "tls_key", "auth_token_file", "max_side",
                "cost_budget", "max_request_seconds", "drain_seconds", "nonfinite", "batching", "max_batch",
                "gather_ms", "threads", "conditioning", "conditioning_unet", "recheck", "hide_scores", "policy", "grow",
-               "negative_guidance", "negative_guidance_steps", "keep_outside", "keep_others")
+               "negative_guidance", "negative_guidance_steps", "negative_guidance_every", "keep_outside", "keep_others")
 
 
 def serve_overrides(a) -> dict:
@@ -87,6 +87,8 @@ def register(sub) -> None:
                    help="steer re-noised regions away from their concepts with this scale (0: off)")
     p.add_argument("--negative-guidance-steps", type=int, metavar="K",
                    help="steer only the K steps after each re-noising (0: to the end)")
+    p.add_argument("--negative-guidance-every", type=int, metavar="E",
+                   help="the standard UNet's steering direction computed every E steps and reused between (1: every step)")
     p.add_argument("--keep-outside", action=argparse.BooleanOptionalAction, default=None,
                    help="inverted images: only IRECE's mask is redrawn, the rest stays the input's")
     p.add_argument("--keep-others", action=argparse.BooleanOptionalAction, default=None,

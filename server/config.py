@@ -47,6 +47,7 @@ class ServerConfig:
     grow: int | None = None  # cells by which IRECE's mask grows before re-noising (a concept head's core cells)
     negative_guidance: float | None = None  # re-noised regions steered away from their concepts (standard UNet)
     negative_guidance_steps: int | None = None  # steer only this many steps after a re-noising (0: to the end)
+    negative_guidance_every: int | None = None  # the steering direction computed every this many steps (1: each)
     nonfinite: str | None = None  # NaN/inf latent or concept map at t*: "error" (refuse) or "full_mask"
     conditioning: str | None = None  # "null": drop a conditioning where the gate saw a target
     conditioning_threshold: float | None = None  # classifier gate: conditioning score from which it is dropped

@@ -70,6 +70,50 @@ def test_negative_guidance_steps_steers_only_the_k_steps_after_each_re_noising(p
                        9: [True, False], 10: [True, False], 11: [False, False]}, steered
 
 
+class CountingBackend:
+    """The backend, counting its standard-UNet calls."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, 0
+
+    def eps(self, model, x, t, hidden):
+        self.calls += model == "standard"
+        return self.backend.eps(model, x, t, hidden)
+
+
+@pytest.mark.parametrize("every, computed", [(1, [5, 6, 7, 8, 9, 10]), (3, [5, 8, 9])])
+def test_negative_guidance_every_reuses_the_standard_unets_rows_until_e_steps_pass_or_a_new_re_noising(
+        pipe, every, computed):
+    """E = 3: the rows computed at the re-noising (step 5) steer steps 6 and 7 too, step 8 computes them again, and a
+    recheck that re-noises the image again (step 9) computes them afresh. E = 1: every step."""
+    concept = pipe.vocabulary[0] if pipe.vocabulary else "cat"
+    cfg = IreceConfig(concepts=(concept,), negative_guidance=3.0, negative_guidance_every=every)
+    x = random_latent(pipe, batch=1, seed=13)
+    t = torch.tensor(450)
+    loop, eps = loop_prediction(x, 14)
+    backend = CountingBackend(pipe.backend)
+    state = DefenceState(pipe, cfg, 20, seed=0)
+    state.report = IreceReport(0, 450, [ConceptReport(concept, 1.0, 1.0, True)], torch.ones(1, *x.shape[2:]))
+    steered = Steer().wrap_eps(state, eps)  # one request's wrapper, over its steps
+    out, called = {}, []
+    for i, at in ((5, 5), (6, 5), (7, 5), (8, 5), (9, 9), (10, 9)):
+        state.step, state.renoised_at = i, torch.tensor([at])
+        before = backend.calls
+        out[i] = drive(steered(x + 0.1 * i, t), backend)  # the latent moves from step to step
+        if backend.calls > before:
+            called.append(i)
+    assert called == computed
+    assert all(not torch.equal(out[i], loop) for i in out)  # every step steered
+    # a reused step applies the rows computed earlier (the loop's prediction is the same here), a computed one not
+    assert torch.equal(out[6], out[5]) == (every == 3) and not torch.equal(out[8], out[5])
+
+
+def test_negative_guidance_every_must_be_a_whole_number_at_least_one():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="negative_guidance_every"):
+            IreceConfig(negative_guidance_every=bad)
+
+
 def test_the_step_steers_only_the_images_irece_re_noised_with_the_standard_unets_concept_direction(pipe):
     """The wiring, against the backend's own calls: rows IRECE re-noised get eps - g M (eps_std(x, c) -
     eps_std(x, null)) for each concept it re-noised there (its localization prompt); the other rows come back as the
