@@ -46,7 +46,9 @@ POLICIES = {p.name: p for p in (
             # the reader of a learned embedding's conditioning at one t' (300) instead of three (100, 300, 500): as
             # many textual inversions caught and benign embeddings kept on UCE's ten concepts (bench policy,
             # BENCHMARKS.md), at a third of the reader's UNet rows
-            "classifier_timesteps": (300,)},
+            "classifier_timesteps": (300,),
+            # the steering direction computed every third step and reused between (afresh at each re-noising)
+            "negative_guidance_every": 3},
            # the looks (t* and the rechecks) and each one's threshold: where the head's scores were calibrated
            ("t_star", "tau", "threshold", "recheck", "recheck_threshold")),
 )}
