@@ -26,7 +26,8 @@ def cmd_world_check(a):
 # -- generate ------------------------------------------------------------------------------------------------
 # the flags of IreceConfig fields: left unset (None) they come from the policy
 IRECE_FLAGS = ("tau", "t_star", "mode", "template", "gate", "threshold", "conditioning", "conditioning_unet", "grow",
-               "negative_guidance", "negative_guidance_steps", "negative_guidance_every", "keep_outside", "keep_others", "recheck")
+               "negative_guidance", "negative_guidance_steps", "negative_guidance_every", "keep_outside", "keep_others",
+               "recheck")
 
 
 def irece_config_from_args(a) -> IreceConfig | None:
@@ -121,7 +122,8 @@ def add_irece_flags(p):
     p.add_argument("--negative-guidance-steps", type=int, metavar="K",
                    help="steer only the K steps after each re-noising (0: to the end)")
     p.add_argument("--negative-guidance-every", type=int, metavar="E",
-                   help="the standard UNet's steering direction computed every E steps and reused between (1: every step)")
+                   help="the standard UNet's steering direction computed every E steps and reused between (1: each "
+                        "step)")
     p.add_argument("--keep-outside", action=argparse.BooleanOptionalAction,
                    help="inverted images: once IRECE re-noised an image, only its mask is redrawn; every pixel outside "
                         "it stays the input's")

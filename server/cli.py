@@ -88,7 +88,8 @@ def register(sub) -> None:
     p.add_argument("--negative-guidance-steps", type=int, metavar="K",
                    help="steer only the K steps after each re-noising (0: to the end)")
     p.add_argument("--negative-guidance-every", type=int, metavar="E",
-                   help="the standard UNet's steering direction computed every E steps and reused between (1: every step)")
+                   help="the standard UNet's steering direction computed every E steps and reused between (1: each "
+                        "step)")
     p.add_argument("--keep-outside", action=argparse.BooleanOptionalAction, default=None,
                    help="inverted images: only IRECE's mask is redrawn, the rest stays the input's")
     p.add_argument("--keep-others", action=argparse.BooleanOptionalAction, default=None,
