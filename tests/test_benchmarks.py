@@ -49,7 +49,8 @@ def test_a_cells_key_changes_with_a_later_field_only_when_it_is_set():
             looked = replace(cfg, recheck=(0.7,))
             assert crr.config_key(replace(looked, recheck_threshold=(0.5,))) != crr.config_key(looked)
             continue
-        other = {"grow": 1, "negative_guidance": 3.0, "negative_guidance_steps": 6}.get(name, not getattr(cfg, name))
+        other = {"grow": 1, "negative_guidance": 3.0, "negative_guidance_steps": 6, "negative_guidance_every": 3}.get(
+            name, not getattr(cfg, name))
         assert crr.config_key(replace(cfg, **{name: other})) != key
     assert crr.config_key(replace(cfg, tau=0.3)) != key and crr.config_key(None) == "None"
     # the same for the bench's own settings gained later (the gated defences' gate and grow)
